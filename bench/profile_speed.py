@@ -1,0 +1,87 @@
+"""Wall time and peak RSS of the default pattern-score battery on smollm2-135m.
+
+Each measurement runs in its own process so peak RSS (ru_maxrss) belongs to that context
+alone. Writes bench/results/profile_speed.json.
+
+    python bench/profile_speed.py [--contexts 512,2048,8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "profile_speed.json"
+MODEL = "smollm2-135m"
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(context: int | None) -> dict:
+    os.environ["HEADWISE_QUIET"] = "1"
+    t0 = time.perf_counter()
+    import headwise
+    from headwise.profile import ProfileSettings, profile
+
+    m = headwise.load(MODEL)
+    load_s = time.perf_counter() - t0
+    out = {"load_s": round(load_s, 2), "rss_after_load_mb": round(_rss_mb())}
+    if context is not None:
+        t1 = time.perf_counter()
+        atlas = profile(m, settings=ProfileSettings(context=context))
+        out.update(context=context, battery_s=round(time.perf_counter() - t1, 1), scores=atlas.score_names,
+                   settings=atlas.data["settings"])
+    out["peak_rss_mb"] = round(_rss_mb())
+    return out
+
+
+def run_worker(args: list[str]) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--contexts", default="512,2048,8192")
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--context", type=int, default=None)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.context)))
+        return
+    import torch
+
+    run_worker([])  # make sure the converted model is cached
+    warm = [run_worker([])["load_s"] for _ in range(3)]
+    runs = [run_worker(["--context", c]) for c in a.contexts.split(",")]
+    by_ctx = {r["context"]: r for r in runs}
+    result = {
+        "benchmark": "profile_speed", "model": MODEL,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "warm_load_s": warm,
+        "runs": runs,
+        "targets": {
+            "warm_load_under_5s": max(warm) < 5,
+            "default_battery_under_120s": by_ctx.get(2048, {}).get("battery_s", 1e9) < 120,
+            "peak_rss_8k_under_4gb": by_ctx.get(8192, {}).get("peak_rss_mb", 1e9) < 4096,
+        },
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("warm_load_s", "targets")}, indent=1))
+    for r in runs:
+        print(f"context {r['context']:>5}: battery {r['battery_s']:>6.1f} s, peak RSS {r['peak_rss_mb']:>5} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""The atlas: every head's scores and roles for one model, saved as one JSON file.
+
+Layout of atlas.json (schema "headwise.atlas/1"):
+  model      spec, kind, path, weights_sha256, config_sha256
+  geometry   layers, heads, KV heads, head dim, per-layer attention type and window
+  settings   profile settings and seed; probes: each probe's own settings
+  versions   headwise, torch, transformers, numpy, python
+  scores     name -> {family, probe, description, settings, heads [L][H], kv_max/kv_mean [L][KV]}
+  profiles   name -> {bins, values [L][H][bins], ...}  (e.g. the distance profile)
+  roles      rules (the thresholds used) and labels [L][H] -> [role, ...]
+  validation causal tests of the labels (written by `headwise validate`)
+No timestamps: the same model, settings and seed give a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import HeadwiseError
+from .geometry import Geometry
+from .roles import ROLE_RULES, assign_roles, rules_in_use
+
+SCHEMA = "headwise.atlas/1"
+FILENAME = "atlas.json"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("headwise", "torch", "transformers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _num(x: float) -> float | None:
+    x = float(x)
+    return None if not math.isfinite(x) else float(f"{x:.6g}")
+
+
+def _matrix(a: np.ndarray) -> list:
+    a = np.asarray(a, dtype=float)
+    if a.ndim == 0:
+        return _num(a)  # type: ignore[return-value]
+    return [_matrix(row) for row in a]
+
+
+def _dumps(obj: Any, indent: int = 0) -> str:
+    """JSON with dicts indented and lists of numbers kept on one line (readable diffs, small files)."""
+    pad = " " * indent
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f'{pad} {json.dumps(str(k))}: {_dumps(v, indent + 1)}' for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(obj, list) and obj and all(isinstance(x, list) for x in obj):
+        return "[\n" + ",\n".join(f"{pad} {_dumps(x, indent + 1)}" for x in obj) + f"\n{pad}]"
+    return json.dumps(obj, ensure_ascii=False)
+
+
+class Atlas:
+    """A loaded or freshly profiled atlas. Scores come back as numpy [layers, heads] arrays."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+        self.geometry = Geometry.from_dict(data["geometry"])
+
+    # ---- building -------------------------------------------------------------------------
+    @classmethod
+    def new(cls, model: dict[str, Any], geometry: Geometry, settings: dict[str, Any]) -> Atlas:
+        return cls({"schema": SCHEMA, "model": model, "geometry": geometry.to_dict(),
+                    "settings": {**settings, "probes": {}}, "versions": versions(), "scores": {}, "profiles": {},
+                    "roles": {"rules": [], "labels": []}, "validation": {}})
+
+    def set_score(self, name: str, values: np.ndarray, *, family: str, probe: str | None, description: str,
+                  settings: dict[str, Any] | None = None) -> None:
+        values = np.asarray(values, dtype=float)
+        g = self.geometry
+        if values.shape != (g.n_layers, g.n_heads):
+            raise HeadwiseError(f"score '{name}' has shape {values.shape}, expected ({g.n_layers}, {g.n_heads})")
+        grouped = values.reshape(g.n_layers, g.n_kv_heads, g.group_size)
+        self.data["scores"][name] = {
+            "family": family, "probe": probe, "description": description, "settings": settings or {},
+            "heads": _matrix(values), "kv_max": _matrix(grouped.max(-1)), "kv_mean": _matrix(grouped.mean(-1)),
+        }
+        self._relabel()
+
+    def set_profile(self, name: str, profile: dict[str, Any]) -> None:
+        self.data["profiles"][name] = {k: (_matrix(v) if isinstance(v, np.ndarray) else v) for k, v in profile.items()}
+
+    def set_probe(self, name: str, settings: dict[str, Any]) -> None:
+        self.data["settings"]["probes"][name] = settings
+
+    def _relabel(self) -> None:
+        scores = {name: self.score(name) for name in self.score_names}
+        self.data["roles"] = {"rules": [r.to_dict() for r in rules_in_use(scores)],
+                              "labels": assign_roles(scores) if scores else []}
+
+    # ---- reading --------------------------------------------------------------------------
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.data["model"]
+
+    @property
+    def score_names(self) -> list[str]:
+        return list(self.data["scores"])
+
+    def score(self, name: str, aggregate: str = "heads") -> np.ndarray:
+        """[layers, heads] (aggregate="heads") or [layers, kv_heads] ("kv_max", "kv_mean")."""
+        if name not in self.data["scores"]:
+            raise HeadwiseError(f"this atlas has no score '{name}' (it has: {', '.join(self.score_names) or 'none'}); "
+                                f"run headwise profile --scores {name}")
+        values = self.data["scores"][name][aggregate]
+        return np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+
+    def profile(self, name: str) -> dict[str, Any]:
+        if name not in self.data["profiles"]:
+            raise HeadwiseError(f"this atlas has no '{name}' profile")
+        return self.data["profiles"][name]
+
+    def roles(self, layer: int, head: int) -> list[str]:
+        labels = self.data["roles"]["labels"]
+        return list(labels[layer][head]) if labels else []
+
+    def heads_with_role(self, role: str) -> list[tuple[int, int]]:
+        return [(layer, head) for layer, row in enumerate(self.data["roles"]["labels"])
+                for head, roles in enumerate(row) if role in roles]
+
+    def role_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.data["roles"]["labels"]:
+            for roles in row:
+                for role in roles:
+                    counts[role] = counts.get(role, 0) + 1
+        return counts
+
+    def top(self, name: str, k: int = 5, largest: bool = True) -> list[tuple[int, int, float]]:
+        values = self.score(name)
+        flat = np.nan_to_num(values, nan=-np.inf if largest else np.inf).ravel()
+        order = np.argsort(-flat if largest else flat, kind="stable")[:k]
+        return [(int(i // values.shape[1]), int(i % values.shape[1]), float(values.flat[i])) for i in order]
+
+    def check_model(self, model_info: Any, geometry: Geometry) -> None:
+        """Refuse to apply this atlas to a model it was not made for."""
+        if geometry != self.geometry:
+            raise HeadwiseError(f"atlas geometry ({self.geometry.n_layers} layers x {self.geometry.n_heads} heads, "
+                                f"{self.geometry.model_type}) does not match the model ({geometry.n_layers} x "
+                                f"{geometry.n_heads}, {geometry.model_type}); profile this model first")
+        if model_info.weights_sha256 != self.model.get("weights_sha256"):
+            raise HeadwiseError(f"atlas was made for model '{self.model.get('spec')}' (weights "
+                                f"{str(self.model.get('weights_sha256'))[:12]}), not '{model_info.spec}' (weights "
+                                f"{model_info.weights_sha256[:12]}); profile this model first")
+
+    # ---- files ----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.suffix != ".json":
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / FILENAME
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(_dumps(self.data) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Atlas:
+        path = Path(path)
+        if path.is_dir():
+            path = path / FILENAME
+        if not path.is_file():
+            raise HeadwiseError(f"no atlas at {path}; run `headwise profile --out {path.parent}` first")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise HeadwiseError(f"{path} is not a text file; pass the atlas.json written by headwise profile") from None
+        except json.JSONDecodeError as e:
+            raise HeadwiseError(f"{path} is corrupt or truncated (invalid JSON at line {e.lineno}); re-run headwise "
+                                f"profile") from None
+        _validate(data, path)
+        return cls(data)
+
+
+def _validate(data: Any, path: Path) -> None:
+    def fail(why: str) -> None:
+        raise HeadwiseError(f"{path} is not a valid headwise atlas: {why}; re-run headwise profile")
+
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        fail(f"schema is {found!r}, expected {SCHEMA!r}")
+    for key in ("model", "geometry", "settings", "versions", "scores", "profiles", "roles", "validation"):
+        if key not in data:
+            fail(f"section '{key}' is missing")
+    g = Geometry.from_dict(data["geometry"])
+    if not isinstance(data["scores"], dict):
+        fail("'scores' is not a mapping")
+    for name, entry in data["scores"].items():
+        for aggregate, shape in (("heads", (g.n_layers, g.n_heads)), ("kv_max", (g.n_layers, g.n_kv_heads)),
+                                 ("kv_mean", (g.n_layers, g.n_kv_heads))):
+            values = entry.get(aggregate) if isinstance(entry, dict) else None
+            if not isinstance(values, list) or len(values) != shape[0] or any(
+                    not isinstance(row, list) or len(row) != shape[1] for row in values):
+                fail(f"score '{name}' {aggregate} is not a {shape[0]} x {shape[1]} matrix")
+            if any(v is not None and not isinstance(v, (int, float)) for row in values for v in row):
+                fail(f"score '{name}' {aggregate} holds non-numbers")
+    labels = data["roles"].get("labels") if isinstance(data["roles"], dict) else None
+    if labels and (len(labels) != g.n_layers or any(len(row) != g.n_heads for row in labels)):
+        fail("role labels do not match the geometry")
+
+
+__all__ = ["Atlas", "SCHEMA", "FILENAME", "ROLE_RULES", "versions"]

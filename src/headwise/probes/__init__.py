@@ -1,0 +1,12 @@
+"""Probes: the inputs a head is scored on, and what a head of each kind should attend to.
+
+Every probe is a deterministic function of (tokenizer, settings, seed) returning a Probe:
+equal-length token sequences plus the settings needed to reproduce them.
+"""
+
+from .base import Probe, adds_bos, content_token_ids
+from .repeated import repeated_tokens
+from .text import bundled_text_files, load_text, natural_text
+
+__all__ = ["Probe", "adds_bos", "content_token_ids", "repeated_tokens", "natural_text", "load_text",
+           "bundled_text_files"]

@@ -1,0 +1,64 @@
+"""streamable_mass: the share of a head's attention a streaming cache would keep.
+
+A streaming cache (StreamingLLM; DuoAttention's and RazorAttention's non-retrieval heads)
+keeps the first S tokens (attention sinks) and the most recent W tokens. For each query at
+position i >= S + W (earlier queries lose nothing) we take the attention mass on keys j < S
+or i - W < j <= i, and average over those queries and over the natural-text sequences.
+A low value marks a head that reads the middle of the context: it needs the full cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import HeadwiseError
+from ..geometry import Geometry
+from ..instrument import AttentionChunk
+from ..probes import Probe
+from .base import PerSequence, ScoreFamily, ScoreObserver, ScoreResult, mean_ratio, weighted_sum
+from .text_probe import make_text_probe, text_probe_key
+
+
+class _StreamingObserver(ScoreObserver):
+    def __init__(self, geometry: Geometry, sink_tokens: int, window: int):
+        self.sink_tokens, self.window = sink_tokens, window
+        self.kept = PerSequence(geometry)
+        self.queries = PerSequence(geometry)
+
+    def observe(self, chunk: AttentionChunk) -> None:
+        a = chunk.weights
+        positions = chunk.query_index + chunk.key_offset  # [q]
+        scored = positions >= self.sink_tokens + self.window
+        n_scored = int(scored.sum())
+        if n_scored == 0:
+            return
+        keys = torch.arange(a.shape[-1], device=a.device) + chunk.key_offset
+        recent = (keys[None, :] > positions[:, None] - self.window) & (keys[None, :] <= positions[:, None])
+        keep = ((keys[None, :] < self.sink_tokens) | recent) & scored[:, None]  # [q, k]
+        self.kept.add(chunk.layer, weighted_sum(a, keep))
+        self.queries.add(chunk.layer, torch.full(a.shape[:2], n_scored, dtype=torch.float64))
+
+    def result(self) -> ScoreResult:
+        return ScoreResult(scores={"streamable_mass": mean_ratio(self.kept, self.queries)},
+                           settings={"sink_tokens": self.sink_tokens, "window": self.window})
+
+
+class StreamingScores(ScoreFamily):
+    family = "streaming"
+    names = ("streamable_mass",)
+    description = {"streamable_mass": "share of attention on the first S + last W tokens (what a streaming cache "
+                                      "keeps); low = needs the full cache"}
+
+    def probe_key(self, settings: Any) -> tuple:
+        return text_probe_key(settings)
+
+    def make_probe(self, tokenizer: Any, geometry: Geometry, settings: Any) -> Probe:
+        if settings.context <= settings.sink_tokens + settings.window:
+            raise HeadwiseError(f"streamable_mass needs a context longer than sink + window "
+                                f"({settings.sink_tokens} + {settings.window}); raise --context")
+        return make_text_probe(tokenizer, geometry, settings)
+
+    def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver:
+        return _StreamingObserver(geometry, settings.sink_tokens, settings.window)

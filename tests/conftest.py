@@ -1,0 +1,82 @@
+"""Tiny random-weight models built from configs (no files, no hub) and shared fixtures."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HEADWISE_QUIET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 96
+
+
+def tiny_tokenizer(vocab_size: int = VOCAB, bos: bool = True):
+    """A word-level tokenizer over tokens t0..tN, built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [f"t{i}" for i in range(vocab_size - len(specials))])}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        from tokenizers import processors
+
+        raw.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def _configs():
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=3,
+                  max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return {
+        "llama-gqa": ("LlamaForCausalLM", LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common)),
+        "gemma3-sliding": ("Gemma3ForCausalLM", Gemma3TextConfig(
+            num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"], **common)),
+        "gpt2": ("GPT2LMHeadModel", GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=1024,
+                                               bos_token_id=1, eos_token_id=2)),
+        "qwen2": ("Qwen2ForCausalLM", Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common)),
+        "qwen3": ("Qwen3ForCausalLM", Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **common)),
+    }
+
+
+ARCHS = list(_configs())
+
+
+def tiny_model(arch: str, seed: int = 0):
+    import transformers
+
+    cls_name, config = _configs()[arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config).eval()
+    # Random init gives near-uniform attention; sharper weights make the scores discriminate.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("q_proj", "k_proj", "c_attn")):
+                p.mul_(4.0)
+    return model
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny(arch):
+    import headwise
+
+    return headwise.from_model(tiny_model(arch), tiny_tokenizer(), name=f"tiny-{arch}")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import headwise
+
+    return headwise.load("smollm2-135m")

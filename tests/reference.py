@@ -1,0 +1,118 @@
+"""Naive reference implementations, written from the papers' definitions with explicit loops
+over eager attention weights (transformers' own `output_attentions`), to check headwise's
+chunked, vectorised observers against."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def eager_attentions(model, input_ids: torch.Tensor) -> list[np.ndarray]:
+    """Per layer [batch, heads, T, T] attention probabilities from eager attention."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, output_attentions=True, use_cache=False)
+    finally:
+        model.set_attn_implementation("headwise")
+    return [a.double().numpy() for a in out.attentions]
+
+
+# --- TransformerLens head detector, transcribed (transformer_lens/head_detector.py) ---------
+def tl_previous_token_pattern(tokens: np.ndarray) -> np.ndarray:
+    n = len(tokens)
+    p = np.zeros((n, n))
+    p[1:, :-1] = np.eye(n - 1)
+    return np.tril(p)
+
+
+def tl_duplicate_token_pattern(tokens: np.ndarray) -> np.ndarray:
+    token_pattern = np.tile(tokens, (len(tokens), 1))
+    eq = np.equal(token_pattern, token_pattern.T).astype(int)
+    np.fill_diagonal(eq, 0)
+    return np.tril(eq.astype(float))
+
+
+def tl_induction_pattern(tokens: np.ndarray) -> np.ndarray:
+    dup = tl_duplicate_token_pattern(tokens)
+    shifted = np.roll(dup, 1, axis=1)
+    shifted[:, 0] = 0
+    return np.tril(shifted)
+
+
+def tl_score(attn: np.ndarray, pattern: np.ndarray, exclude_bos: bool, exclude_current: bool) -> float:
+    attn = attn.copy()
+    if exclude_bos:
+        attn[:, 0] = 0
+    if exclude_current:
+        np.fill_diagonal(attn, 0)
+    return float((attn * pattern).sum() / attn.sum())
+
+
+def tl_scores(atts, input_ids, which: str, exclude_bos=False, exclude_current=False) -> np.ndarray:
+    make = {"previous_token": tl_previous_token_pattern, "duplicate_token": tl_duplicate_token_pattern,
+            "induction": tl_induction_pattern}[which]
+    n_layers, (n_seq, n_heads) = len(atts), atts[0].shape[:2]
+    out = np.zeros((n_seq, n_layers, n_heads))
+    for b in range(n_seq):
+        pattern = make(input_ids[b].numpy())
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                out[b, layer, head] = tl_score(atts[layer][b, head], pattern, exclude_bos, exclude_current)
+    return out.mean(0)
+
+
+# --- RazorAttention echo / induction --------------------------------------------------------
+def razor_scores(atts, input_ids) -> tuple[np.ndarray, np.ndarray]:
+    n_layers, (n_seq, n_heads) = len(atts), atts[0].shape[:2]
+    echo = np.zeros((n_seq, n_layers, n_heads))
+    ind = np.zeros((n_seq, n_layers, n_heads))
+    for b in range(n_seq):
+        tok = input_ids[b].tolist()
+        queries = [i for i in range(len(tok)) if tok[i] in tok[:i]]
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                a = atts[layer][b, head]
+                e = [sum(a[i, j] for j in range(i) if tok[j] == tok[i]) for i in queries]
+                n = [sum(a[i, j] for j in range(1, i + 1) if tok[j - 1] == tok[i] and j - 1 < i) for i in queries]
+                echo[b, layer, head], ind[b, layer, head] = np.mean(e), np.mean(n)
+    return echo.mean(0), ind.mean(0)
+
+
+# --- sink, streaming, distance --------------------------------------------------------------
+def per_head(atts, fn) -> np.ndarray:
+    n_layers, (n_seq, n_heads) = len(atts), atts[0].shape[:2]
+    out = np.array([[[fn(atts[layer][b, head]) for head in range(n_heads)] for layer in range(n_layers)]
+                    for b in range(n_seq)])
+    return out.mean(0)
+
+
+def sink(a: np.ndarray) -> float:
+    return float(np.mean([a[i, 0] for i in range(len(a))]))
+
+
+def streamable(a: np.ndarray, s: int, w: int) -> float:
+    vals = []
+    for i in range(s + w, len(a)):
+        vals.append(sum(a[i, j] for j in range(i + 1) if j < s or j > i - w))
+    return float(np.mean(vals))
+
+
+def distance_profile(a: np.ndarray, bins: list[tuple[int, int]]) -> np.ndarray:
+    prof = np.zeros(len(bins))
+    for i in range(len(a)):
+        for j in range(i + 1):
+            d = i - j
+            for k, (lo, hi) in enumerate(bins):
+                if lo <= d <= hi:
+                    prof[k] += a[i, j]
+    return prof / len(a)
+
+
+def mean_distance(a: np.ndarray) -> float:
+    return float(np.mean([sum(a[i, j] * (i - j) for j in range(i + 1)) for i in range(len(a))]))
+
+
+def entropy(a: np.ndarray) -> float:
+    return float(np.mean([-sum(p * np.log(p) for p in a[i, : i + 1] if p > 0) for i in range(len(a))]))

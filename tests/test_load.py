@@ -1,0 +1,133 @@
+"""Loading: every kind of spec, offline, and one-line errors for every kind of bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import headwise
+from headwise.errors import HeadwiseError
+from tests.conftest import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "tiny-llama"
+    tiny_model("llama-gqa").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_load_hf_directory(model_dir):
+    m = headwise.load(str(model_dir))
+    assert m.info.kind == "hf-dir" and m.geometry.n_kv_heads == 2
+    assert len(m.info.weights_sha256) == 64 and len(m.info.config_sha256) == 64
+    assert m.model.config._attn_implementation == "headwise"
+
+
+def test_load_hub_id_from_local_cache_only(model_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (cache / "models--someone--tiny" / "refs").mkdir()
+    (cache / "models--someone--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    m = headwise.load("someone/tiny")
+    assert m.info.kind == "hf-cache"
+    with pytest.raises(HeadwiseError, match="not in the local Hugging Face cache"):
+        headwise.load("someone/absent")
+
+
+def test_pickled_weights_are_never_loaded(model_dir):
+    (model_dir / "model.safetensors").rename(model_dir / "pytorch_model.bin")
+    with pytest.raises(HeadwiseError, match="pickled"):
+        headwise.load(str(model_dir))
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("no-such-model", "unknown model 'no-such-model'"),
+    ("/definitely/missing.gguf", "no such file or directory"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(HeadwiseError, match=message):
+        headwise.load(spec)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(HeadwiseError, match="no config.json"):
+        headwise.load(str(tmp_path))
+
+
+def test_corrupt_gguf(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(HeadwiseError, match="not a valid GGUF file"):
+        headwise.load(str(bad))
+
+
+def test_gguf_of_unsupported_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(str(path), "notanarch")
+    w.add_tensor("x", np.zeros(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(HeadwiseError, match="'notanarch' is not supported"):
+        headwise.load(str(path))
+
+
+def test_non_gguf_file(tmp_path):
+    f = tmp_path / "weights.txt"
+    f.write_text("hello")
+    with pytest.raises(HeadwiseError, match="not a .gguf"):
+        headwise.load(str(f))
+
+
+def test_cli_prints_one_line_not_a_traceback():
+    r = subprocess.run([sys.executable, "-m", "headwise.cli", "profile", "--model", "no-such-model"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("headwise: error: unknown model")
+
+
+@pytest.mark.slow
+def test_default_model_loads_with_its_geometry(smollm2):
+    g = smollm2.geometry
+    assert (g.n_layers, g.n_heads, g.n_kv_heads, g.head_dim) == (30, 9, 3, 64)
+    assert set(g.layer_types) == {"full"} and smollm2.info.kind == "bundled"
+
+
+@pytest.mark.slow
+def test_truncated_copy_of_the_default_gguf(tmp_path):
+    from headwise.load import _smollm2_gguf
+
+    src = _smollm2_gguf()
+    cut = tmp_path / "cut.gguf"
+    with src.open("rb") as f:
+        cut.write_bytes(f.read(5_000_000))
+    with pytest.raises(HeadwiseError, match="not a valid GGUF file"):
+        headwise.load(str(cut))
+
+
+@pytest.mark.slow
+def test_gemma3_bundled_model_geometry():
+    m = headwise.load("gemma3-270m")
+    g = m.geometry
+    assert (g.n_layers, g.n_heads, g.n_kv_heads) == (18, 4, 1)
+    assert g.layer_types.count("sliding") == 15 and g.sliding_window[0] == 512 and g.sliding_window[5] is None
+    from headwise.load import _cache_root
+
+    cached = json.loads((_cache_root() / "sha256-index.json").read_text())
+    assert cached  # hashes are memoised so warm loads do not re-read the file

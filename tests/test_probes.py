@@ -1,0 +1,49 @@
+"""Probes are deterministic, sized as asked, and refuse text that cannot fill them."""
+
+import pytest
+import torch
+
+from headwise.errors import HeadwiseError
+from headwise.probes import bundled_text_files, load_text, natural_text, repeated_tokens
+from tests.conftest import tiny_tokenizer
+
+
+def test_repeated_probe_is_seeded():
+    tok = tiny_tokenizer()
+    a = repeated_tokens(tok, 96, block_len=8, n_sequences=3, seed=1).input_ids
+    b = repeated_tokens(tok, 96, block_len=8, n_sequences=3, seed=1).input_ids
+    c = repeated_tokens(tok, 96, block_len=8, n_sequences=3, seed=2).input_ids
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_block_larger_than_vocabulary_is_refused():
+    with pytest.raises(HeadwiseError, match="distinct tokens"):
+        repeated_tokens(tiny_tokenizer(), 96, block_len=200)
+
+
+def test_text_probe_windows(tmp_path):
+    tok = tiny_tokenizer(bos=False)
+    path = tmp_path / "t.txt"
+    path.write_text(" ".join(f"t{i % 50}" for i in range(400)))
+    probe = natural_text(tok, context=64, n_sequences=3, seed=0, text=path)
+    assert probe.input_ids.shape == (3, 64)
+    assert torch.equal(probe.input_ids, natural_text(tok, context=64, n_sequences=3, seed=0, text=path).input_ids)
+    with pytest.raises(HeadwiseError, match="only 400 tokens"):
+        natural_text(tok, context=1000, text=path)
+
+
+def test_bad_text_files(tmp_path):
+    with pytest.raises(HeadwiseError, match="not found"):
+        load_text(tmp_path / "missing.txt")
+    bad = tmp_path / "bin.txt"
+    bad.write_bytes(b"\xff\xfe\xfa" * 10)
+    with pytest.raises(HeadwiseError, match="not UTF-8"):
+        load_text(bad)
+
+
+def test_bundled_text_ships_with_the_package():
+    files = bundled_text_files()
+    assert len(files) >= 3
+    total = sum(f.stat().st_size for f in files)
+    assert 200_000 < total < 600_000
+    assert all("Project Gutenberg" not in t for t in load_text())
