@@ -45,7 +45,9 @@ def worker(context: int | None) -> dict:
 
 
 def run_worker(args: list[str]) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"worker {args} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -60,6 +62,7 @@ def main() -> None:
         return
     import torch
 
+    load_before = os.getloadavg()
     run_worker([])  # make sure the converted model is cached
     warm = [run_worker([])["load_s"] for _ in range(3)]
     runs = [run_worker(["--context", c]) for c in a.contexts.split(",")]
@@ -68,6 +71,8 @@ def main() -> None:
         "benchmark": "profile_speed", "model": MODEL,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__},
+        # Other processes on the machine inflate wall times; the load average says how busy it was.
+        "loadavg_1m": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "warm_load_s": warm,
         "runs": runs,
         "targets": {
