@@ -73,6 +73,7 @@ class Atlas:
     def __init__(self, data: dict[str, Any]):
         self.data = data
         self.geometry = Geometry.from_dict(data["geometry"])
+        self.directory: Path | None = None  # where it was loaded from (the report finds its samples there)
 
     # ---- building -------------------------------------------------------------------------
     @classmethod
@@ -99,6 +100,10 @@ class Atlas:
 
     def set_probe(self, name: str, settings: dict[str, Any]) -> None:
         self.data["settings"]["probes"][name] = settings
+
+    def set_validation(self, key: str, result: dict[str, Any]) -> None:
+        """Store a causal test of a role label (headwise.validate) under e.g. "retrieval@k10"."""
+        self.data["validation"][key] = result
 
     def _relabel(self) -> None:
         scores = {name: self.score(name) for name in self.score_names}
@@ -149,6 +154,21 @@ class Atlas:
         order = np.argsort(-flat if largest else flat, kind="stable")[:k]
         return [(int(i // values.shape[1]), int(i % values.shape[1]), float(values.flat[i])) for i in order]
 
+    def show(self, height: int = 900) -> Any:
+        """The interactive report inline in Jupyter (an IPython HTML object holding an iframe)."""
+        try:
+            from IPython.display import HTML
+        except ImportError:
+            raise HeadwiseError("Atlas.show() needs IPython (run it in Jupyter); outside it use "
+                                "headwise.report.write_report(atlas_dir) and open report.html") from None
+        import html
+
+        from .report.html import matching_samples, render_html
+
+        page = render_html(self.data, matching_samples(self.data, self.directory))
+        return HTML(f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
+                    f'border:0" title="headwise report"></iframe>')
+
     def check_model(self, model_info: Any, geometry: Geometry) -> None:
         """Refuse to apply this atlas to a model it was not made for."""
         if geometry != self.geometry:
@@ -171,6 +191,7 @@ class Atlas:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(_dumps(self.data) + "\n", encoding="utf-8")
         tmp.replace(path)
+        self.directory = path.parent
         return path
 
     @classmethod
@@ -188,7 +209,9 @@ class Atlas:
             raise HeadwiseError(f"{path} is corrupt or truncated (invalid JSON at line {e.lineno}); re-run headwise "
                                 f"profile") from None
         _validate(data, path)
-        return cls(data)
+        atlas = cls(data)
+        atlas.directory = path.parent
+        return atlas
 
 
 def _validate(data: Any, path: Path) -> None:

@@ -30,6 +30,16 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=d.window, help="W of streamable_mass")
     p.add_argument("--exclude-bos", action="store_true", help="TransformerLens detector option")
     p.add_argument("--exclude-current-token", action="store_true", help="TransformerLens detector option")
+    p.add_argument("--grid", default=d.retrieval_grid, choices=["default", "full"],
+                   help="needle trials of the retrieval scores: default (minutes on CPU) or full (the paper's sweep)")
+    p.add_argument("--validate", action="store_true",
+                   help="then causally test every role label that has a task (headwise validate) and store the results")
+    p.add_argument("--importance-context", type=int, default=d.importance_context,
+                   help="tokens per text sequence of the importance_* scores")
+    p.add_argument("--importance-sequences", type=int, default=d.importance_sequences,
+                   help="text sequences of the importance_* scores")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the attention samples and report.html written beside the atlas")
 
 
 def _run_profile(args: argparse.Namespace) -> None:
@@ -43,23 +53,137 @@ def _run_profile(args: argparse.Namespace) -> None:
     for name in scores or []:
         if name not in all_score_names():
             raise HeadwiseError(f"unknown score '{name}'; choose from {', '.join(all_score_names())}")
-    for flag in ("context", "text_sequences", "sink_tokens", "window"):
+    for flag in ("context", "text_sequences", "sink_tokens", "window", "importance_context", "importance_sequences"):
         if getattr(args, flag) < 1:
             raise HeadwiseError(f"--{flag.replace('_', '-')} must be a positive integer")
     settings = ProfileSettings(seed=args.seed, context=args.context, text=args.text,
                                text_sequences=args.text_sequences, sink_tokens=args.sink_tokens, window=args.window,
-                               exclude_bos=args.exclude_bos, exclude_current_token=args.exclude_current_token)
+                               exclude_bos=args.exclude_bos, exclude_current_token=args.exclude_current_token,
+                               importance_context=args.importance_context,
+                               importance_sequences=args.importance_sequences)
+    import dataclasses
+
+    settings = dataclasses.replace(settings, retrieval_grid=args.grid)
     loaded = load(args.model)
     out = Path(args.out) if args.out else Path(f"atlas-{Path(args.model).stem}")
     atlas = profile(loaded, scores, settings)
     path = atlas.save(out)
     print(summary(atlas))
     print(f"atlas written to {path}")
+    if args.validate:
+        from .validate import format_validation, validate_labelled_roles
+
+        for result in validate_labelled_roles(loaded, atlas):
+            print(format_validation(result))
+        atlas.save(path)
+        print(f"validation results written to {path}")
+    if not args.no_report:
+        from .report import collect_samples, write_report
+
+        collect_samples(loaded, settings, path.parent)
+        print(f"report written to {write_report(path.parent)}")
+
+
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("atlas", help="atlas directory (written by headwise profile)")
+    p.add_argument("--model", default=None,
+                   help="collect the attention samples the page shows with this model (the atlas's own); "
+                        "without it the samples already in the directory are used")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from .report import collect_for_atlas, write_report
+
+    if args.model:
+        from .load import load
+
+        collect_for_atlas(load(args.model), args.atlas)
+    path = write_report(args.atlas)
+    print(f"report written to {path} ({path.stat().st_size / 2**20:.1f} MB)")
+
+
+def _add_plot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("atlas", help="atlas directory (written by headwise profile)")
+    p.add_argument("--out", default=None, help="directory for the PNG files (default: ATLAS/figures)")
+    p.add_argument("--score", default=None, help="score whose grid carries the role badges (default: the first)")
+
+
+def _run_plot(args: argparse.Namespace) -> None:
+    from .report import plot
+
+    for path in plot(args.atlas, args.out, args.score):
+        print(f"figure written to {path}")
+
+
+def _add_attribute(p: argparse.ArgumentParser) -> None:
+    from .load import DEFAULT_MODEL
+
+    p.add_argument("--data", required=True,
+                   help='JSON Lines file, one example a line: {"prompt": "...", "target": "..."} (target optional)')
+    p.add_argument("--name", required=True, help="name of the score in the atlas (e.g. safety)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, model directory, .gguf file or cached hub id")
+    p.add_argument("--atlas", default=None,
+                   help="atlas directory to add the score to (created if missing; default: atlas-<model>)")
+    p.add_argument("--metric", default="auto", choices=["auto", "kl", "loss"],
+                   help="kl: next-token KL divergence; loss: target loss increase (auto: loss if every line has a "
+                        "target, else kl)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--top", type=int, default=10, help="heads to list")
+
+
+def _run_attribute(args: argparse.Namespace) -> None:
+    from .attribute import attribute_to_atlas
+    from .load import load
+
+    if args.top < 0:
+        raise HeadwiseError("--top must be >= 0")
+    loaded = load(args.model)
+    atlas, path = attribute_to_atlas(loaded, args.data, args.name, args.atlas, metric=args.metric, chat=args.chat)
+    metric = atlas.data["scores"][args.name]["settings"]["metric"]
+    print(f"{args.name} ({metric}): top heads by the behaviour change when zeroed alone")
+    for layer, head, value in atlas.top(args.name, args.top):
+        print(f"  L{layer}.H{head}  {value:.4g}")
+    print(f"atlas written to {path}")
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "profile": ("score every attention head and write an atlas", _add_profile, _run_profile),
+    "attribute": ("rank heads by how much zeroing each changes the model's behaviour on your JSONL data",
+                  _add_attribute, _run_attribute),
+    "report": ("write DIR/report.html, the atlas as a self-contained interactive page", _add_report, _run_report),
+    "plot": ("write static PNG figures of an atlas (matplotlib)", _add_plot, _run_plot),
 }
+
+
+def _add_validate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", required=True, help="role label to test (retrieval, induction, previous-token, ...)")
+    p.add_argument("--atlas", required=True, help="atlas directory (written by headwise profile); results go into it")
+    p.add_argument("--model", default=None, help="the atlas's model (default: the spec recorded in the atlas)")
+    p.add_argument("--k", type=int, default=None, help="heads to ablate (default: every head with the label)")
+    p.add_argument("--draws", type=int, default=5, help="random k-head control sets (at least 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+
+
+def _run_validate(args: argparse.Namespace) -> None:
+    from .atlas import Atlas
+    from .attribute import register_atlas_attributions
+    from .load import load
+    from .validate import format_validation, validate_and_store
+
+    atlas = Atlas.load(args.atlas)
+    register_atlas_attributions(atlas)  # so `--role NAME` works for a `headwise attribute --name NAME` result
+    loaded = load(args.model or atlas.model["spec"])
+    result = validate_and_store(loaded, atlas, args.role, k=args.k, draws=args.draws, seed=args.seed)
+    print(format_validation(result))
+    print(f"validation results written to {atlas.save(args.atlas)}")
+
+
+COMMANDS["validate"] = ("zero a role's top-k heads and k random heads; report the role's task metric for each",
+                        _add_validate, _run_validate)
+
+from .kv.cli import KV_COMMANDS  # noqa: E402  (headwise.kv: generate, eval)
+
+COMMANDS.update(KV_COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

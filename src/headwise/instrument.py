@@ -197,7 +197,12 @@ def headwise_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
         scaling = query.shape[-1] ** -0.5
     explicit = (session is not None and session.observers) or kwargs.get("softcap") is not None \
         or kwargs.get("s_aux") is not None
-    if explicit:
+    # headwise.kv: a HeadwiseCache layer whose heads keep different tokens (streaming heads, SnapKV) returns a
+    # view instead of plain [b, kv_heads, T, d] tensors from cache.update(); the view computes its own attention.
+    attend = getattr(key, "headwise_attend", None)
+    if attend is not None:
+        out = attend(module, query, attention_mask, scaling, session=session, **kwargs)
+    elif explicit:
         out = observed_attention(module, query, key, value, attention_mask, scaling, dropout, session, layer, **kwargs)
         out = out.transpose(1, 2)
     else:

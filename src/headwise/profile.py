@@ -19,6 +19,7 @@ from .errors import HeadwiseError
 from .instrument import DEFAULT_CHUNK_BYTES, Session
 from .load import LoadedModel, load
 from .scores import DEFAULT_SCORES, family_of
+from .scores.base import ComputedScoreFamily, ScoreResult
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class ProfileSettings:
     exclude_bos: bool = False  # TransformerLens detector options (its defaults)
     exclude_current_token: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    importance_context: int = 128  # tokens per text sequence behind the importance_* scores
+    importance_sequences: int = 4  # sequences of that text set
+    importance_batch: int = 4  # sequences per forward/backward pass of importance_grad and importance_norm
+    ablation_tokens: int = 16384  # rows x tokens per batched-ablation pass (bounds its memory)
+    retrieval_grid: str = "default"  # needle trials behind retrieval scores: 'default' (minutes) or 'full' (paper)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -56,8 +62,12 @@ def profile(model: LoadedModel | str, scores: Sequence[str] | None = None,
     atlas = Atlas.new(loaded.info.to_dict(), geometry, {"scores": names, **settings.to_dict()})
 
     groups: dict[object, list] = {}
+    computed: dict[ComputedScoreFamily, list[str]] = {}
     for name in names:
         family = family_of(name)
+        if isinstance(family, ComputedScoreFamily):
+            computed.setdefault(family, []).append(name)
+            continue
         groups.setdefault(family.probe_key(settings), [])
         if family not in groups[family.probe_key(settings)]:
             groups[family.probe_key(settings)].append(family)
@@ -78,14 +88,23 @@ def profile(model: LoadedModel | str, scores: Sequence[str] | None = None,
                 loaded.model(input_ids=batch.to(loaded.device), use_cache=False, logits_to_keep=1)
         atlas.set_probe(probe.name, probe.settings)
         for family, observer in zip(families, observers):
-            result = observer.result()
-            for name, values in result.scores.items():
-                if name in names:
-                    atlas.set_score(name, values, family=family.family, probe=probe.name,
-                                    description=family.description[name], settings=result.settings)
-            for name, prof in result.profiles.items():
-                atlas.set_profile(name, {**prof, "probe": probe.name})
+            _store(atlas, family, observer.result(), names, probe.name)
+    for family, wanted in computed.items():
+        torch.manual_seed(settings.seed)
+        result = family.compute(loaded, settings, wanted)
+        probe_name = result.settings.get("probe", family.family)
+        atlas.set_probe(probe_name, result.settings)
+        _store(atlas, family, result, names, probe_name)
     return atlas
+
+
+def _store(atlas: Atlas, family, result: ScoreResult, names: list[str], probe_name: str) -> None:
+    for name, values in result.scores.items():
+        if name in names:
+            atlas.set_score(name, values, family=family.family, probe=probe_name,
+                            description=family.description[name], settings=result.settings)
+    for name, prof in result.profiles.items():
+        atlas.set_profile(name, {**prof, "probe": probe_name})
 
 
 def summary(atlas: Atlas, k: int = 5) -> str:

@@ -39,6 +39,10 @@ ROLE_RULES: tuple[RoleRule, ...] = (
     RoleRule("streaming", "streamable_mass", ">=", 0.95,
              "headwise: a sink + recent-window cache keeps >= 95% of the head's attention mass"),
     RoleRule("retrieval", "retrieval", ">", 0.1, "Wu et al. 2024 (arXiv 2404.15574): retrieval score > 0.1"),
+    RoleRule("successor", "successor", ">", 0.5,
+             "Gould et al. 2023 (arXiv 2312.09230) report the succession score (fraction of ordinal tokens whose "
+             "successor the head's OV circuit ranks top in its sequence) without a cut; headwise: the head "
+             "increments most (> 50%) of the probe's ordinal tokens"),
 )
 
 

@@ -219,7 +219,7 @@ def ablation_matrix(model, ids, ns, clean: dict[str, float]):
     cfg = model.config
     hd = cfg.head_dim
     second_delta, first_delta = [], []
-    for li, layer in enumerate(model.model.layers):
+    for layer in model.model.layers:
         row_s, row_f = [], []
         for h in range(cfg.num_attention_heads):
             def hook(module, args, h=h):
@@ -295,8 +295,8 @@ def main() -> None:
     #                         largest single-head increase AND attends >= 0.3 to the induction offset;
     #   previous-token head = layer-0 head attending >= 0.5 to the previous token on the second copy.
     biggest = max(max(r) for r in second_delta)
-    induction = [[l, h] for l in range(1, len(second_delta)) for h in range(len(second_delta[l]))
-                 if second_delta[l][h] >= 0.25 * biggest and ind[l][h] >= 0.3]
+    induction = [[li, h] for li in range(1, len(second_delta)) for h in range(len(second_delta[li]))
+                 if second_delta[li][h] >= 0.25 * biggest and ind[li][h] >= 0.3]
     previous = [[0, h] for h in range(len(prev[0])) if prev[0][h] >= 0.5]
     total_s = time.time() - t0
 
@@ -354,8 +354,8 @@ def main() -> None:
     print(f"train {train_s:.1f}s, total {total_s:.1f}s")
     print("losses", heads["losses"])
     print("ablation (second copy):")
-    for l, row in enumerate(heads["ablation_second_copy_loss_increase"]):
-        print(f"  L{l}", row)
+    for li, row in enumerate(heads["ablation_second_copy_loss_increase"]):
+        print(f"  L{li}", row)
     print("prev-token attn", heads["attention_previous_token"])
     print("induction attn", heads["attention_induction_offset"])
     print("roles", heads["roles"])

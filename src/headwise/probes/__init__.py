@@ -5,8 +5,10 @@ equal-length token sequences plus the settings needed to reproduce them.
 """
 
 from .base import Probe, adds_bos, content_token_ids
+from .ordinal import ORDINAL_SEQUENCES, OrdinalPrompts, OrdinalTask, ordinal_prompts, ordinal_tasks
 from .repeated import repeated_tokens
 from .text import bundled_text_files, load_text, natural_text
 
 __all__ = ["Probe", "adds_bos", "content_token_ids", "repeated_tokens", "natural_text", "load_text",
-           "bundled_text_files"]
+           "bundled_text_files", "ORDINAL_SEQUENCES", "OrdinalPrompts", "OrdinalTask", "ordinal_prompts",
+           "ordinal_tasks"]

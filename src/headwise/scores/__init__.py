@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from ..errors import HeadwiseError
-from .base import ScoreFamily, ScoreObserver, ScoreResult
+from .base import ComputedScoreFamily, ScoreFamily, ScoreObserver, ScoreResult
 from .distance import DistanceScores
+from .importance import ImportanceScores
 from .patterns import PatternScores
 from .razor import RazorScores
+from .retrieval import RetrievalScores
 from .sink import SinkScores
 from .streaming import StreamingScores
+from .successor import SuccessorScores
 
 FAMILIES: list[ScoreFamily] = [PatternScores(), RazorScores(), SinkScores(), StreamingScores(), DistanceScores()]
+FAMILIES.append(RetrievalScores())  # decodes needle trials: minutes, so not in DEFAULT_SCORES
+FAMILIES.append(ImportanceScores())  # gradients and 1 pass per few heads: opt-in via --scores
+FAMILIES.append(SuccessorScores())  # weights-based OV circuit on ordinal tokens: opt-in via --scores
 
 # The pattern battery `headwise profile` runs when --scores is not given.
 DEFAULT_SCORES: tuple[str, ...] = ("previous_token", "duplicate_token", "induction", "echo", "razor_induction",
@@ -36,5 +42,5 @@ def register(family: ScoreFamily) -> None:
     FAMILIES.append(family)
 
 
-__all__ = ["FAMILIES", "DEFAULT_SCORES", "ScoreFamily", "ScoreObserver", "ScoreResult", "all_score_names",
-           "family_of", "register"]
+__all__ = ["FAMILIES", "DEFAULT_SCORES", "ComputedScoreFamily", "ScoreFamily", "ScoreObserver", "ScoreResult",
+           "all_score_names", "family_of", "register"]

@@ -64,6 +64,22 @@ class ScoreFamily(ABC):
     def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver: ...
 
 
+class ComputedScoreFamily(ABC):
+    """A method that drives the model itself (greedy decoding, gradients, ablations)
+    instead of observing the forward passes of one shared probe.
+
+    The profiler calls `compute` once with every requested name of the family.
+    """
+
+    family: str
+    names: tuple[str, ...]
+    description: dict[str, str]
+
+    @abstractmethod
+    def compute(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:
+        """loaded: a headwise.load.LoadedModel (already attached); settings: ProfileSettings."""
+
+
 class PerSequence:
     """Per-sequence sums [n_seq, layers, heads] gathered across batches; mean of ratios at the end."""
 

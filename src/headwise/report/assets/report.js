@@ -1,0 +1,793 @@
+// headwise report: linked views over one atlas. Vanilla JS + SVG/canvas, no network.
+// Every piece of text from the data is inserted with textContent (never as markup).
+(function () {
+  "use strict";
+  var D = JSON.parse(document.getElementById("headwise-data").textContent);
+  var G = D.geometry, L = G.n_layers, H = G.n_heads, KV = G.n_kv_heads, GS = H / KV, N = L * H;
+  var NS = "http://www.w3.org/2000/svg";
+  var SCORES = D.scores, BY_NAME = {};
+  SCORES.forEach(function (s) { BY_NAME[s.name] = s; });
+  var LABELS = D.roles.labels;
+  var state = { score: pickDefault(["induction", "previous_token", "retrieval"]), selected: null, role: "",
+    lo: null, hi: null, sortKey: null, sortDir: -1, mapColour: "role" };
+  if (state.sortKey === null) state.sortKey = state.score;
+
+  // ---------- small helpers ----------
+  function pickDefault(names) {
+    for (var i = 0; i < names.length; i++) if (BY_NAME[names[i]]) return names[i];
+    return SCORES.length ? SCORES[0].name : null;
+  }
+  function el(tag, attrs, text) {
+    var e = document.createElement(tag);
+    if (attrs) for (var k in attrs) if (attrs[k] !== undefined && attrs[k] !== null) e.setAttribute(k, attrs[k]);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+  function sv(tag, attrs, text) {
+    var e = document.createElementNS(NS, tag);
+    if (attrs) for (var k in attrs) e.setAttribute(k, attrs[k]);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+  function fmt(v) {
+    if (v === null || v === undefined || !isFinite(v)) return "\u2013";
+    var a = Math.abs(v);
+    if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
+    return a >= 100 ? v.toFixed(1) : a >= 10 ? v.toFixed(2) : v.toFixed(3);
+  }
+  function pct(v) { return (100 * v).toFixed(1) + "%"; }
+  function bytes(b) {
+    var u = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    while (b >= 1024 && i < u.length - 1) { b /= 1024; i++; }
+    return b.toFixed(i ? 2 : 0) + " " + u[i];
+  }
+  function headName(i) { return "L" + Math.floor(i / H) + ".H" + (i % H); }
+  function vals(name) { return BY_NAME[name] ? BY_NAME[name].values : null; }
+  function finite(v) { return v !== null && v !== undefined && isFinite(v); }
+  function extent(a) {
+    var lo = Infinity, hi = -Infinity;
+    for (var i = 0; i < a.length; i++) if (finite(a[i])) { if (a[i] < lo) lo = a[i]; if (a[i] > hi) hi = a[i]; }
+    return lo <= hi ? [lo, hi] : [0, 1];
+  }
+  function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); return node; }
+  // viridis, 9 stops
+  var VIR = [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
+    [92, 200, 99], [170, 220, 50], [253, 231, 37]];
+  function ramp(stops, t) {
+    t = Math.max(0, Math.min(1, t)) * (stops.length - 1);
+    var i = Math.min(stops.length - 2, Math.floor(t)), f = t - i, a = stops[i], b = stops[i + 1];
+    return [a[0] + f * (b[0] - a[0]), a[1] + f * (b[1] - a[1]), a[2] + f * (b[2] - a[2])];
+  }
+  function rgb(c) { return "rgb(" + Math.round(c[0]) + "," + Math.round(c[1]) + "," + Math.round(c[2]) + ")"; }
+  var HEAT = [[255, 255, 255], [198, 219, 239], [107, 174, 214], [33, 113, 181], [8, 48, 107]];
+  var ROLE_COLOURS = ["#e8590c", "#1c7ed6", "#2b8a3e", "#ae3ec9", "#f59f00", "#0ca678", "#e03131", "#5c7cfa",
+    "#862e9c", "#a61e4d"];
+  var ROLES = [];
+  D.roles.rules.forEach(function (r) { if (ROLES.indexOf(r.role) < 0) ROLES.push(r.role); });
+  LABELS.forEach(function (rs) { rs.forEach(function (r) { if (ROLES.indexOf(r) < 0) ROLES.push(r); }); });
+  function roleColour(r) { var i = ROLES.indexOf(r); return i < 0 ? "#adb5bd" : ROLE_COLOURS[i % ROLE_COLOURS.length]; }
+  function primaryRole(i) { return LABELS[i] && LABELS[i].length ? LABELS[i][0] : ""; }
+
+  var tip = el("div", { id: "tooltip" });
+  function showTip(ev, lines) {
+    tip.textContent = lines.join("\n");
+    tip.style.display = "block";
+    var x = ev.clientX + 14, y = ev.clientY + 12;
+    if (x + 300 > window.innerWidth) x = ev.clientX - 300;
+    tip.style.left = x + "px"; tip.style.top = y + "px";
+  }
+  function hideTip() { tip.style.display = "none"; }
+  function decode(q) {
+    var s = atob(q.b64), out = new Uint8Array(s.length);
+    for (var i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
+    return out;
+  }
+  function kvGroup(head) { return Math.floor(head / GS); }
+  function passes(i) {
+    if (state.role === "(none)" && LABELS[i].length) return false;
+    if (state.role && state.role !== "(none)" && LABELS[i].indexOf(state.role) < 0) return false;
+    var v = vals(state.score);
+    if (v && (state.lo !== null || state.hi !== null)) {
+      if (!finite(v[i])) return false;
+      if (state.lo !== null && v[i] < state.lo) return false;
+      if (state.hi !== null && v[i] > state.hi) return false;
+    }
+    return true;
+  }
+
+  // ---------- page skeleton ----------
+  var app = clear(document.getElementById("app"));
+  var errBox = el("div", { id: "error" });
+  window.addEventListener("error", function (e) { errBox.style.display = "block"; errBox.textContent = "report error: " + e.message; });
+  var header = el("header");
+  header.appendChild(el("h1", null, "headwise atlas: " + D.model.spec));
+  var sliding = G.layer_types.filter(function (t) { return t === "sliding"; }).length;
+  header.appendChild(el("span", { "class": "sub" }, L + " layers \u00d7 " + H + " heads, " + KV + " KV head" +
+    (KV > 1 ? "s" : "") + " per layer (" + G.model_type + (sliding ? ", " + sliding + " sliding-window layers" : "") +
+    ")" + (D.model.weights ? " \u00b7 weights " + D.model.weights : "")));
+  var scoreSel = el("select", { id: "score-select" });
+  SCORES.forEach(function (s) { var o = el("option", { value: s.name }, s.name); o.title = s.description; scoreSel.appendChild(o); });
+  scoreSel.value = state.score;
+  var lab = el("label", null, "colour by ");
+  lab.appendChild(scoreSel);
+  header.appendChild(lab);
+  app.appendChild(header);
+  app.appendChild(errBox);
+  var layout = el("div", { "class": "layout" });
+  app.appendChild(layout);
+  app.appendChild(tip);
+  function panel(id, title) {
+    var p = el("section", { "class": "panel", id: id });
+    p.appendChild(el("h2", null, title));
+    layout.appendChild(p);
+    return p;
+  }
+  var gridP = panel("grid-panel", "Head grid"), mapP = panel("map-panel", "Pattern map"),
+    detailP = panel("detail-panel", "Head detail"), tableP = panel("table-panel", "Ranking"),
+    trendsP = panel("trends-panel", "Layer trends"), kvP = panel("kv-panel", "KV-cache preview");
+
+  // ---------- 1. head grid ----------
+  var cell = Math.max(9, Math.min(26, Math.floor(520 / (H + (KV > 1 ? KV - 1 : 0) * 0.4))));
+  cell = Math.min(cell, Math.max(9, Math.floor(760 / L)));
+  var gap = KV > 1 && KV < H ? Math.max(3, Math.round(cell * 0.4)) : 0;
+  var left = 44, top = KV > 1 && KV < H ? 28 : 14;
+  var gw = left + H * cell + (KV - 1) * gap + 4, gh = top + L * cell + 4;
+  var gridSvg = sv("svg", { width: gw, height: gh, id: "grid" });
+  var cells = [];
+  function cellX(h) { return left + h * cell + (gap ? kvGroup(h) * gap : 0); }
+  if (gap) {
+    for (var k = 0; k < KV; k++) {
+      var x0 = cellX(k * GS), x1 = cellX((k + 1) * GS - 1) + cell;
+      gridSvg.appendChild(sv("text", { x: (x0 + x1) / 2, y: 10, "text-anchor": "middle" }, "KV " + k));
+      gridSvg.appendChild(sv("path", { d: "M" + x0 + " 20 V16 H" + (x1 - 1) + " V20", fill: "none", stroke: "#adb5bd" }));
+    }
+  }
+  var headLabelStep = Math.ceil(12 / cell);
+  for (var l = 0; l < L; l++) {
+    if (l % Math.ceil(11 / cell) === 0) {
+      var t = sv("text", { x: left - 4, y: top + l * cell + cell * 0.7, "text-anchor": "end" },
+        "L" + l + (G.layer_types[l] === "sliding" ? " \u00b7w" : ""));
+      gridSvg.appendChild(t);
+    }
+    for (var h = 0; h < H; h++) {
+      var i = l * H + h;
+      var r = sv("rect", { x: cellX(h), y: top + l * cell, width: cell, height: cell, "class": "cell",
+        "data-layer": l, "data-head": h, "data-index": i });
+      cells.push(r);
+      gridSvg.appendChild(r);
+      var roles = LABELS[i];
+      for (var b = 0; b < Math.min(3, roles.length) && cell >= 12; b++) {
+        gridSvg.appendChild(sv("circle", { cx: cellX(h) + cell - 4 - b * 5, cy: top + l * cell + cell - 4, r: 2.2,
+          fill: roleColour(roles[b]), stroke: "#fff", "stroke-width": 0.6, "pointer-events": "none" }));
+      }
+    }
+  }
+  if (headLabelStep <= H) {
+    for (var hh = 0; hh < H; hh += headLabelStep) {
+      if (!gap) gridSvg.appendChild(sv("text", { x: cellX(hh) + cell / 2, y: top - 3, "text-anchor": "middle" }, hh));
+    }
+  }
+  gridSvg.addEventListener("mousemove", function (ev) {
+    var i = ev.target.getAttribute && ev.target.getAttribute("data-index");
+    if (i === null || i === undefined) { hideTip(); return; }
+    i = +i;
+    var lines = [headName(i) + "  (KV head " + kvGroup(i % H) + ", " + G.layer_types[Math.floor(i / H)] + " layer)"];
+    SCORES.forEach(function (s) { lines.push((s.name === state.score ? "\u25b6 " : "  ") + s.name + ": " + fmt(s.values[i])); });
+    lines.push("roles: " + (LABELS[i].join(", ") || "none"));
+    showTip(ev, lines);
+  });
+  gridSvg.addEventListener("mouseleave", hideTip);
+  gridSvg.addEventListener("click", function (ev) {
+    var i = ev.target.getAttribute && ev.target.getAttribute("data-index");
+    if (i !== null && i !== undefined) select(+i, "grid");
+  });
+  gridP.appendChild(gridSvg);
+  var colourbar = el("div", { "class": "caption", id: "colourbar" });
+  gridP.appendChild(colourbar);
+  var roleLegend = el("div", { "class": "legend" });
+  ROLES.forEach(function (r) {
+    var s = el("span");
+    var sw = el("span", { "class": "sw" });
+    sw.style.background = roleColour(r);
+    s.appendChild(sw);
+    var count = LABELS.filter(function (x) { return x.indexOf(r) >= 0; }).length;
+    s.appendChild(document.createTextNode(r + " (" + count + ")"));
+    roleLegend.appendChild(s);
+  });
+  gridP.appendChild(roleLegend);
+  gridP.appendChild(el("div", { "class": "caption" }, "Rows are layers, columns query heads" +
+    (gap ? ", grouped by the KV head they share" : "") + "; dots are role badges. Hover for values, click to select." +
+    (sliding ? " \u00b7w marks sliding-window layers." : "")));
+
+  function colourGrid() {
+    var v = vals(state.score);
+    var ex = v ? extent(v) : [0, 1];
+    for (var i = 0; i < N; i++) {
+      var c = v && finite(v[i]) ? rgb(ramp(VIR, (v[i] - ex[0]) / ((ex[1] - ex[0]) || 1))) : "#dee2e6";
+      cells[i].setAttribute("fill", c);
+      cells[i].classList.toggle("dim", !passes(i));
+    }
+    gridSvg.setAttribute("data-score", state.score || "");
+    clear(colourbar);
+    var bar = el("canvas", { width: 120, height: 8 });
+    var ctx = bar.getContext("2d");
+    for (var x = 0; x < 120; x++) { ctx.fillStyle = rgb(ramp(VIR, x / 119)); ctx.fillRect(x, 0, 1, 8); }
+    colourbar.appendChild(document.createTextNode((state.score || "no score") + ": " + fmt(ex[0]) + " "));
+    colourbar.appendChild(bar);
+    colourbar.appendChild(document.createTextNode(" " + fmt(ex[1])));
+    if (BY_NAME[state.score] && BY_NAME[state.score].description) {
+      colourbar.appendChild(el("div", null, BY_NAME[state.score].description));
+    }
+  }
+
+  // ---------- 4. pattern map ----------
+  var MW = 420, MH = 340, pad = 14;
+  var mapSvg = sv("svg", { width: MW, height: MH, id: "pattern-map", viewBox: "0 0 " + MW + " " + MH });
+  var pts = [];
+  var xs = D.layout.x, ys = D.layout.y, exX = extent(xs), exY = extent(ys);
+  function px(v) { return pad + (v - exX[0]) / ((exX[1] - exX[0]) || 1) * (MW - 2 * pad); }
+  function py(v) { return MH - pad - (v - exY[0]) / ((exY[1] - exY[0]) || 1) * (MH - 2 * pad); }
+  mapSvg.appendChild(sv("rect", { x: 0, y: 0, width: MW, height: MH, fill: "#fbfbfc", stroke: "#e9ecef" }));
+  for (var p = 0; p < N; p++) {
+    var c = sv("circle", { cx: px(xs[p]), cy: py(ys[p]), r: N > 2000 ? 2.5 : 4, "class": "pt", "data-index": p });
+    pts.push(c);
+    mapSvg.appendChild(c);
+  }
+  mapSvg.addEventListener("mousemove", function (ev) {
+    var i = ev.target.getAttribute && ev.target.getAttribute("data-index");
+    if (i === null || i === undefined) { hideTip(); return; }
+    i = +i;
+    showTip(ev, [headName(i), "roles: " + (LABELS[i].join(", ") || "none"), state.score + ": " + fmt(vals(state.score)[i])]);
+  });
+  mapSvg.addEventListener("mouseleave", hideTip);
+  mapSvg.addEventListener("click", function (ev) {
+    var i = ev.target.getAttribute && ev.target.getAttribute("data-index");
+    if (i !== null && i !== undefined) select(+i, "map");
+  });
+  var mapCtl = el("div", { "class": "controls" });
+  var mapColSel = el("select", { id: "map-colour" });
+  mapColSel.appendChild(el("option", { value: "role" }, "role"));
+  mapColSel.appendChild(el("option", { value: "score" }, "selected score"));
+  mapColSel.appendChild(el("option", { value: "layer" }, "layer"));
+  mapColSel.addEventListener("change", function () { state.mapColour = mapColSel.value; colourMap(); });
+  var mlab = el("label", null, "colour points by ");
+  mlab.appendChild(mapColSel);
+  mapCtl.appendChild(mlab);
+  mapP.appendChild(mapCtl);
+  mapP.appendChild(mapSvg);
+  var mapLegend = el("div", { "class": "legend" });
+  mapP.appendChild(mapLegend);
+  mapP.appendChild(el("div", { "class": "caption" }, D.layout.method + " (" + D.layout.features.length +
+    " features: " + D.layout.features.join(", ") + "). PC1 explains " + pct(D.layout.explained[0]) + ", PC2 " +
+    pct(D.layout.explained[1]) + " of the variance. Nearby heads attend alike. Click a point to select its head."));
+
+  function colourMap() {
+    var v = vals(state.score), ex = v ? extent(v) : [0, 1];
+    clear(mapLegend);
+    for (var i = 0; i < N; i++) {
+      var col;
+      if (state.mapColour === "role") col = roleColour(primaryRole(i));
+      else if (state.mapColour === "layer") col = rgb(ramp(VIR, Math.floor(i / H) / Math.max(1, L - 1)));
+      else col = v && finite(v[i]) ? rgb(ramp(VIR, (v[i] - ex[0]) / ((ex[1] - ex[0]) || 1))) : "#dee2e6";
+      pts[i].setAttribute("fill", col);
+      pts[i].classList.toggle("dim", !passes(i));
+    }
+    if (state.mapColour === "role") {
+      ROLES.concat([""]).forEach(function (r) {
+        var s = el("span"), sw = el("span", { "class": "sw" });
+        sw.style.background = roleColour(r);
+        s.appendChild(sw);
+        s.appendChild(document.createTextNode(r || "no role"));
+        mapLegend.appendChild(s);
+      });
+    } else {
+      mapLegend.appendChild(document.createTextNode(state.mapColour === "layer" ? "dark: layer 0, yellow: layer " +
+        (L - 1) : "dark: low " + state.score + ", yellow: high"));
+    }
+  }
+
+  // ---------- 2. ranking table ----------
+  var tctl = el("div", { "class": "controls" });
+  var roleSel = el("select", { id: "role-filter" });
+  roleSel.appendChild(el("option", { value: "" }, "any role"));
+  ROLES.forEach(function (r) { roleSel.appendChild(el("option", { value: r }, r)); });
+  roleSel.appendChild(el("option", { value: "(none)" }, "no role"));
+  var loIn = el("input", { type: "number", step: "any", id: "range-lo", placeholder: "min" });
+  var hiIn = el("input", { type: "number", step: "any", id: "range-hi", placeholder: "max" });
+  var rl = el("label", null, "role ");
+  rl.appendChild(roleSel);
+  tctl.appendChild(rl);
+  var rangeLabel = el("label", null, "");
+  tctl.appendChild(rangeLabel);
+  tctl.appendChild(loIn);
+  tctl.appendChild(document.createTextNode("\u2013"));
+  tctl.appendChild(hiIn);
+  var tcount = el("span", { "class": "caption" });
+  tctl.appendChild(tcount);
+  tableP.appendChild(tctl);
+  function readRange() {
+    state.lo = loIn.value === "" ? null : +loIn.value;
+    state.hi = hiIn.value === "" ? null : +hiIn.value;
+    filterChanged();
+  }
+  roleSel.addEventListener("change", function () { state.role = roleSel.value; filterChanged(); });
+  loIn.addEventListener("input", readRange);
+  hiIn.addEventListener("input", readRange);
+  var twrap = el("div", { "class": "tablewrap" });
+  var table = el("table", { "class": "rank", id: "rank-table" });
+  var thead = el("thead"), tbody = el("tbody");
+  table.appendChild(thead);
+  table.appendChild(tbody);
+  twrap.appendChild(table);
+  tableP.appendChild(twrap);
+  var COLS = [{ key: "#head", label: "head", l: true }, { key: "#kv", label: "KV" }, { key: "#roles", label: "roles", l: true }]
+    .concat(SCORES.map(function (s) { return { key: s.name, label: s.name, title: s.description }; }));
+  var rowOf = {};
+  function sortValue(i, key) {
+    if (key === "#head") return i;
+    if (key === "#kv") return Math.floor(i / H) * KV + kvGroup(i % H);
+    if (key === "#roles") return LABELS[i].join(",");
+    var v = vals(key)[i];
+    return finite(v) ? v : null;
+  }
+  function renderTable() {
+    clear(thead);
+    var tr = el("tr");
+    COLS.forEach(function (c) {
+      var th = el("th", { "class": (c.l ? "l " : "") + (c.key === state.score ? "cur" : ""), title: c.title || "sort" },
+        c.label + (state.sortKey === c.key ? (state.sortDir < 0 ? " \u25bc" : " \u25b2") : ""));
+      th.addEventListener("click", function () {
+        if (state.sortKey === c.key) state.sortDir = -state.sortDir; else { state.sortKey = c.key; state.sortDir = c.key[0] === "#" ? 1 : -1; }
+        renderTable();
+      });
+      tr.appendChild(th);
+    });
+    thead.appendChild(tr);
+    var rows = [];
+    for (var i = 0; i < N; i++) if (passes(i)) rows.push(i);
+    var key = state.sortKey, dir = state.sortDir;
+    rows.sort(function (a, b) {
+      var va = sortValue(a, key), vb = sortValue(b, key);
+      if (va === null && vb === null) return a - b;
+      if (va === null) return 1;
+      if (vb === null) return -1;
+      return va < vb ? -dir : va > vb ? dir : a - b;
+    });
+    var shown = rows.slice(0, 2000);
+    tcount.textContent = rows.length + " of " + N + " heads" + (shown.length < rows.length ? " (first 2000 shown)" : "");
+    clear(tbody);
+    rowOf = {};
+    shown.forEach(function (i) {
+      var r = el("tr", { "data-index": i });
+      r.appendChild(el("td", { "class": "l" }, headName(i)));
+      r.appendChild(el("td", null, kvGroup(i % H)));
+      var rc = el("td", { "class": "l" });
+      LABELS[i].forEach(function (x) { var b = el("span", { "class": "badge" }, x); b.style.background = roleColour(x); rc.appendChild(b); });
+      r.appendChild(rc);
+      SCORES.forEach(function (s) { r.appendChild(el("td", null, fmt(s.values[i]))); });
+      if (i === state.selected) r.className = "sel";
+      rowOf[i] = r;
+      tbody.appendChild(r);
+    });
+  }
+  tbody.addEventListener("click", function (ev) {
+    var r = ev.target.closest("tr");
+    if (r) select(+r.getAttribute("data-index"), "table");
+  });
+  function filterChanged() { colourGrid(); colourMap(); renderTable(); }
+
+  // ---------- 3. head detail ----------
+  var detail = el("div", { "class": "detail", id: "detail" });
+  detailP.appendChild(detail);
+  var S = D.samples;
+  var SHORT = S && S.short ? { meta: S.short, q: decode(S.short.map) } : null;
+  var LONG = S && S.long ? { meta: S.long, q: decode(S.long.map), row: decode(S.long.last_row) } : null;
+  var REGION_COLOURS = { sink: "#e8590c", needle: "#d6336c", recent: "#1c7ed6", other: "#ced4da" };
+
+  function mapValue(q, meta, i, a, b) {
+    var n = meta.shape[2], qq = q[(i * n + a) * n + b] / 255;
+    return qq * qq * meta.max[i];
+  }
+  function heatmap(q, meta, i, hover) {
+    var n = meta.shape[2], cv = el("canvas", { width: n, height: n, "class": "heat" });
+    var ctx = cv.getContext("2d"), img = ctx.createImageData(n, n);
+    for (var a = 0; a < n; a++) for (var b = 0; b < n; b++) {
+      var t = q[(i * n + a) * n + b] / 255, col = ramp(HEAT, t), o = (a * n + b) * 4;
+      img.data[o] = col[0]; img.data[o + 1] = col[1]; img.data[o + 2] = col[2]; img.data[o + 3] = 255;
+    }
+    ctx.putImageData(img, 0, 0);
+    cv.addEventListener("mousemove", function (ev) {
+      var rect = cv.getBoundingClientRect();
+      var b = Math.floor((ev.clientX - rect.left) / rect.width * n), a = Math.floor((ev.clientY - rect.top) / rect.height * n);
+      if (a < 0 || b < 0 || a >= n || b >= n) return;
+      showTip(ev, hover(a, b, mapValue(q, meta, i, a, b)));
+    });
+    cv.addEventListener("mouseleave", hideTip);
+    return cv;
+  }
+  function tokenText(s) { return JSON.stringify(s); }
+  function blockRange(n, blocks, k) { return [Math.ceil(k * n / blocks), Math.ceil((k + 1) * n / blocks) - 1]; }
+  function snippet(tokens, lo, hi) {
+    var s = tokens.slice(lo, Math.min(hi + 1, lo + 24)).join("");
+    return s.length > 60 ? s.slice(0, 59) + "\u2026" : s;
+  }
+  function stackedBar(parts, width) {
+    var s = sv("svg", { width: width, height: 16 }), x = 0;
+    parts.forEach(function (p) {
+      var w = Math.max(0, p.v) * width;
+      var r = sv("rect", { x: x, y: 2, width: w, height: 12, fill: p.c });
+      r.appendChild(sv("title", null, p.n + ": " + pct(p.v)));
+      s.appendChild(r);
+      x += w;
+    });
+    return s;
+  }
+  function distanceChart(prof, i) {
+    var k = prof.values[i].length, W = 350, Hh = 120, lb = 40, bw = (W - lb - 4) / k;
+    var s = sv("svg", { width: W, height: Hh + 30, id: "distance-chart" });
+    var layer = Math.floor(i / H), mean = [];
+    for (var j = 0; j < k; j++) {
+      var sum = 0, cnt = 0;
+      for (var h = 0; h < H; h++) { var v = prof.values[layer * H + h][j]; if (finite(v)) { sum += v; cnt++; } }
+      mean.push(cnt ? sum / cnt : 0);
+    }
+    var mx = Math.max.apply(null, prof.values[i].concat(mean).map(function (v) { return finite(v) ? v : 0; })) || 1;
+    s.appendChild(sv("text", { x: lb - 3, y: 10, "text-anchor": "end" }, fmt(mx)));
+    s.appendChild(sv("text", { x: lb - 3, y: Hh, "text-anchor": "end" }, "0"));
+    var d = "";
+    for (var j2 = 0; j2 < k; j2++) {
+      var v2 = finite(prof.values[i][j2]) ? prof.values[i][j2] : 0, bh = v2 / mx * (Hh - 6);
+      var r = sv("rect", { x: lb + j2 * bw + 1, y: Hh - bh, width: Math.max(1, bw - 2), height: bh, fill: "#5b7bd5" });
+      var bin = prof.bins ? prof.bins[j2] : [j2, j2];
+      r.appendChild(sv("title", null, "distance " + (bin[0] === bin[1] ? bin[0] : bin[0] + "\u2013" + bin[1]) + ": " +
+        pct(v2) + " (layer mean " + pct(mean[j2]) + ")"));
+      s.appendChild(r);
+      d += (j2 ? "L" : "M") + (lb + (j2 + 0.5) * bw) + " " + (Hh - mean[j2] / mx * (Hh - 6));
+      if (k <= 16 || j2 % 2 === 0) {
+        s.appendChild(sv("text", { x: lb + (j2 + 0.5) * bw, y: Hh + 11, "text-anchor": "middle" },
+          bin[0] === bin[1] ? String(bin[0]) : String(bin[0])));
+      }
+    }
+    s.appendChild(sv("path", { d: d, fill: "none", stroke: "#f59f00", "stroke-width": 1.5 }));
+    s.appendChild(sv("text", { x: lb, y: Hh + 25 }, "token distance (bin start, log2 bins); orange: layer mean"));
+    return s;
+  }
+  function rank(name, i) {
+    var v = vals(name), x = v[i];
+    if (!finite(x)) return null;
+    var above = 0, n = 0;
+    for (var j = 0; j < N; j++) if (finite(v[j])) { n++; if (v[j] > x) above++; }
+    return [above + 1, n];
+  }
+
+  function renderDetail() {
+    clear(detail);
+    var i = state.selected;
+    if (i === null) { detail.appendChild(el("p", { "class": "note" }, "Click a head in the grid, the map or the table.")); return; }
+    var l = Math.floor(i / H), h = i % H, k = kvGroup(h);
+    detail.appendChild(el("h3", { id: "detail-title" }, "Layer " + l + ", head " + h));
+    var mates = [];
+    for (var m = k * GS; m < (k + 1) * GS; m++) if (m !== h) mates.push(m);
+    detail.appendChild(el("div", { "class": "caption" }, "KV head " + k + (mates.length ? " (shared with heads " + mates.join(", ") +
+      ")" : "") + " \u00b7 " + G.layer_types[l] + " attention" + (G.sliding_window[l] ? ", window " + G.sliding_window[l] : "")));
+    // roles
+    detail.appendChild(el("h4", null, "Roles"));
+    var roles = LABELS[i];
+    if (!roles.length) detail.appendChild(el("div", { "class": "note" }, "no role: no rule's threshold is passed"));
+    roles.forEach(function (r) {
+      var line = el("div");
+      var b = el("span", { "class": "badge" }, r);
+      b.style.background = roleColour(r);
+      line.appendChild(b);
+      D.roles.rules.filter(function (x) { return x.role === r; }).forEach(function (rule) {
+        var v = vals(rule.score);
+        line.appendChild(document.createTextNode(rule.score + " = " + fmt(v ? v[i] : null) + " " + rule.op + " " +
+          rule.threshold + "  (" + rule.source + ")"));
+      });
+      detail.appendChild(line);
+    });
+    // scores
+    detail.appendChild(el("h4", null, "Scores"));
+    var tab = el("table", { "class": "scoretab" });
+    SCORES.forEach(function (s) {
+      var tr = el("tr", { title: s.description });
+      tr.appendChild(el("td", null, s.name));
+      tr.appendChild(el("td", { style: "text-align:right" }, fmt(s.values[i])));
+      var rk = rank(s.name, i), ex = extent(s.values);
+      tr.appendChild(el("td", { "class": "caption" }, rk ? "#" + rk[0] + " of " + rk[1] : ""));
+      var bc = el("td"), bar = el("span", { "class": "bar" });
+      bar.style.width = (finite(s.values[i]) ? Math.max(1, 80 * (s.values[i] - Math.min(0, ex[0])) / ((ex[1] - Math.min(0, ex[0])) || 1)) : 0) + "px";
+      bc.appendChild(bar);
+      tr.appendChild(bc);
+      tab.appendChild(tr);
+    });
+    detail.appendChild(tab);
+    // attention patterns
+    detail.appendChild(el("h4", null, "Attention patterns"));
+    if (!SHORT && !LONG) {
+      detail.appendChild(el("div", { "class": "note" }, "This atlas directory holds no attention samples; run " +
+        "`headwise report DIR --model MODEL` to collect them."));
+    }
+    var maps = el("div", { "class": "maps" });
+    if (SHORT) {
+      var sm = SHORT.meta, toks = sm.tokens, n = sm.map.shape[2], exact = n === sm.length;
+      var box = el("div");
+      box.appendChild(el("div", { "class": "caption" }, "Repeated random tokens (" + sm.length + " tokens: " +
+        (sm.prefix_len ? "BOS + " : "") + "a block of " + sm.block_len + ", twice)" + (exact ? "" : ", pooled to " + n + "\u00d7" + n)));
+      box.appendChild(heatmap(SHORT.q, sm.map, i, function (a, b, v) {
+        if (exact) return ["query " + a + " " + tokenText(toks[a]), "key " + b + " " + tokenText(toks[b]), "attention " + fmt(v)];
+        var ra = blockRange(sm.length, n, a), rb = blockRange(sm.length, n, b);
+        return ["queries " + ra[0] + "\u2013" + ra[1], "keys " + rb[0] + "\u2013" + rb[1], "mean mass " + fmt(v)];
+      }));
+      box.appendChild(el("div", { "class": "caption" }, "rows: queries, columns: keys"));
+      maps.appendChild(box);
+    }
+    if (LONG) {
+      var lm = LONG.meta, nl = lm.map.shape[2], ltoks = lm.tokens;
+      var box2 = el("div");
+      box2.appendChild(el("div", { "class": "caption" }, (lm.needle ? "Needle in a haystack" : "Natural text") + " (" +
+        lm.length + " tokens, pooled to " + nl + "\u00d7" + nl + " blocks" + (lm.needle ? "; needle at tokens " +
+        lm.needle_span[0] + "\u2013" + (lm.needle_span[1] - 1) : "") + ")"));
+      box2.appendChild(heatmap(LONG.q, lm.map, i, function (a, b, v) {
+        var ra = blockRange(lm.length, nl, a), rb = blockRange(lm.length, nl, b);
+        return ["queries " + ra[0] + "\u2013" + ra[1], "keys " + rb[0] + "\u2013" + rb[1] + ": " + tokenText(snippet(ltoks, rb[0], rb[1])),
+          "mass on these keys " + fmt(v)];
+      }));
+      box2.appendChild(el("div", { "class": "caption" }, "entry = attention mass the block's queries put on the key block"));
+      maps.appendChild(box2);
+    }
+    detail.appendChild(maps);
+    if (LONG) {
+      var lm2 = LONG.meta;
+      if (lm2.needle) {
+        detail.appendChild(el("div", { "class": "caption" }, "Needle: " + tokenText(lm2.needle) + " \u00b7 question: " +
+          tokenText(lm2.question)));
+      }
+      var regs = el("table", { "class": "scoretab", id: "regions" });
+      [[lm2.needle ? "queries after the needle" : "all queries", lm2.regions_mean[i]], ["last query", lm2.regions_last[i]]].forEach(function (row) {
+        var tr = el("tr");
+        tr.appendChild(el("td", null, row[0]));
+        var td = el("td");
+        td.appendChild(stackedBar(lm2.regions.map(function (r, j) { return { n: r, v: row[1][j] || 0, c: REGION_COLOURS[r] || "#888" }; }), 220));
+        tr.appendChild(td);
+        tr.appendChild(el("td", { "class": "caption" }, lm2.regions.map(function (r, j) { return r + " " + pct(row[1][j] || 0); }).join(" \u00b7 ")));
+        regs.appendChild(tr);
+      });
+      detail.appendChild(regs);
+      detail.appendChild(el("div", { "class": "caption" }, "sink: first " + lm2.sink_tokens + " tokens; recent: the last " +
+        lm2.window + " tokens up to the query itself; other: the rest."));
+      // the last query's attention over the prompt
+      var nb = lm2.last_row.shape[2], rw = 340, rs = sv("svg", { width: rw, height: 46, id: "last-row" });
+      var mxq = 0;
+      for (var j = 0; j < nb; j++) mxq = Math.max(mxq, LONG.row[i * nb + j]);
+      for (var j3 = 0; j3 < nb; j3++) {
+        var qv = LONG.row[i * nb + j3] / 255, bh = (mxq ? LONG.row[i * nb + j3] / mxq : 0) * 30;
+        var rr = blockRange(lm2.length, nb, j3);
+        var rect = sv("rect", { x: j3 * rw / nb, y: 32 - bh, width: Math.max(1, rw / nb - 0.5), height: bh,
+          fill: rr[1] >= lm2.needle_span[0] && rr[0] < lm2.needle_span[1] ? REGION_COLOURS.needle : "#5b7bd5" });
+        rect.appendChild(sv("title", null, "tokens " + rr[0] + "\u2013" + rr[1] + ": " + fmt(qv * qv * lm2.last_row.max[i]) +
+          " " + tokenText(snippet(ltoks, rr[0], rr[1]))));
+        rs.appendChild(rect);
+      }
+      rs.appendChild(sv("text", { x: 0, y: 44 }, "the last query's attention over the prompt (needle in red)"));
+      detail.appendChild(rs);
+    }
+    // distance profile
+    Object.keys(D.profiles).forEach(function (name) {
+      var prof = D.profiles[name];
+      detail.appendChild(el("h4", null, name + " profile"));
+      if (name === "distance") detail.appendChild(distanceChart(prof, i));
+      else detail.appendChild(el("div", null, (prof.values[i] || []).map(fmt).join("  ")));
+      if (prof.description) detail.appendChild(el("div", { "class": "caption" }, prof.description));
+    });
+    // validation
+    var V = D.validation, vm = Object.keys(V.matrices), vr = V.records.filter(function (r) { return r.layer === l && r.head === h; });
+    var vl = Object.keys(V.head_lists).filter(function (p) {
+      return V.head_lists[p].some(function (x) { return x[0] === l && x[1] === h; });
+    });
+    if (vm.length || vr.length || vl.length || V.verdicts.length || V.summary.length) {
+      detail.appendChild(el("h4", null, "Validation"));
+      vm.forEach(function (p) { detail.appendChild(el("div", null, p + ": " + fmt(V.matrices[p][i]))); });
+      vr.forEach(function (r) {
+        detail.appendChild(el("div", null, r.path + ": " + r.fields.map(function (f) { return f[0] + " " + f[1]; }).join(", ")));
+      });
+      vl.forEach(function (p) {
+        var entry = p.split(".")[0], verdict = V.verdicts.filter(function (v) { return v[0] === entry; })[0];
+        detail.appendChild(el("div", null, "in " + p + (verdict ? " → " + verdict[1] : "")));
+      });
+      if (!vm.length && !vr.length && !vl.length) detail.appendChild(el("div", { "class": "note" }, "no validation names this head"));
+      V.verdicts.forEach(function (v) {
+        var d = el("div", { "class": "caption" }, v[0] + ": " + v[1]);
+        d.style.color = v[2] === true ? "#2b8a3e" : v[2] === false ? "#c92a2a" : "";
+        detail.appendChild(d);
+      });
+      if (V.summary.length) {
+        var det = el("details"), sum = el("summary", null, "all validation values (" + V.summary.length + ")");
+        det.appendChild(sum);
+        V.summary.forEach(function (x) { det.appendChild(el("div", { "class": "caption" }, x[0] + ": " + x[1])); });
+        detail.appendChild(det);
+      }
+    }
+  }
+
+  // ---------- 5. layer trends ----------
+  var trendBox = el("div", { "class": "trends", id: "trends" });
+  trendsP.appendChild(trendBox);
+  trendsP.appendChild(el("div", { "class": "caption" }, "Each score's distribution over a layer's heads: min\u2013max (line), " +
+    "interquartile range (box), median (dark). Red: the selected head. Click a chart to colour by that score."));
+  function quantile(sorted, q) {
+    if (!sorted.length) return NaN;
+    var pos = (sorted.length - 1) * q, lo = Math.floor(pos), hi = Math.ceil(pos);
+    return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo);
+  }
+  function renderTrends() {
+    clear(trendBox);
+    var TW = 260, TH = 96, lb = 46, bw = (TW - lb - 4) / L;
+    SCORES.forEach(function (s) {
+      var box = el("div", { "class": "trend" + (s.name === state.score ? " cur" : ""), "data-score": s.name, title: s.description });
+      box.appendChild(el("div", { "class": "t" }, s.name));
+      var svg = sv("svg", { width: TW, height: TH + 12 }), ex = extent(s.values);
+      function y(v) { return 4 + (1 - (v - ex[0]) / ((ex[1] - ex[0]) || 1)) * (TH - 8); }
+      svg.appendChild(sv("text", { x: lb - 3, y: 10, "text-anchor": "end" }, fmt(ex[1])));
+      svg.appendChild(sv("text", { x: lb - 3, y: TH - 2, "text-anchor": "end" }, fmt(ex[0])));
+      var med = "";
+      for (var l = 0; l < L; l++) {
+        var v = s.values.slice(l * H, (l + 1) * H).filter(finite).sort(function (a, b) { return a - b; });
+        if (!v.length) continue;
+        var cx = lb + (l + 0.5) * bw;
+        svg.appendChild(sv("line", { x1: cx, x2: cx, y1: y(v[0]), y2: y(v[v.length - 1]), stroke: "#adb5bd" }));
+        var q1 = quantile(v, 0.25), q3 = quantile(v, 0.75), md = quantile(v, 0.5);
+        svg.appendChild(sv("rect", { x: cx - Math.max(1, bw * 0.35), y: y(q3), width: Math.max(2, bw * 0.7),
+          height: Math.max(1, y(q1) - y(q3)), fill: "#a5b4e8" }));
+        med += (med ? "L" : "M") + cx + " " + y(md);
+      }
+      svg.appendChild(sv("path", { d: med, fill: "none", stroke: "#364fc7", "stroke-width": 1.5 }));
+      if (state.selected !== null && finite(s.values[state.selected])) {
+        svg.appendChild(sv("circle", { cx: lb + (Math.floor(state.selected / H) + 0.5) * bw, cy: y(s.values[state.selected]),
+          r: 3.5, fill: "#e03131" }));
+      }
+      svg.appendChild(sv("text", { x: lb, y: TH + 10 }, "layer 0"));
+      svg.appendChild(sv("text", { x: TW - 4, y: TH + 10, "text-anchor": "end" }, "layer " + (L - 1)));
+      box.appendChild(svg);
+      box.addEventListener("click", function () { setScore(s.name); });
+      trendBox.appendChild(box);
+    });
+  }
+
+  // ---------- 6. KV-cache preview ----------
+  var set = D.settings || {};
+  var kvScore = pickDefault(["retrieval", "streamable_mass"].concat(SCORES.map(function (s) { return s.name; })));
+  var kvc = el("div", { "class": "controls" });
+  function control(labelText, input) { var lb = el("label", null, labelText + " "); lb.appendChild(input); kvc.appendChild(lb); return input; }
+  var kvSel = control("rank KV heads by", el("select", { id: "kv-score" }));
+  SCORES.forEach(function (s) { kvSel.appendChild(el("option", { value: s.name }, s.name)); });
+  kvSel.value = kvScore || "";
+  var kvOrder = control("keep whole", el("select", { id: "kv-order" }));
+  kvOrder.appendChild(el("option", { value: "high" }, "highest first"));
+  kvOrder.appendChild(el("option", { value: "low" }, "lowest first"));
+  function defaultOrder(name) { return /streamable|streaming/.test(name || "") ? "low" : "high"; }
+  kvOrder.value = defaultOrder(kvScore);
+  var kvFrac = control("fraction kept whole", el("input", { type: "range", min: 0, max: 1, step: 0.01, value: 0.25, id: "kv-fraction" }));
+  var kvFracOut = el("span", { "class": "big" });
+  kvc.appendChild(kvFracOut);
+  var kvCtx = control("context", el("input", { type: "number", min: 1, value: Math.min(32768, G.max_positions || 32768), id: "kv-context" }));
+  // S and W default to the streaming cache the atlas's streamable_mass was scored with (64 + 256).
+  var kvS = control("sink S", el("input", { type: "number", min: 0, value: set.sink_tokens || 64, id: "kv-sink" }));
+  var kvW = control("window W", el("input", { type: "number", min: 0, value: set.window || 256, id: "kv-window" }));
+  var kvB = control("bytes/value", el("select", { id: "kv-bytes" }));
+  [["2", "2 (bf16/fp16)"], ["1", "1 (fp8/int8)"], ["4", "4 (fp32)"]].forEach(function (o) { kvB.appendChild(el("option", { value: o[0] }, o[1])); });
+  kvP.appendChild(kvc);
+  var kvOut = el("div", { "class": "kvres", id: "kv-result" });
+  kvP.appendChild(kvOut);
+  var kvGridBox = el("div");
+  kvP.appendChild(kvGridBox);
+  kvP.appendChild(el("div", { "class": "caption" }, "Full cache: 2 (K and V) \u00d7 layers \u00d7 KV heads \u00d7 head dim \u00d7 tokens \u00d7 bytes. " +
+    "Head-aware: the chosen fraction of KV heads (ranked by the score, a KV head taking the max over its query heads, " +
+    "or the min when lowest first) keeps every token; the rest keep S + W tokens (sinks + recent window). " +
+    "Sliding-window layers never hold more than their window."));
+  function kvUpdate() {
+    var name = kvSel.value, v = vals(name), f = +kvFrac.value, ctx = Math.max(1, +kvCtx.value || 1);
+    var sw = Math.max(0, +kvS.value || 0) + Math.max(0, +kvW.value || 0), bpe = +kvB.value, low = kvOrder.value === "low";
+    kvFracOut.textContent = pct(f);
+    var agg = [];
+    for (var l = 0; l < L; l++) for (var k = 0; k < KV; k++) {
+      var a = null;
+      for (var h = k * GS; h < (k + 1) * GS; h++) {
+        var x = v ? v[l * H + h] : null;
+        if (finite(x)) a = a === null ? x : low ? Math.min(a, x) : Math.max(a, x);
+      }
+      agg.push({ l: l, k: k, v: a });
+    }
+    var order = agg.slice().sort(function (p, q) {
+      if (p.v === null) return q.v === null ? 0 : 1;
+      if (q.v === null) return -1;
+      return low ? p.v - q.v : q.v - p.v;
+    });
+    var nKeep = Math.round(f * L * KV), kept = {};
+    for (var j = 0; j < nKeep; j++) kept[order[j].l * KV + order[j].k] = true;
+    var per = 2 * G.head_dim * bpe, full = 0, aware = 0;
+    for (var l2 = 0; l2 < L; l2++) {
+      var tokens = G.layer_types[l2] === "sliding" && G.sliding_window[l2] ? Math.min(ctx, G.sliding_window[l2]) : ctx;
+      for (var k2 = 0; k2 < KV; k2++) {
+        full += per * tokens;
+        aware += per * (kept[l2 * KV + k2] ? tokens : Math.min(tokens, sw));
+      }
+    }
+    clear(kvOut);
+    [["full cache", bytes(full)], ["head-aware cache", bytes(aware)], ["head-aware / full", pct(aware / full)]].forEach(function (x) {
+      var d = el("div"), s = el("span", null, x[0]);
+      d.appendChild(s);
+      d.appendChild(el("b", { "class": "big" }, x[1]));
+      kvOut.appendChild(d);
+    });
+    kvOut.setAttribute("data-full", full);
+    kvOut.setAttribute("data-aware", aware);
+    clear(kvGridBox);
+    var c = Math.max(4, Math.min(14, Math.floor(300 / Math.max(L, KV)))), g = sv("svg", { width: Math.max(330, 40 + L * c), height: KV * c + 16 });
+    for (var l3 = 0; l3 < L; l3++) for (var k3 = 0; k3 < KV; k3++) {
+      var r = sv("rect", { x: 40 + l3 * c, y: k3 * c, width: c - 1, height: c - 1,
+        fill: kept[l3 * KV + k3] ? "#364fc7" : G.layer_types[l3] === "sliding" ? "#e9ecef" : "#ced4da" });
+      r.appendChild(sv("title", null, "layer " + l3 + ", KV head " + k3 + ": " + (kept[l3 * KV + k3] ? "whole" : "S + W")));
+      g.appendChild(r);
+    }
+    g.appendChild(sv("text", { x: 0, y: c * 0.9 }, "KV 0"));
+    g.appendChild(sv("text", { x: 40, y: KV * c + 12 }, nKeep + " of " + L * KV + " KV heads whole (blue); columns are layers"));
+    kvGridBox.appendChild(g);
+  }
+  kvSel.addEventListener("change", function () { kvOrder.value = defaultOrder(kvSel.value); kvUpdate(); });
+  [kvOrder, kvFrac, kvCtx, kvS, kvW, kvB].forEach(function (x) { x.addEventListener("input", kvUpdate); x.addEventListener("change", kvUpdate); });
+
+  // ---------- linking ----------
+  function select(i, from) {
+    if (state.selected !== null) {
+      cells[state.selected].classList.remove("sel");
+      pts[state.selected].classList.remove("sel");
+      if (rowOf[state.selected]) rowOf[state.selected].classList.remove("sel");
+    }
+    state.selected = i;
+    cells[i].classList.add("sel");
+    pts[i].classList.add("sel");
+    pts[i].parentNode.appendChild(pts[i]);  // draw on top
+    if (rowOf[i]) {
+      rowOf[i].classList.add("sel");
+      if (from !== "table") {
+        var top = rowOf[i].offsetTop - twrap.clientHeight / 2;
+        twrap.scrollTop = Math.max(0, top);
+      }
+    }
+    document.body.setAttribute("data-selected", headName(i));
+    renderDetail();
+    renderTrends();
+  }
+  function setScore(name) {
+    state.score = name;
+    scoreSel.value = name;
+    rangeLabel.textContent = name + " in";
+    state.lo = state.hi = null;
+    loIn.value = hiIn.value = "";
+    colourGrid(); colourMap(); renderTable(); renderTrends();
+  }
+  scoreSel.addEventListener("change", function () { setScore(scoreSel.value); });
+  document.addEventListener("keydown", function (ev) {
+    if (state.selected === null || /INPUT|SELECT|TEXTAREA/.test(ev.target.tagName)) return;
+    var i = state.selected, l = Math.floor(i / H), h = i % H;
+    if (ev.key === "ArrowUp") l = Math.max(0, l - 1); else if (ev.key === "ArrowDown") l = Math.min(L - 1, l + 1);
+    else if (ev.key === "ArrowLeft") h = Math.max(0, h - 1); else if (ev.key === "ArrowRight") h = Math.min(H - 1, h + 1);
+    else return;
+    ev.preventDefault();
+    select(l * H + h, "key");
+  });
+
+  // ---------- first render ----------
+  rangeLabel.textContent = (state.score || "score") + " in";
+  colourGrid();
+  colourMap();
+  renderTable();
+  renderTrends();
+  kvUpdate();
+  var first = 0, best = -Infinity, v0 = vals(state.score);
+  if (v0) for (var z = 0; z < N; z++) if (finite(v0[z]) && v0[z] > best) { best = v0[z]; first = z; }
+  select(first, "init");
+  window.headwiseReady = performance.now();
+  document.body.setAttribute("data-ready", "1");
+})();

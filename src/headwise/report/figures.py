@@ -1,0 +1,137 @@
+"""Static PNG figures of an atlas for papers and READMEs (matplotlib, optional extra `plot`).
+
+grid.png          every score as a layers x heads heatmap (KV-head groups marked), role badges on the chosen score
+layer_trends.png  each score's distribution over a layer's heads (median and interquartile band)
+pattern_map.png   the pattern map (see layout.py), coloured by role
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import HeadwiseError
+from .layout import pattern_map
+from .samples import load_samples
+
+_ROLE_COLOURS = ["#e8590c", "#1c7ed6", "#2b8a3e", "#ae3ec9", "#f59f00", "#0ca678", "#e03131", "#5c7cfa"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise HeadwiseError("headwise plot needs matplotlib: pip install 'headwise[plot]'") from None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _roles_in_order(atlas) -> list[str]:
+    roles = [r["role"] for r in atlas.data["roles"]["rules"]]
+    for row in atlas.data["roles"]["labels"]:
+        for labels in row:
+            roles += [r for r in labels if r not in roles]
+    return list(dict.fromkeys(roles))
+
+
+def plot_atlas(atlas_dir: str | Path, out_dir: str | Path | None = None, score: str | None = None) -> list[Path]:
+    from ..atlas import Atlas
+
+    plt = _pyplot()
+    atlas = Atlas.load(atlas_dir)
+    atlas_dir = Path(atlas_dir)
+    if atlas_dir.suffix == ".json":
+        atlas_dir = atlas_dir.parent
+    out = Path(out_dir) if out_dir else atlas_dir / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    names = atlas.score_names
+    if not names:
+        raise HeadwiseError(f"the atlas in {atlas_dir} has no scores to plot")
+    if score is not None and score not in names:
+        raise HeadwiseError(f"this atlas has no score '{score}' (it has: {', '.join(names)})")
+    g = atlas.geometry
+    spec = str(atlas.model.get("spec", ""))
+    roles = _roles_in_order(atlas)
+    colour = {r: _ROLE_COLOURS[i % len(_ROLE_COLOURS)] for i, r in enumerate(roles)}
+    paths = []
+
+    # grid: one heatmap per score
+    cols = min(len(names), 5)
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 0.5, 0.16 * g.n_layers * rows + 1.2 * rows + 0.5),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        values = atlas.score(name)
+        im = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap="viridis", interpolation="nearest")
+        for k in range(1, g.n_kv_heads):
+            ax.axvline(k * g.group_size - 0.5, color="white", lw=1.2)
+        if name == (score or names[0]):
+            badges = [(head + 0.3 - 0.25 * j, layer + 0.3, colour[role])
+                      for layer, row in enumerate(atlas.data["roles"]["labels"])
+                      for head, labels in enumerate(row) for j, role in enumerate(labels[:3])]
+            if badges:
+                bx, by, bc = zip(*badges)
+                ax.scatter(bx, by, s=6, c=list(bc), edgecolors="white", linewidths=0.3)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("head", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        ax.tick_params(labelsize=6)
+        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"{spec}: scores per head (white lines: KV-head groups)", fontsize=9)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "grid.png", plt))
+
+    # layer trends
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.5, 1.9 * rows + 0.5), squeeze=False)
+    layers = np.arange(g.n_layers)
+    for ax, name in zip(axes.flat, names):
+        values = atlas.score(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a layer whose heads are all NaN
+            q1, med, q3 = np.nanpercentile(values, [25, 50, 75], axis=1)
+        ax.fill_between(layers, q1, q3, color="#a5b4e8", lw=0)
+        ax.plot(layers, med, color="#364fc7", lw=1.2)
+        ax.scatter(np.repeat(layers, g.n_heads), values.ravel(), s=2, color="#495057", alpha=0.5, lw=0)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("layer", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"{spec}: each score per layer (median, interquartile band, heads)", fontsize=9)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "layer_trends.png", plt))
+
+    # pattern map
+    layout = pattern_map(atlas.data, load_samples(atlas_dir))
+    x, y = np.array(layout["x"]), np.array(layout["y"])
+    primary = [labels[0] if labels else "" for row in atlas.data["roles"]["labels"] for labels in row]
+    if not primary:
+        primary = [""] * len(x)
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for role in [""] + roles:
+        mask = np.array([p == role for p in primary])
+        if mask.any():
+            ax.scatter(x[mask], y[mask], s=14, color=colour.get(role, "#adb5bd"), label=role or "no role",
+                       edgecolor="white", lw=0.4)
+    ax.set_xlabel(f"PC1 ({100 * layout['explained'][0]:.0f}% of variance)", fontsize=8)
+    ax.set_ylabel(f"PC2 ({100 * layout['explained'][1]:.0f}%)", fontsize=8)
+    ax.tick_params(labelsize=6)
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(f"{spec}: heads by attention pattern ({len(layout['features'])} features, PCA)", fontsize=9)
+    fig.tight_layout()
+    paths.append(_save(fig, out / "pattern_map.png", plt))
+    return paths
+
+
+def _save(fig, path: Path, plt) -> Path:
+    # No timestamps in the PNG metadata: the same atlas gives the same bytes.
+    fig.savefig(path, dpi=150, metadata={"Software": None})
+    plt.close(fig)
+    return path

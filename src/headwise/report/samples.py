@@ -1,0 +1,217 @@
+"""Downsampled attention samples: what the report shows of each head's attention pattern.
+
+Two forward passes with an Observer that keeps, per head, only small summaries:
+- short: one repeated random-token block (BOS + 2 x `block` tokens, <= 64 x 64): its attention
+  map, pooled only when longer than `SHORT_SIDE` tokens (or than `map_side` allows: models with
+  thousands of heads get coarser maps so the page stays a few MB);
+- long: one needle-in-a-haystack prompt of the profile's context length (plain text when the
+  context is too short to hold a needle and its question): the attention map
+  pooled to `LONG_SIDE` x `LONG_SIDE` blocks (entry [I, J] = attention mass the queries of
+  block I put on the keys of block J, averaged over those queries, so rows sum to 1), the
+  mass on four disjoint key regions (sink = the first `SINK_TOKENS` tokens; needle = the
+  needle's tokens; recent = the last `window` tokens up to the query itself; other), averaged over
+  the queries that can see the needle and for the last query alone, and the last query's
+  attention over the prompt pooled to `ROW_BINS` bins.
+
+Saved as DIR/attention_samples.safetensors (the arrays) and DIR/attention_samples.json (the
+tokens, probe settings, region definitions and the model they came from), so the report can be
+rebuilt without the model. Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._progress import progress
+from ..errors import HeadwiseError
+from ..geometry import Geometry
+from ..instrument import AttentionChunk, Observer, Session
+
+SAMPLES_TENSORS = "attention_samples.safetensors"
+SAMPLES_JSON = "attention_samples.json"
+SHORT_SIDE = 64
+LONG_SIDE = 64
+MAP_BUDGET = 2 * 2**20  # bytes of one uint8 map per head across all heads, as the page embeds it
+ROW_BINS = 128
+SINK_TOKENS = 4  # StreamingLLM's attention sinks
+REGIONS = ("sink", "needle", "recent", "other")
+
+
+def map_side(geometry: Geometry, side: int) -> int:
+    """`side`, shrunk for big models so all heads' side x side maps stay within MAP_BUDGET bytes."""
+    return max(8, min(side, int((MAP_BUDGET / geometry.n_total_heads) ** 0.5)))
+
+
+def block_index(n: int, blocks: int) -> Tensor:
+    """Block of each of n positions when split into min(n, blocks) near-equal contiguous blocks."""
+    blocks = min(n, blocks)
+    return torch.arange(n) * blocks // n
+
+
+def _one_hot(index: Tensor, blocks: int) -> Tensor:
+    out = torch.zeros(len(index), blocks, dtype=torch.float64)
+    out[torch.arange(len(index)), index] = 1.0
+    return out
+
+
+class PooledAttention(Observer):
+    """Per layer: the [heads, side, side] block-mean attention map of batch row 0, and optional
+    region masses and last-query row of a long prompt."""
+
+    def __init__(self, geometry: Geometry, length: int, side: int, regions: dict[str, Any] | None = None,
+                 row_bins: int = 0):
+        self.length = length
+        self.side = min(length, side)
+        self.index = block_index(length, side)
+        self.key_hot = _one_hot(self.index, self.side)
+        self.counts = torch.bincount(self.index, minlength=self.side).double()
+        L, H = geometry.n_layers, geometry.n_heads
+        self.map = torch.zeros(L, H, self.side, self.side, dtype=torch.float64)
+        self.regions = regions
+        if regions is not None:
+            self.region_mean = torch.zeros(L, H, len(REGIONS), dtype=torch.float64)
+            self.region_last = torch.zeros(L, H, len(REGIONS), dtype=torch.float64)
+            self.region_queries = 0
+        self.row_bins = min(row_bins, length) if row_bins else 0
+        if self.row_bins:
+            self.row_hot = _one_hot(block_index(length, self.row_bins), self.row_bins)
+            self.last_row = torch.zeros(L, H, self.row_bins, dtype=torch.float64)
+
+    def observe(self, chunk: AttentionChunk) -> None:
+        if chunk.key_offset != 0:
+            raise HeadwiseError("attention samples need the whole prompt in one forward pass (no cache offset)")
+        a = chunk.weights[0].double().cpu()  # [heads, q, keys_seen]
+        n_keys = a.shape[-1]
+        qi = chunk.query_index.cpu()
+        per_key_block = a @ self.key_hot[:n_keys]  # [h, q, side]
+        self.map[chunk.layer].index_add_(1, self.index[qi], per_key_block)
+        if self.regions is not None:
+            self._observe_regions(chunk.layer, a, qi)
+        if self.row_bins and int(qi[-1]) == self.length - 1:
+            self.last_row[chunk.layer] = a[:, -1] @ self.row_hot[:n_keys]
+
+    def _observe_regions(self, layer: int, a: Tensor, qi: Tensor) -> None:
+        lo, hi = self.regions["needle"]
+        window = self.regions["window"]
+        keys = torch.arange(a.shape[-1])
+        sink = keys < self.regions["sink"]
+        needle = (keys >= lo) & (keys < hi) & ~sink
+        recent = (keys[None, :] > qi[:, None] - window) & ~sink[None] & ~needle[None]  # [q, keys]
+        masses = torch.stack([a[..., sink].sum(-1), a[..., needle].sum(-1), (a * recent).sum(-1)], -1)
+        masses = torch.cat([masses, (a.sum(-1) - masses.sum(-1)).clamp_min(0)[..., None]], -1)  # [h, q, 4]
+        seen = qi >= hi  # queries after the needle: every region is visible to them
+        self.region_mean[layer] += masses[:, seen].sum(1)
+        if layer == 0:
+            self.region_queries += int(seen.sum())
+        if int(qi[-1]) == self.length - 1:
+            self.region_last[layer] = masses[:, -1]
+
+    def pooled_map(self) -> np.ndarray:
+        return (self.map / self.counts[None, None, :, None]).numpy()
+
+
+def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token as the text it decodes to (shown in the report as text, never as markup)."""
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def _forward(loaded: Any, ids: Tensor, observer: Observer) -> None:
+    with torch.inference_mode(), Session(loaded.geometry, [observer]):
+        loaded.model(input_ids=ids.to(loaded.device), use_cache=False, logits_to_keep=1)
+
+
+def _long_prompt(tok: Any, geometry: Geometry, settings: Any) -> tuple[Tensor, tuple[int, int], dict[str, Any]]:
+    """(ids [1, T], needle span, settings): a needle prompt of the profile's context, or plain
+    text without a needle when the context is too short to hold one."""
+    from ..probes import natural_text
+    from ..probes.needle import build_case, bundled_needles
+
+    needle = bundled_needles()[0]
+    try:
+        case = build_case(tok, [needle], [0.5], context=int(settings.context), question=needle.question,
+                          seed=settings.seed, text=settings.text, max_positions=geometry.max_positions)
+    except HeadwiseError:
+        probe = natural_text(tok, context=int(settings.context), n_sequences=1, seed=settings.seed, text=settings.text)
+        return probe.input_ids, (0, 0), {"probe": "natural text (the context is too short for a needle prompt)",
+                                          **probe.settings, "needle": None, "question": None}
+    start, end = case.needle_spans[0]
+    return case.input_ids, (int(start), int(end)), {"probe": "needle in a haystack", **case.settings,
+                                                    "needle": needle.text, "question": needle.question}
+
+
+def collect_samples(loaded: Any, settings: Any, out_dir: str | Path) -> Path:
+    """Run the short and long probes on `loaded` and save the samples in `out_dir`.
+
+    settings: the ProfileSettings the atlas was made with (context, seed, text, window).
+    """
+    from ..probes import repeated_tokens
+
+    geometry: Geometry = loaded.geometry
+    tok = loaded.tokenizer
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    block = min(int(settings.block_len), (SHORT_SIDE - 1) // 2)  # BOS + 2 blocks fit one 64 x 64 map
+    short = repeated_tokens(tok, geometry.vocab_size, block_len=block, repeats=2, n_sequences=1, seed=settings.seed,
+                            name="report-short")
+    short_ids = short.input_ids[:1]
+    short_obs = PooledAttention(geometry, short_ids.shape[1], map_side(geometry, SHORT_SIDE))
+
+    long_ids, span, long_settings = _long_prompt(tok, geometry, settings)
+    regions = {"sink": SINK_TOKENS, "needle": [int(span[0]), int(span[1])], "window": int(settings.window)}
+    long_obs = PooledAttention(geometry, long_ids.shape[1], map_side(geometry, LONG_SIDE), regions=regions,
+                               row_bins=ROW_BINS)
+    for ids, observer in progress([(short_ids, short_obs), (long_ids, long_obs)], desc="attention samples for the "
+                                  "report", total=2, unit="probe"):
+        _forward(loaded, ids, observer)
+
+    from safetensors.numpy import save
+
+    n_seen = max(long_obs.region_queries, 1)
+    arrays = {
+        # float16 keeps ~3 significant digits, plenty for maps drawn with 256 colours
+        "short_map": short_obs.pooled_map().astype(np.float16),
+        "long_map": long_obs.pooled_map().astype(np.float16),
+        "long_regions_mean": (long_obs.region_mean / n_seen).numpy().astype(np.float32),
+        "long_regions_last": long_obs.region_last.numpy().astype(np.float32),
+        "long_last_row": long_obs.last_row.numpy().astype(np.float16),
+    }
+    (out_dir / SAMPLES_TENSORS).write_bytes(save(arrays))  # (save_file would make it owner-only)
+    meta = {
+        "schema": "headwise.attention_samples/1",
+        "model": loaded.info.to_dict(),
+        "geometry": geometry.to_dict(),
+        "short": {"probe": "repeated random tokens", **short.settings, "length": int(short_ids.shape[1]),
+                  "side": short_obs.side, "tokens": _token_strings(tok, short_ids[0].tolist())},
+        "long": {**long_settings, "length": int(long_ids.shape[1]),
+                 "side": long_obs.side, "row_bins": long_obs.row_bins, "regions": list(REGIONS),
+                 "sink_tokens": SINK_TOKENS, "window": int(settings.window), "needle_span": regions["needle"],
+                 "region_queries": long_obs.region_queries,
+                 "tokens": _token_strings(tok, long_ids[0].tolist())},
+    }
+    (out_dir / SAMPLES_JSON).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return out_dir / SAMPLES_TENSORS
+
+
+def load_samples(atlas_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """(arrays, metadata) saved by collect_samples, or None when the directory has none."""
+    atlas_dir = Path(atlas_dir)
+    tensors, meta = atlas_dir / SAMPLES_TENSORS, atlas_dir / SAMPLES_JSON
+    if not tensors.is_file() or not meta.is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(tensors))
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (SafetensorError, ValueError, OSError) as e:
+        raise HeadwiseError(f"attention samples in {atlas_dir} are unreadable ({e}); re-run headwise report "
+                            f"{atlas_dir} --model MODEL to collect them again") from None
+    return arrays, info
