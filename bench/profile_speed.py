@@ -32,9 +32,13 @@ def worker(context: int | None) -> dict:
     import headwise
     from headwise.profile import ProfileSettings, profile
 
+    t_import = time.perf_counter()
     m = headwise.load(MODEL)
-    load_s = time.perf_counter() - t0
-    out = {"load_s": round(load_s, 2), "rss_after_load_mb": round(_rss_mb())}
+    t_load = time.perf_counter()
+    # import_s is Python importing torch + transformers (the same for any tool built on them);
+    # load_s is headwise.load itself: cached safetensors -> model, tokenizer, attach + 4-token check.
+    out = {"import_s": round(t_import - t0, 2), "load_s": round(t_load - t_import, 2),
+           "rss_after_load_mb": round(_rss_mb())}
     if context is not None:
         t1 = time.perf_counter()
         atlas = profile(m, settings=ProfileSettings(context=context))
@@ -56,15 +60,26 @@ def main() -> None:
     p.add_argument("--contexts", default="512,2048,8192")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--context", type=int, default=None)
+    p.add_argument("--update-loads", action="store_true", help="re-measure only the warm loads in the results file")
     a = p.parse_args()
     if a.worker:
         print(json.dumps(worker(a.context)))
         return
     import torch
 
+    if a.update_loads:  # the battery runs take minutes; the load figures can be refreshed alone
+        result = json.loads(RESULTS.read_text())
+        warm_runs = [run_worker([]) for _ in range(3)]
+        result["warm_load_s"] = [r["load_s"] for r in warm_runs]
+        result["warm_import_s"] = [r["import_s"] for r in warm_runs]
+        result["targets"]["warm_load_under_5s"] = max(result["warm_load_s"]) < 5
+        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: result[k] for k in ("warm_load_s", "warm_import_s", "targets")}, indent=1))
+        return
     load_before = os.getloadavg()
     run_worker([])  # make sure the converted model is cached
-    warm = [run_worker([])["load_s"] for _ in range(3)]
+    warm_runs = [run_worker([]) for _ in range(3)]
+    warm = [r["load_s"] for r in warm_runs]
     runs = [run_worker(["--context", c]) for c in a.contexts.split(",")]
     by_ctx = {r["context"]: r for r in runs}
     result = {
@@ -74,6 +89,7 @@ def main() -> None:
         # Other processes on the machine inflate wall times; the load average says how busy it was.
         "loadavg_1m": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "warm_load_s": warm,
+        "warm_import_s": [r["import_s"] for r in warm_runs],
         "runs": runs,
         "targets": {
             "warm_load_under_5s": max(warm) < 5,

@@ -75,6 +75,18 @@ def tiny(arch):
     return headwise.from_model(tiny_model(arch), tiny_tokenizer(), name=f"tiny-{arch}")
 
 
+@pytest.fixture
+def word_file(tmp_path):
+    """A text file over the tiny tokenizer's words, skewed so that tokens repeat (sinks, copies)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = [f"t{rng.integers(0, 20) if rng.random() < 0.7 else rng.integers(0, 90)}" for _ in range(3000)]
+    path = tmp_path / "words.txt"
+    path.write_text(" ".join(words))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     import headwise

@@ -28,15 +28,6 @@ def _seq_losses(logits, ids):
     return -logp.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)
 
 
-@pytest.fixture
-def word_file(tmp_path):
-    rng = np.random.default_rng(0)
-    words = [f"t{rng.integers(3, 25) if rng.random() < 0.7 else rng.integers(3, 90)}" for _ in range(2000)]
-    path = tmp_path / "words.txt"
-    path.write_text(" ".join(words))
-    return str(path)
-
-
 def _ids(tiny, word_file, n=3, t=12):
     return natural_text(tiny.tokenizer, context=t, n_sequences=n, seed=2, text=word_file).input_ids
 

@@ -10,15 +10,6 @@ from headwise.scores.distance import distance_bins
 from tests import reference as ref
 
 
-@pytest.fixture
-def word_file(tmp_path):
-    rng = np.random.default_rng(0)
-    words = [f"t{rng.integers(0, 20) if rng.random() < 0.7 else rng.integers(0, 90)}" for _ in range(3000)]
-    path = tmp_path / "words.txt"
-    path.write_text(" ".join(words))
-    return str(path)
-
-
 def test_text_scores_match_reference(tiny, word_file):
     settings = ProfileSettings(context=40, text=word_file, text_sequences=2, sink_tokens=3, window=8, seed=1,
                                chunk_bytes=4 * 4 * 40 * 4 * 6)

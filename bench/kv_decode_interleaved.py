@@ -1,0 +1,80 @@
+"""Decode speed of two KV policies in ONE process, alternating short bursts (controls for load drift).
+
+    python bench/kv_decode_interleaved.py --model smollm2-135m --atlas /tmp/atlas-smollm2 --policy razor@0.25 \
+        --context 4096 --out bench/results/kv_decode_smollm2.json
+
+Both caches are prefilled once with the same prompt; then rounds of `--burst` greedy steps
+alternate between the full cache and the policy. Reported: tokens/s per round and the median ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HEADWISE_QUIET", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--atlas", required=True)
+    ap.add_argument("--policy", default="razor@0.25")
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--burst", type=int, default=6)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    import headwise
+    from headwise.atlas import Atlas, versions
+    from headwise.kv import HeadwiseCache
+    from headwise.kv.evaluate import parse_policy
+    from headwise.probes.needle import passkey_case
+
+    loaded = headwise.load(args.model)
+    atlas = Atlas.load(args.atlas)
+    case = passkey_case(loaded.tokenizer, context=args.context, depth=0.5, seed=0)
+    n_new = args.rounds * args.burst + 1
+    policies = {"full": parse_policy("full", loaded.geometry),
+                args.policy: parse_policy(args.policy, loaded.geometry, atlas=atlas, context=args.context)}
+    state = {}
+    with torch.no_grad():
+        for name, policy in policies.items():
+            cache = HeadwiseCache(policy, max_length=case.length + n_new)
+            t0 = time.perf_counter()
+            logits = loaded.model(input_ids=case.input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+            state[name] = {"cache": cache, "next": logits[:, -1:].argmax(-1), "prefill_s": time.perf_counter() - t0,
+                           "rounds": []}
+        for _ in range(args.rounds):
+            for s in state.values():
+                t0 = time.perf_counter()
+                for _ in range(args.burst):
+                    s["next"] = loaded.model(input_ids=s["next"], cache=s["cache"], use_cache=True,
+                                             logits_to_keep=1).logits[:, -1:].argmax(-1)
+                s["rounds"].append(args.burst / (time.perf_counter() - t0))
+    out = {"model": loaded.info.to_dict(), "versions": versions(), "args": vars(args),
+           "torch_threads": torch.get_num_threads(), "context": case.length, "policies": {}}
+    for name, s in state.items():
+        out["policies"][name] = {"prefill_s": s["prefill_s"], "decode_tok_s_rounds": s["rounds"],
+                                 "decode_tok_s_median": statistics.median(s["rounds"]),
+                                 "kv_bytes": s["cache"].nbytes()}
+    ratios = [b / a for a, b in zip(state["full"]["rounds"], state[args.policy]["rounds"])]
+    out["speedup_per_round"] = ratios
+    out["speedup_median"] = statistics.median(ratios)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in out.items() if k in ("speedup_median", "speedup_per_round")}))
+    for name, p in out["policies"].items():
+        print(name, f"median {p['decode_tok_s_median']:.2f} tok/s, KV {p['kv_bytes'] / 2**20:.1f} MiB, "
+                    f"prefill {p['prefill_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Head-aware KV cache vs full cache, StreamingLLM, random heads and SnapKV, measured side by side.
+
+    python bench/kv_eval.py --model smollm2-135m --atlas /tmp/atlas-smollm2 --out bench/results/kv_smollm2.json
+
+At every context the baselines are sized against the head-aware policy measured there:
+StreamingLLM and SnapKV get the same KV bytes, the random control the same number of full
+heads with the same streaming shape. Every accuracy is reported with its number of trials.
+Speed and peak RSS: one subprocess per policy (kv/evaluate.py), in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HEADWISE_QUIET", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--atlas", required=True)
+    ap.add_argument("--head-policy", default="razor@0.25", help="the head-aware policy under test")
+    ap.add_argument("--contexts", default="1024,2048,4096,8192")
+    ap.add_argument("--depths", default="0.2,0.5,0.8")
+    ap.add_argument("--trials", type=int, default=1, help="seeds per context x depth")
+    ap.add_argument("--long-depths", default="0.25,0.75", help="depths for contexts >= 4096 (prefill is slow)")
+    ap.add_argument("--longest-depths", default="0.5", help="depths for contexts >= 8192")
+    ap.add_argument("--snapkv-max-context", type=int, default=2048, help="SnapKV only up to this context (its "
+                                                                          "prefill costs as much as the full cache's)")
+    ap.add_argument("--sink", type=int, default=64)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--speed-context", type=int, default=8192)
+    ap.add_argument("--speed-new-tokens", type=int, default=32)
+    ap.add_argument("--speed-repeats", type=int, default=1)
+    ap.add_argument("--speed-labels", default="full,headwise,random heads (same count)",
+                    help="policies timed (StreamingLLM at the same bytes has a window of thousands of tokens, whose "
+                         "chunked prefill is slow on CPU)")
+    ap.add_argument("--perplexity-context", type=int, default=2048)
+    ap.add_argument("--text", default=None, help="text for perplexity (default: the bundled text)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: retrieval, perplexity, speed")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--merge", action="store_true", help="add to an existing --out of the same model and policy "
+                                                          "(run the parts separately) instead of replacing it")
+    args = ap.parse_args()
+
+    import torch
+
+    import headwise
+    from headwise.atlas import Atlas, versions
+    from headwise.kv.evaluate import EvalSettings, parse_policy, run_perplexity, run_retrieval, run_speed, summarize
+    from headwise.kv.policy import Policy
+
+    threads = os.environ.get("HEADWISE_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    loaded = headwise.load(args.model)
+    g = loaded.geometry
+    atlas = Atlas.load(args.atlas)
+    atlas.check_model(loaded.info, g)
+    head = parse_policy(args.head_policy, g, atlas=atlas, sink=args.sink, window=args.window)
+    suffix = "+comp" if head.compensate else ""
+
+    def specs_at(ctx: int) -> dict[str, str]:
+        # Same bytes on the heads a policy can touch: the model's own sliding layers cost the same under every policy.
+        fixed = sum(2 * g.head_dim * 4 * g.n_kv_heads * min(ctx, w - 1)
+                    for t, w in zip(g.layer_types, g.sliding_window) if t == "sliding")
+        ratio = (head.kv_bytes(ctx) - fixed) / (Policy.full_cache(g).kv_bytes(ctx) - fixed)
+        return {"full": "full", "headwise": args.head_policy,
+                "streaming (same bytes)": f"streaming@{ratio:.4f}",
+                "random heads (same count)": f"random@{head.full_fraction:.4f}{suffix}",
+                "snapkv (same bytes)": f"snapkv@{ratio:.4f}"}
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part, so a long run that is stopped keeps what it measured
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+    t0 = time.perf_counter()
+    result = {"schema": "headwise.kv-bench/1", "model": loaded.info.to_dict(), "geometry": g.to_dict(),
+              "versions": versions(), "args": vars(args), "torch_threads": torch.get_num_threads(),
+              "head_policy": {"spec": args.head_policy, "description": head.describe(),
+                              "full_heads": head.full.astype(int).tolist(), "source": head.source},
+              "retrieval": {}, "rows": []}
+    if args.merge and out.is_file():
+        old = json.loads(out.read_text(encoding="utf-8"))
+        if old["model"]["weights_sha256"] == result["model"]["weights_sha256"] and \
+                old["head_policy"]["spec"] == args.head_policy:
+            kept = {k: old[k] for k in ("retrieval", "rows", "perplexity", "speed") if k in old}
+            result.update(kept)
+            result["runs"] = old.get("runs", [old["args"]]) + [vars(args)]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if "retrieval" not in skip:
+        for ctx in contexts:
+            depths = args.depths if ctx < 4096 else args.long_depths if ctx < 8192 else args.longest_depths
+            settings = EvalSettings(tasks=("passkey",), contexts=(ctx,), depths=tuple(float(d) for d in
+                                                                                    depths.split(",")),
+                                    trials=args.trials, fillers=("repeat",), sink=args.sink, window=args.window)
+            labels = specs_at(ctx)
+            if ctx > args.snapkv_max_context:
+                labels.pop("snapkv (same bytes)")
+            rows = run_retrieval(loaded, list(labels.values()), settings, atlas)
+            by_spec = {v: k for k, v in labels.items()}
+            for row in rows:
+                row["label"] = by_spec[row["policy"]]
+            result["rows"] = [r for r in result["rows"] if r["context"] != ctx] + rows
+            summary = summarize(rows)["passkey"][str(ctx)]
+            result["retrieval"][str(ctx)] = {label: {**summary[spec], "spec": spec} for label, spec in labels.items()}
+            line = "  ".join(f"{label}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%})"
+                             for label, c in result["retrieval"][str(ctx)].items())
+            print(f"passkey @ {ctx}: {line}", flush=True)
+            save()
+    if "perplexity" not in skip:
+        labels = specs_at(args.perplexity_context)
+        labels.pop("snapkv (same bytes)")
+        settings = EvalSettings(perplexity_context=args.perplexity_context, text=args.text, sink=args.sink,
+                                window=args.window)
+        ppl = run_perplexity(loaded, list(labels.values()), settings, atlas)
+        result["perplexity"] = {"context": ppl["context"], "probe": ppl["probe"],
+                                "policies": {label: {**ppl["policies"][spec], "spec": spec}
+                                             for label, spec in labels.items()}}
+        print("perplexity:", {k: round(v["perplexity"], 3) for k, v in result["perplexity"]["policies"].items()},
+              flush=True)
+        save()
+    if "speed" not in skip:
+        wanted = [x.strip() for x in args.speed_labels.split(",")]
+        labels = {k: v for k, v in specs_at(args.speed_context).items() if k in wanted}
+        settings = EvalSettings(speed_context=args.speed_context, speed_new_tokens=args.speed_new_tokens,
+                                speed_repeats=args.speed_repeats, sink=args.sink, window=args.window)
+        speed = run_speed(args.model, list(labels.values()), settings, atlas_path=args.atlas)
+        result["speed"] = {"context": speed["context"], "new_tokens": speed["new_tokens"],
+                           "policies": {label: {**speed["policies"][spec], "spec": spec}
+                                        for label, spec in labels.items()}}
+        for label, r in result["speed"]["policies"].items():
+            print(f"speed @ {args.speed_context}: {label}: decode {r['decode_tok_s']:.2f} tok/s "
+                  f"(x{r.get('decode_speedup_vs_full', float('nan'))}), prefill {r['prefill_s']:.1f} s, KV "
+                  f"{r['kv_bytes'] / 2**20:.1f} MiB, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    save()
+    print(f"written {out} in {result['seconds']} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

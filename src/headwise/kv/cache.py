@@ -1,0 +1,406 @@
+"""HeadwiseCache: a transformers Cache whose KV heads store either every token or only sinks + a window.
+
+Per layer:
+- a layer the model itself windows (Gemma3's sliding layers) keeps transformers' own
+  DynamicSlidingWindowLayer: the model's behaviour, untouched;
+- a layer whose KV heads are all full stores plain [batch, kv_heads, T, head_dim] tensors and
+  hands them to the model like DynamicLayer does (SDPA, token-identical outputs);
+- a layer with streaming heads ("mixed") stores its full heads as above and, for each
+  streaming head, only the first S tokens, a ring buffer of the last W tokens and, with
+  `compensate`, RazorAttention's compensation token (running sums of the evicted keys and
+  values). Dropped tokens are freed, not masked: `nbytes()` is what is really allocated.
+  Its `update` returns a `MixedView` (the same object as keys and values) instead of
+  tensors; headwise's attention function sees it and lets kv.attention compute the layer.
+
+Positions: HF models rotate keys (RoPE) before the cache update, so each stored key keeps the
+rotation of its ORIGINAL position (DuoAttention's choice). StreamingLLM's paper variant
+re-rotates keys to their position inside the cache; headwise does not.
+
+Full-head storage grows in place (capacity +25%, or exactly `max_length` if given) instead
+of re-concatenating the whole cache at every decoded token as DynamicLayer does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from ..errors import HeadwiseError
+
+GROWTH = 1.25
+GROWTH_ALIGN = 16
+
+
+class _Store:
+    """Growable [batch, heads, capacity, dim] keys and values; the first `length` tokens are valid."""
+
+    def __init__(self, reserve: int | None = None):
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.length = 0
+        self.reserve = reserve
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        need = self.length + k.shape[2]
+        if self.k is None or need > self.k.shape[2]:
+            if self.k is None and self.reserve is not None:
+                cap = max(need, self.reserve)
+            else:
+                cap = max(need, int((0 if self.k is None else self.k.shape[2]) * GROWTH))
+                cap = -(-cap // GROWTH_ALIGN) * GROWTH_ALIGN
+            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            if self.k is not None:
+                new_k[:, :, :self.length] = self.k[:, :, :self.length]
+                new_v[:, :, :self.length] = self.v[:, :, :self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length:need] = k
+        self.v[:, :, self.length:need] = v
+        self.length = need
+
+    @property
+    def keys(self) -> Tensor:
+        return self.k[:, :, :self.length]
+
+    @property
+    def values(self) -> Tensor:
+        return self.v[:, :, :self.length]
+
+    def per_head_bytes(self) -> float:
+        if self.k is None:
+            return 0.0
+        return (self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()) / self.k.shape[1]
+
+    def select(self, index: Tensor, room: int = 0) -> None:
+        """Keep token slots `index` [batch, heads, n] (SnapKV) in a new buffer with `room` free slots."""
+        gather = index[..., None].expand(-1, -1, -1, self.k.shape[-1])
+        n = index.shape[-1]
+        new_k = self.k.new_empty(self.k.shape[0], self.k.shape[1], n + room, self.k.shape[3])
+        new_v = self.v.new_empty(self.v.shape[0], self.v.shape[1], n + room, self.v.shape[3])
+        new_k[:, :, :n] = self.keys.gather(2, gather)
+        new_v[:, :, :n] = self.values.gather(2, gather)
+        self.k, self.v, self.length, self.reserve = new_k, new_v, n, None
+
+
+class _HeadwiseLayer(CacheLayerMixin):
+    """Shared bookkeeping: tokens seen so far and the geometry check."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, layer: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.layer, self.n_kv_heads, self.head_dim = layer, n_kv_heads, head_dim
+        self.seen = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        if key_states.shape[1] != self.n_kv_heads or key_states.shape[3] != self.head_dim:
+            raise HeadwiseError(f"layer {self.layer} hands the cache {key_states.shape[1]} KV heads of dim "
+                                f"{key_states.shape[3]}, but the policy was built for {self.n_kv_heads} of dim "
+                                f"{self.head_dim}; build the policy for this model")
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def reset(self) -> None:
+        raise HeadwiseError("HeadwiseCache cannot be reset; make a new one per prompt")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise HeadwiseError("HeadwiseCache cannot be cropped (assisted decoding and contrastive search are not "
+                            "supported)")
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        raise HeadwiseError("HeadwiseCache does not support beam search; use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise HeadwiseError("HeadwiseCache does not support num_return_sequences > 1")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        raise HeadwiseError("HeadwiseCache does not support batch selection")
+
+    def head_bytes(self) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class FullLayer(_HeadwiseLayer):
+    """Every KV head keeps every token: plain tensors, like transformers' DynamicLayer."""
+
+    def __init__(self, layer: int, n_kv_heads: int, head_dim: int, reserve: int | None = None):
+        super().__init__(layer, n_kv_heads, head_dim)
+        self.store = _Store(reserve)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.store.append(key_states, value_states)
+        self.seen += key_states.shape[2]
+        return self.store.keys, self.store.values
+
+    @property
+    def keys(self) -> Tensor | None:  # what DynamicLayer exposes, for code that reads cache.layers[i].keys
+        return self.store.keys if self.store.k is not None else None
+
+    @keys.setter
+    def keys(self, value: Any) -> None:  # CacheLayerMixin.__init__ assigns None
+        pass
+
+    @property
+    def values(self) -> Tensor | None:
+        return self.store.values if self.store.v is not None else None
+
+    @values.setter
+    def values(self, value: Any) -> None:
+        pass
+
+    def head_bytes(self) -> np.ndarray:
+        return np.full(self.n_kv_heads, self.store.per_head_bytes())
+
+
+class _Streaming:
+    """Sinks + ring buffer (+ compensation sums) of the streaming KV heads of one layer."""
+
+    def __init__(self, sink: int, window: int, compensate: bool):
+        self.sink, self.window, self.compensate = sink, window, compensate
+        self.sinks = _Store(reserve=sink)
+        self.ring_k: Tensor | None = None
+        self.ring_v: Tensor | None = None
+        self.ring_pos: Tensor | None = None  # [window] position held by each slot (-1: empty)
+        self.ring_len = 0
+        self.ring_next = 0
+        self.comp_k: Tensor | None = None  # float32 sums of evicted keys / values [batch, heads, dim]
+        self.comp_v: Tensor | None = None
+        self.comp_count = 0
+
+    def ordered(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Ring contents in position order (a copy), with their positions."""
+        if self.ring_len == 0:
+            return None, None, None
+        if self.ring_len < self.window:
+            sl = slice(0, self.ring_len)
+            return self.ring_k[:, :, sl], self.ring_v[:, :, sl], self.ring_pos[sl]
+        order = torch.cat([torch.arange(self.ring_next, self.window), torch.arange(0, self.ring_next)]).to(
+            self.ring_k.device)
+        return self.ring_k[:, :, order], self.ring_v[:, :, order], self.ring_pos[order]
+
+    def _evict(self, k: Tensor, v: Tensor) -> None:
+        if not self.compensate or k.shape[2] == 0:
+            return
+        if self.comp_k is None:
+            self.comp_k = k.new_zeros(k.shape[0], k.shape[1], k.shape[3], dtype=torch.float32)
+            self.comp_v = v.new_zeros(v.shape[0], v.shape[1], v.shape[3], dtype=torch.float32)
+        self.comp_k += k.float().sum(2)
+        self.comp_v += v.float().sum(2)
+        self.comp_count += k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor, start: int) -> None:
+        """Store tokens at positions start .. start + n - 1, evicting what falls out of the window."""
+        n = k.shape[2]
+        n_sink = max(0, min(n, self.sink - start))
+        if n_sink:
+            self.sinks.append(k[:, :, :n_sink], v[:, :, :n_sink])
+        k, v = k[:, :, n_sink:], v[:, :, n_sink:]
+        pos = torch.arange(start + n_sink, start + n, device=k.device)
+        n = k.shape[2]
+        if n == 0:
+            return
+        if self.ring_k is None:
+            self.ring_k = k.new_empty(k.shape[0], k.shape[1], self.window, k.shape[3])
+            self.ring_v = v.new_empty(v.shape[0], v.shape[1], self.window, v.shape[3])
+            self.ring_pos = torch.full((self.window,), -1, dtype=torch.long, device=k.device)
+        if n >= self.window:  # the new tokens alone fill the window: everything older is evicted
+            old_k, old_v, _ = self.ordered()
+            if old_k is not None:
+                self._evict(old_k, old_v)
+            self._evict(k[:, :, :n - self.window], v[:, :, :n - self.window])
+            self.ring_k.copy_(k[:, :, n - self.window:])
+            self.ring_v.copy_(v[:, :, n - self.window:])
+            self.ring_pos.copy_(pos[n - self.window:])
+            self.ring_len, self.ring_next = self.window, 0
+            return
+        slots = (self.ring_next + torch.arange(n, device=k.device)) % self.window
+        n_old = max(0, self.ring_len + n - self.window)
+        if n_old:  # the last n_old slots written still hold the oldest tokens: evict them
+            evict = slots[n - n_old:]
+            self._evict(self.ring_k[:, :, evict], self.ring_v[:, :, evict])
+        self.ring_k[:, :, slots] = k
+        self.ring_v[:, :, slots] = v
+        self.ring_pos[slots] = pos
+        self.ring_len = min(self.window, self.ring_len + n)
+        self.ring_next = int((self.ring_next + n) % self.window)
+
+    def per_head_bytes(self) -> float:
+        total = self.sinks.per_head_bytes()
+        if self.ring_k is not None:
+            total += (self.ring_k.numel() * self.ring_k.element_size() * 2) / self.ring_k.shape[1]
+        if self.comp_k is not None:
+            total += (self.comp_k.numel() * 4 * 2) / self.comp_k.shape[1]
+        return total
+
+
+@dataclass
+class StreamingKeys:
+    """What the streaming heads of a mixed layer attend to for one call.
+
+    keys/values [batch, n_stream, K, dim] sorted by `positions` [K] (sinks first); comp_* are
+    the compensation sums/count of tokens evicted BEFORE these keys' window started.
+    """
+
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    comp_k: Tensor | None
+    comp_v: Tensor | None
+    comp_count: int
+
+
+@dataclass
+class MixedView:
+    """Handed to the attention function in place of key/value tensors by a mixed layer."""
+
+    layer: MixedLayer
+    full_keys: Tensor | None  # [batch, n_full, T, dim]
+    full_values: Tensor | None
+    stream: StreamingKeys
+    query_start: int  # position of the first query of this call
+
+    def headwise_attend(self, module: torch.nn.Module, query: Tensor, attention_mask: Tensor | None, scaling: float,
+                        **kwargs: Any) -> Tensor:
+        from .attention import mixed_attention
+
+        return mixed_attention(self, query, attention_mask, scaling, **kwargs)
+
+
+class MixedLayer(_HeadwiseLayer):
+    """Some KV heads full, the others sinks + window (+ compensation token)."""
+
+    def __init__(self, layer: int, full: np.ndarray, head_dim: int, sink: int, window: int, compensate: bool,
+                 reserve: int | None = None):
+        super().__init__(layer, len(full), head_dim)
+        self.full_heads = torch.tensor(np.flatnonzero(full), dtype=torch.long)
+        self.stream_heads = torch.tensor(np.flatnonzero(~full), dtype=torch.long)
+        self.full = _Store(reserve)
+        self.streaming = _Streaming(sink, window, compensate)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, n = self.seen, key_states.shape[2]
+        full_k = full_v = None
+        if len(self.full_heads):
+            idx = self.full_heads.to(key_states.device)
+            self.full.append(key_states.index_select(1, idx), value_states.index_select(1, idx))
+            full_k, full_v = self.full.keys, self.full.values
+        idx = self.stream_heads.to(key_states.device)
+        sk, sv = key_states.index_select(1, idx), value_states.index_select(1, idx)
+        st = self.streaming
+        if n == 1:
+            # Decode: store first, then the buffer holds exactly what this query may see.
+            st.append(sk, sv, start)
+            stream = self._stored(st, sk, ordered=False)
+        else:
+            # Prefill: the queries need the window as it was before this call plus all new keys.
+            before = self._stored(st, sk)
+            stream = StreamingKeys(torch.cat([before.keys, sk], 2), torch.cat([before.values, sv], 2),
+                                   torch.cat([before.positions, torch.arange(start, start + n, device=sk.device)]),
+                                   None if before.comp_k is None else before.comp_k.clone(),
+                                   None if before.comp_v is None else before.comp_v.clone(), before.comp_count)
+            st.append(sk, sv, start)
+        self.seen += n
+        view = MixedView(self, full_k, full_v, stream, start)
+        return view, view
+
+    @staticmethod
+    def _stored(st: _Streaming, like: Tensor, ordered: bool = True) -> StreamingKeys:
+        # Decoding needs no order (every stored key is visible to the one query): skip the ring gather.
+        if ordered or st.ring_len == 0:
+            rk, rv, rp = st.ordered()
+        else:
+            n = st.ring_len
+            rk, rv, rp = st.ring_k[:, :, :n], st.ring_v[:, :, :n], st.ring_pos[:n]
+        parts_k, parts_v, parts_p = [], [], []
+        if st.sinks.k is not None and st.sinks.length:
+            parts_k.append(st.sinks.keys)
+            parts_v.append(st.sinks.values)
+            parts_p.append(torch.arange(st.sinks.length, device=st.sinks.k.device))
+        if rk is not None:
+            parts_k.append(rk)
+            parts_v.append(rv)
+            parts_p.append(rp)
+        if not parts_k:
+            empty = like[:, :, :0]
+            return StreamingKeys(empty, empty, torch.empty(0, dtype=torch.long, device=like.device), None, None, 0)
+        keys = torch.cat(parts_k, 2) if len(parts_k) > 1 else parts_k[0]
+        values = torch.cat(parts_v, 2) if len(parts_v) > 1 else parts_v[0]
+        return StreamingKeys(keys, values, torch.cat(parts_p), st.comp_k, st.comp_v, st.comp_count)
+
+    def head_bytes(self) -> np.ndarray:
+        out = np.zeros(self.n_kv_heads)
+        out[self.full_heads.numpy()] = self.full.per_head_bytes()
+        out[self.stream_heads.numpy()] = self.streaming.per_head_bytes()
+        return out
+
+
+class HeadwiseCache(Cache):
+    """A KV cache that follows a Policy (or a SnapKVPolicy): pass it as `past_key_values`.
+
+    `max_length` (prompt + new tokens), when known, lets full heads allocate once.
+    """
+
+    def __init__(self, policy: Any, max_length: int | None = None):
+        from .snapkv import SnapKVLayer, SnapKVPolicy
+
+        g = policy.geometry
+        layers: list[Any] = []
+        for layer in range(g.n_layers):
+            if g.layer_types[layer] == "sliding":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=g.sliding_window[layer]))
+            elif isinstance(policy, SnapKVPolicy):
+                layers.append(SnapKVLayer(layer, g.n_kv_heads, g.head_dim, policy, max_length))
+            elif policy.full[layer].all():
+                layers.append(FullLayer(layer, g.n_kv_heads, g.head_dim, max_length))
+            else:
+                layers.append(MixedLayer(layer, policy.full[layer], g.head_dim, policy.sink, policy.window,
+                                         policy.compensate, max_length))
+        super().__init__(layers=layers)
+        self.policy = policy
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[Any, Any]:
+        if layer_idx >= len(self.layers):
+            raise HeadwiseError(f"the model has more layers than the policy ({len(self.layers)}); build the policy "
+                                f"for this model")
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def nbytes_by_head(self) -> np.ndarray:
+        """Allocated KV bytes [layers, kv_heads] (sliding layers: their window split over their heads)."""
+        g = self.policy.geometry
+        out = np.zeros((g.n_layers, g.n_kv_heads))
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, _HeadwiseLayer):
+                out[i] = layer.head_bytes()
+            elif layer.is_initialized and layer.keys is not None:
+                out[i] = (layer.keys.numel() * layer.keys.element_size() * 2) / g.n_kv_heads
+        return out
+
+    def nbytes(self) -> int:
+        return int(round(self.nbytes_by_head().sum()))
+
+    def report(self) -> dict[str, Any]:
+        by_head = self.nbytes_by_head()
+        return {"total_bytes": int(round(by_head.sum())), "per_layer_bytes": [int(round(x)) for x in by_head.sum(1)],
+                "per_head_bytes": [[int(round(x)) for x in row] for row in by_head],
+                "tokens_seen": self.get_seq_length()}

@@ -1,0 +1,146 @@
+"""`headwise generate` and `headwise eval`: the KV policies from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import HeadwiseError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from ..load import DEFAULT_MODEL
+    from .policy import DEFAULT_SINK, DEFAULT_WINDOW
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, model directory, .gguf file or cached hub id")
+    p.add_argument("--atlas", default=None, help="atlas directory or atlas.json (for headwise:SCORE@F and razor@F)")
+    p.add_argument("--sink", type=int, default=DEFAULT_SINK, help="sink tokens of streaming heads")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="recent-window tokens of streaming heads")
+
+
+def _load_atlas(args: argparse.Namespace, loaded):
+    if not args.atlas:
+        return None
+    from ..atlas import Atlas
+
+    atlas = Atlas.load(args.atlas)
+    atlas.check_model(loaded.info, loaded.geometry)
+    return atlas
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--policy", default="full", help="policy spec (full, streaming@X, headwise:SCORE@F, razor@F, "
+                                                    "random@F, duo:FILE@F, snapkv@X) or a policy .json")
+    p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=None, help="feed the prompt in chunks of N tokens")
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    import resource
+
+    import torch
+
+    from ..load import load
+    from .evaluate import parse_policy
+    from .generate import greedy
+
+    path = Path(args.prompt_file)
+    try:
+        prompt = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise HeadwiseError(f"cannot read prompt file {path}: {e}") from None
+    if args.max_new_tokens < 1:
+        raise HeadwiseError("--max-new-tokens must be a positive integer")
+    loaded = load(args.model)
+    tok = loaded.tokenizer
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise HeadwiseError(f"{args.model} has no chat template; drop --chat")
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = torch.tensor([tok(prompt).input_ids])
+    policy = parse_policy(args.policy, loaded.geometry, atlas=_load_atlas(args, loaded), context=ids.shape[1],
+                          sink=args.sink, window=args.window)
+    res = greedy(loaded, ids, policy, max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk)
+    from .policy import Policy
+
+    full = Policy.full_cache(loaded.geometry).kv_bytes(res.prompt_tokens + len(res.tokens))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(res.text)
+    print(f"--- {policy.describe()}")
+    print(f"prefill: {res.prompt_tokens} tokens in {res.prefill_seconds:.2f} s ({res.prefill_tokens_per_second:.1f} "
+          f"tok/s); decode: {len(res.tokens)} tokens, {res.decode_tokens_per_second:.1f} tok/s")
+    print(f"KV cache: {res.kv_bytes / 2**20:.2f} MiB ({res.kv_bytes / full:.1%} of the full cache's "
+          f"{full / 2**20:.2f} MiB); peak RSS {rss / 2**20:.0f} MiB")
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise HeadwiseError(f"{flag} takes comma-separated integers, got '{text}'") from None
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    from .evaluate import TASKS, EvalSettings
+
+    d = EvalSettings()
+    _common(p)
+    p.add_argument("--policies", default="full,streaming", help="comma-separated policy specs")
+    p.add_argument("--tasks", default="passkey", help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--contexts", default=",".join(map(str, d.contexts)), help="prompt lengths in tokens")
+    p.add_argument("--depths", default=",".join(map(str, d.depths)), help="needle depths in [0, 1]")
+    p.add_argument("--trials", type=int, default=d.trials, help="seeds per context x depth x filler")
+    p.add_argument("--fillers", default=",".join(d.fillers), help="haystack styles: essay, repeat, words")
+    p.add_argument("--text", default=None, help="UTF-8 text for the essay filler and perplexity (default bundled)")
+    p.add_argument("--speed-context", type=int, default=d.speed_context)
+    p.add_argument("--perplexity-context", type=int, default=d.perplexity_context)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default="kv-eval.json", help="JSON results; the plot goes next to it (.png)")
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from ..load import load
+    from .evaluate import EvalSettings, evaluate, plot
+
+    try:
+        depths = tuple(float(x) for x in args.depths.split(",") if x.strip())
+    except ValueError:
+        raise HeadwiseError(f"--depths takes comma-separated numbers, got '{args.depths}'") from None
+    if args.trials < 1:
+        raise HeadwiseError("--trials must be a positive integer")
+    settings = EvalSettings(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                            contexts=_ints(args.contexts, "--contexts"), depths=depths, trials=args.trials,
+                            fillers=tuple(f.strip() for f in args.fillers.split(",") if f.strip()), sink=args.sink,
+                            window=args.window, seed=args.seed, text=args.text, speed_context=args.speed_context,
+                            perplexity_context=args.perplexity_context)
+    loaded = load(args.model)
+    atlas = _load_atlas(args, loaded)
+    specs = [s.strip() for s in args.policies.split(",") if s.strip()]
+    result = evaluate(loaded, specs, settings, atlas=atlas, atlas_path=args.atlas, model_spec=args.model)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    for task, by_ctx in result["summary"].items():
+        for ctx, cells in by_ctx.items():
+            line = "  ".join(f"{p}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%} KV)" for p, c in cells.items())
+            print(f"{task} @ {ctx}: {line}")
+    if "speed" in result:
+        for p, r in result["speed"]["policies"].items():
+            print(f"speed @ {result['speed']['context']}: {p}: decode {r['decode_tok_s']:.1f} tok/s, prefill "
+                  f"{r['prefill_s']:.1f} s, KV {r['kv_bytes'] / 2**20:.1f} MiB, peak RSS "
+                  f"{r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    png = plot(result, out.with_suffix(".png"))
+    print(f"results written to {out}" + (f" and {png}" if png else ""))
+
+
+KV_COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "generate": ("generate text through a head-aware KV cache; print speed, KV bytes and peak RSS", _add_generate,
+                 _run_generate),
+    "eval": ("run the same retrieval prompts under several KV policies; write JSON and a plot", _add_eval, _run_eval),
+}

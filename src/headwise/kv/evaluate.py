@@ -1,0 +1,346 @@
+"""Run the same prompts under several KV policies side by side: accuracy, KV bytes, speed, memory.
+
+Policy specs (`parse_policy`):
+  full                          every head keeps every token
+  streaming[@X]                 StreamingLLM, 4 sinks; X < 1: window sized so the cache is X of the
+                                full cache at the prompt's length; X >= 1: window of X tokens
+  headwise:SCORE[:high|:low]@F  the fraction F of KV heads an atlas score ranks highest (or lowest)
+                                get the full cache; others sinks + window (--sink/--window)
+  razor@F                       RazorAttention: echo + induction heads full, compensation token
+  random@F[:SEED]               the control: F of the KV heads, chosen at random
+  duo:FILE@F                    a DuoAttention gate file, top F full
+  snapkv@X                      SnapKV eviction keeping X of the prompt (X < 1) or X tokens per head
+  FILE.json                     a saved Policy
+Append "+comp" to a head policy for RazorAttention's compensation token.
+
+Tasks: passkey, needle, multi_needle (probes/needle.py), perplexity (probes/text.py), speed
+(one subprocess per policy, so each peak RSS is its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .._progress import progress
+from ..errors import HeadwiseError
+from ..geometry import Geometry
+from .policy import DEFAULT_SINK, DEFAULT_WINDOW, STREAMINGLLM_SINK, Policy
+from .snapkv import SnapKVPolicy
+
+TASKS = ("passkey", "needle", "multi_needle", "perplexity", "speed")
+SCHEMA = "headwise.kv-eval/1"
+
+
+@dataclass
+class EvalSettings:
+    tasks: tuple[str, ...] = ("passkey",)
+    contexts: tuple[int, ...] = (1024, 2048)
+    depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    trials: int = 2
+    fillers: tuple[str, ...] = ("repeat",)
+    max_new_tokens: int = 12
+    sink: int = DEFAULT_SINK
+    window: int = DEFAULT_WINDOW
+    seed: int = 0
+    text: str | None = None
+    perplexity_context: int = 2048
+    speed_context: int = 8192
+    speed_new_tokens: int = 32
+    speed_repeats: int = 1
+    prefill_chunk: int | None = None
+
+
+def _fraction(text: str, spec: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise HeadwiseError(f"policy '{spec}': '{text}' is not a number") from None
+
+
+def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: int | None = None,
+                 sink: int = DEFAULT_SINK, window: int = DEFAULT_WINDOW) -> Policy | SnapKVPolicy:
+    """Turn a policy spec (see module docstring) into a policy for a prompt of `context` tokens."""
+    raw = spec.strip()
+    compensate = raw.endswith("+comp")
+    body = raw[:-5] if compensate else raw
+    shape = {"sink": sink, "window": window, "compensate": compensate}
+    if body == "full":
+        policy: Policy | SnapKVPolicy = Policy.full_cache(geometry)
+    elif body.startswith("streaming"):
+        amount = body.partition("@")[2]
+        win = window
+        if amount:
+            x = _fraction(amount, spec)
+            if x < 1:
+                if not context:
+                    raise HeadwiseError(f"policy '{spec}' sizes its window from the prompt length; give a context")
+                win = max(1, round(x * context) - STREAMINGLLM_SINK)
+            else:
+                win = int(x)
+        policy = Policy.streaming(geometry, sink=STREAMINGLLM_SINK, window=win, compensate=compensate)
+    elif body.startswith(("headwise:", "razor@")):
+        if atlas is None:
+            raise HeadwiseError(f"policy '{spec}' needs an atlas (--atlas DIR from headwise profile)")
+        if body.startswith("razor@"):
+            score, direction, amount = "razor", None, body.partition("@")[2]
+            shape["compensate"] = True
+        else:
+            head, _, amount = body[len("headwise:"):].partition("@")
+            score, _, direction = head.partition(":")
+            if direction not in ("", "high", "low"):
+                raise HeadwiseError(f"policy '{spec}': direction must be 'high' or 'low', not '{direction}'")
+        if not amount:
+            raise HeadwiseError(f"policy '{spec}' needs a full fraction, e.g. headwise:{score}@0.25")
+        higher = None if not direction else direction == "high"
+        policy = Policy.from_atlas(atlas, score, full_fraction=_fraction(amount, spec), higher_is_full=higher, **shape)
+    elif body.startswith("random@"):
+        amount, _, seed = body[len("random@"):].partition(":")
+        policy = Policy.random(geometry, _fraction(amount, spec), seed=int(seed or 0), **shape)
+    elif body.startswith("duo:"):
+        path, _, amount = body[len("duo:"):].rpartition("@")
+        if not path:
+            raise HeadwiseError(f"policy '{spec}' needs a fraction: duo:FILE@0.5")
+        policy = Policy.from_duo_file(path, geometry, full_fraction=_fraction(amount, spec), **shape)
+    elif body.startswith("snapkv@"):
+        policy = SnapKVPolicy(geometry, budget=_fraction(body[len("snapkv@"):], spec))
+    elif body.endswith(".json"):
+        policy = Policy.load(body)
+    else:
+        raise HeadwiseError(f"unknown policy '{spec}'; use full, streaming[@X], headwise:SCORE@F, razor@F, "
+                            f"random@F, duo:FILE@F, snapkv@X or a policy .json file")
+    policy.check(geometry)
+    policy.name = raw
+    return policy
+
+
+def _cases(loaded: Any, task: str, settings: EvalSettings, context: int) -> list[tuple[dict[str, Any], Any]]:
+    from ..probes.needle import multi_needle_case, needle_case, passkey_case
+
+    tok, max_pos = loaded.tokenizer, loaded.geometry.max_positions
+    out = []
+    for trial in range(settings.trials):
+        seed = settings.seed + trial
+        if task == "multi_needle":
+            for filler in settings.fillers:
+                case = multi_needle_case(tok, context=context, seed=seed, filler=filler, text=settings.text,
+                                         max_positions=max_pos)
+                out.append(({"task": task, "context": context, "depth": None, "filler": filler, "trial": trial}, case))
+            continue
+        for depth in settings.depths:
+            for filler in settings.fillers:
+                if task == "passkey":
+                    case = passkey_case(tok, context=context, depth=depth, seed=seed, filler=filler,
+                                        text=settings.text, max_positions=max_pos)
+                else:
+                    case = needle_case(tok, context=context, depth=depth, needle=seed, filler=filler, seed=seed,
+                                       text=settings.text, max_positions=max_pos)
+                out.append(({"task": task, "context": context, "depth": depth, "filler": filler, "trial": trial},
+                            case))
+    return out
+
+
+def _policies_for(specs: list[str], loaded: Any, atlas: Any, context: int, settings: EvalSettings) -> dict[str, Any]:
+    return {s: parse_policy(s, loaded.geometry, atlas=atlas, context=context, sink=settings.sink,
+                            window=settings.window) for s in specs}
+
+
+def _describe(policy: Any) -> dict[str, Any]:
+    d = {"description": policy.describe(), "source": policy.source}
+    if isinstance(policy, Policy):
+        d.update(full_fraction=policy.full_fraction, n_full=policy.n_full, sink=policy.sink, window=policy.window,
+                 compensate=policy.compensate, full_heads=policy.full.astype(int).tolist())
+    return d
+
+
+def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any = None) -> list[dict[str, Any]]:
+    """Every retrieval case under every policy (policies innermost, so they see the same load)."""
+    from ..probes.needle import answer_found
+    from .generate import greedy
+
+    rows = []
+    work = [(task, ctx) for task in settings.tasks if task in ("passkey", "needle", "multi_needle")
+            for ctx in settings.contexts]
+    all_cases = [(meta, case, ctx) for task, ctx in work for meta, case in _cases(loaded, task, settings, ctx)]
+    for meta, case, ctx in progress(all_cases, desc="kv eval cases", unit="case"):
+        policies = _policies_for(specs, loaded, atlas, ctx, settings)
+        for spec, policy in policies.items():
+            res = greedy(loaded, case.input_ids, policy, max_new_tokens=settings.max_new_tokens,
+                         prefill_chunk=settings.prefill_chunk)
+            rows.append({**meta, "policy": spec, "tokens": case.length, "answer": case.answer, "reply": res.text,
+                         "correct": answer_found(res.text, case.answer), "kv_bytes": res.kv_bytes,
+                         "prefill_s": round(res.prefill_seconds, 4), "decode_s": round(res.decode_seconds, 4)})
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """task -> context -> policy -> accuracy, trials, mean KV bytes and ratio to the full cache."""
+    out: dict[str, Any] = {}
+    for row in rows:
+        cell = out.setdefault(row["task"], {}).setdefault(str(row["context"]), {}).setdefault(
+            row["policy"], {"correct": 0, "n": 0, "kv_bytes_sum": 0})
+        cell["correct"] += int(row["correct"])
+        cell["n"] += 1
+        cell["kv_bytes_sum"] += row["kv_bytes"]
+    for task in out.values():
+        for ctx in task.values():
+            full = ctx.get("full")
+            full_bytes = full["kv_bytes_sum"] / full["n"] if full else None
+            for cell in ctx.values():
+                cell["accuracy"] = cell["correct"] / cell["n"]
+                cell["kv_bytes"] = int(cell.pop("kv_bytes_sum") / cell["n"])
+                cell["kv_ratio"] = round(cell["kv_bytes"] / full_bytes, 4) if full_bytes else None
+    return out
+
+
+def run_perplexity(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any = None) -> dict[str, Any]:
+    from ..probes.text import natural_text
+    from .generate import perplexity
+
+    probe = natural_text(loaded.tokenizer, context=settings.perplexity_context, n_sequences=1, seed=settings.seed,
+                         text=settings.text)
+    out = {}
+    for spec, policy in progress(list(_policies_for(specs, loaded, atlas, settings.perplexity_context,
+                                                    settings).items()), desc="perplexity", unit="policy"):
+        if isinstance(policy, SnapKVPolicy):
+            out[spec] = {"skipped": "SnapKV evicts once at the end of a prompt; not defined over a stream"}
+            continue
+        out[spec] = perplexity(loaded, probe.input_ids, policy)
+    return {"context": settings.perplexity_context, "probe": probe.settings, "policies": out}
+
+
+def _speed_worker(args: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process: load, one prompt, one policy; report times, bytes and peak RSS."""
+    import torch
+
+    from ..atlas import Atlas
+    from ..load import load
+    from ..probes.needle import passkey_case
+    from .generate import greedy
+
+    if args.get("threads"):
+        torch.set_num_threads(int(args["threads"]))
+    loaded = load(args["model"])
+    atlas = Atlas.load(args["atlas"]) if args.get("atlas") else None
+    case = passkey_case(loaded.tokenizer, context=args["context"], depth=0.5, seed=0,
+                        max_positions=loaded.geometry.max_positions)
+    policy = parse_policy(args["policy"], loaded.geometry, atlas=atlas, context=args["context"], sink=args["sink"],
+                          window=args["window"])
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res = greedy(loaded, case.input_ids, policy, max_new_tokens=args["new_tokens"], stop_at_eos=False,
+                 prefill_chunk=args.get("prefill_chunk"))
+    return {"policy": args["policy"], "context": case.length, "prefill_s": res.prefill_seconds,
+            "prefill_tok_s": res.prefill_tokens_per_second, "decode_tok_s": res.decode_tokens_per_second,
+            "new_tokens": len(res.tokens), "kv_bytes": res.kv_bytes,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_after_load_bytes": rss_loaded}
+
+
+def run_speed(model: str, specs: list[str], settings: EvalSettings, atlas_path: str | None = None) -> dict[str, Any]:
+    """One subprocess per policy and repeat, alternating policies; the best repeat of each is kept."""
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in specs}
+    jobs = [s for _ in range(settings.speed_repeats) for s in specs]
+    for spec in progress(jobs, desc=f"speed @ {settings.speed_context} tokens", unit="run"):
+        args = {"model": model, "policy": spec, "context": settings.speed_context, "atlas": atlas_path,
+                "sink": settings.sink, "window": settings.window, "new_tokens": settings.speed_new_tokens,
+                "prefill_chunk": settings.prefill_chunk, "threads": os.environ.get("HEADWISE_THREADS")}
+        proc = subprocess.run([sys.executable, "-m", "headwise.kv.evaluate", "--speed-worker", json.dumps(args)],
+                              capture_output=True, text=True, env={**os.environ, "HEADWISE_QUIET": "1"})
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise HeadwiseError(f"speed run for policy '{spec}' failed: {tail}")
+        runs[spec].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out = {}
+    for spec, rs in runs.items():
+        best = max(rs, key=lambda r: r["decode_tok_s"])
+        out[spec] = {**best, "repeats": len(rs), "decode_tok_s_all": [r["decode_tok_s"] for r in rs],
+                     "prefill_s_all": [r["prefill_s"] for r in rs],
+                     "peak_rss_bytes": min(r["peak_rss_bytes"] for r in rs)}
+    if "full" in out:
+        base = out["full"]
+        for r in out.values():
+            r["decode_speedup_vs_full"] = round(r["decode_tok_s"] / base["decode_tok_s"], 3)
+            r["kv_ratio_vs_full"] = round(r["kv_bytes"] / base["kv_bytes"], 4)
+            r["peak_rss_saved_bytes"] = base["peak_rss_bytes"] - r["peak_rss_bytes"]
+            r["kv_saved_bytes"] = base["kv_bytes"] - r["kv_bytes"]
+    return {"context": settings.speed_context, "new_tokens": settings.speed_new_tokens, "policies": out}
+
+
+def evaluate(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any = None, atlas_path: str | None = None,
+             model_spec: str | None = None) -> dict[str, Any]:
+    """The whole comparison as one JSON-ready dict."""
+    from ..atlas import versions
+
+    unknown = [t for t in settings.tasks if t not in TASKS]
+    if unknown:
+        raise HeadwiseError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if not specs:
+        raise HeadwiseError("give at least one policy")
+    if "full" not in specs:
+        specs = ["full", *specs]  # every ratio is against the full cache measured in the same run
+    for ctx in settings.contexts:
+        loaded.geometry.check_context(ctx + settings.max_new_tokens)
+    example = {s: _describe(p) for s, p in _policies_for(specs, loaded, atlas, max(settings.contexts),
+                                                         settings).items()}
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"schema": SCHEMA, "model": loaded.info.to_dict(), "geometry": loaded.geometry.to_dict(),
+                              "settings": asdict(settings), "versions": versions(), "policies": example,
+                              "atlas": None if atlas is None else {"path": atlas_path, "model": atlas.model}}
+    rows = run_retrieval(loaded, specs, settings, atlas)
+    result["summary"] = summarize(rows)
+    result["rows"] = rows
+    if "perplexity" in settings.tasks:
+        result["perplexity"] = run_perplexity(loaded, specs, settings, atlas)
+    if "speed" in settings.tasks:
+        result["speed"] = run_speed(model_spec or loaded.info.spec, specs, settings, atlas_path)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def plot(result: dict[str, Any], path: str | Path) -> Path | None:
+    """Accuracy against KV bytes, one panel per task, one point per policy and context."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("headwise: matplotlib is not installed (pip install 'headwise[plot]'); skipping the plot",
+              file=sys.stderr)
+        return None
+    tasks = list(result["summary"])
+    if not tasks:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        by_policy: dict[str, list[tuple[float, float, str]]] = {}
+        for ctx, cells in result["summary"][task].items():
+            for spec, cell in cells.items():
+                by_policy.setdefault(spec, []).append((cell["kv_bytes"] / 2**20, cell["accuracy"], ctx))
+        for spec, pts in by_policy.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=spec)
+            for x, y, ctx in pts:
+                ax.annotate(ctx, (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("KV cache (MiB)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{task} ({result['model']['spec']})")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--speed-worker":
+    print(json.dumps(_speed_worker(json.loads(sys.argv[2]))))

@@ -1,0 +1,162 @@
+"""HeadwiseCache against the model's default cache and against naive sink + window attention."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+import headwise
+from headwise.errors import HeadwiseError
+from headwise.instrument import headwise_attention
+from headwise.kv import HeadwiseCache, Policy
+from headwise.kv.attention import naive_sink_window_attention
+from headwise.kv.generate import greedy
+from tests.conftest import tiny_model, tiny_tokenizer
+
+
+def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.randint(3, 96, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@contextlib.contextmanager
+def _reference_attention(policy: Policy):
+    """Swap headwise's attention for an explicit per-KV-head loop: full heads causal, others sink + window."""
+    from transformers import AttentionInterface
+
+    def ref(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = module._headwise_layer
+        if kwargs.get("sliding_window") is not None:  # the model's own window: not the policy's business
+            return headwise_attention(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        b, hq, t, d = query.shape
+        g = hq // key.shape[1]
+        out = torch.zeros(b, hq, t, d, dtype=torch.float64)
+        for kv in range(key.shape[1]):
+            heads = slice(kv * g, (kv + 1) * g)
+            k = key[:, kv:kv + 1].expand(b, g, t, d)
+            v = value[:, kv:kv + 1].expand(b, g, t, d)
+            if policy.full[layer, kv]:
+                out[:, heads] = naive_sink_window_attention(query[:, heads], k, v, scaling, sink=0, window=t + 1)
+            else:
+                out[:, heads] = naive_sink_window_attention(query[:, heads], k, v, scaling, policy.sink, policy.window,
+                                                            policy.compensate)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("headwise", ref)
+    try:
+        yield
+    finally:
+        AttentionInterface.register("headwise", headwise_attention)
+
+
+def _cached_logits(model, ids: torch.Tensor, cache: HeadwiseCache, chunks: list[int]) -> torch.Tensor:
+    """Logits of every position, feeding `ids` through the cache in the given chunk sizes."""
+    out, start = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            out.append(model(input_ids=ids[:, start:start + n], cache=cache, use_cache=True).logits)
+            start += n
+    assert start == ids.shape[1]
+    return torch.cat(out, 1)
+
+
+def test_all_full_matches_default_cache(tiny, arch):
+    ids = _ids(24)
+    model = tiny.model
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        cache = HeadwiseCache(Policy.full_cache(tiny.geometry))
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, cache=cache)
+        assert torch.equal(ref, out)
+        full_logits = model(input_ids=ref).logits
+    cached = _cached_logits(model, ref, HeadwiseCache(Policy.full_cache(tiny.geometry)), [20, 1, 1, 14])
+    torch.testing.assert_close(cached, full_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_streaming_and_mixed_match_naive_reference(tiny, arch, compensate):
+    g = tiny.geometry
+    rng = np.random.default_rng(1)
+    policies = [Policy.streaming(g, sink=3, window=5, compensate=compensate),
+                Policy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate)]
+    ids = _ids(30, seed=2)
+    for policy in policies:
+        cached = _cached_logits(tiny.model, ids, HeadwiseCache(policy), [9, 1, 1, 7, 1, 11])
+        with _reference_attention(policy), torch.no_grad():
+            ref = tiny.model(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(cached, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_streaming_differs_from_full_cache():
+    """The reference comparison above must be able to fail: dropping tokens changes the logits."""
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    ids = _ids(40, seed=3)
+    full = _cached_logits(lm.model, ids, HeadwiseCache(Policy.full_cache(lm.geometry)), [40])
+    streamed = _cached_logits(lm.model, ids, HeadwiseCache(Policy.streaming(lm.geometry, sink=2, window=4)), [40])
+    assert (full[:, -1] - streamed[:, -1]).abs().max() > 1e-3
+    torch.testing.assert_close(full[:, :6], streamed[:, :6])  # within sink + window nothing is dropped
+
+
+def test_bytes_really_shrink_and_match_prediction():
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    g = lm.geometry
+    ids = _ids(60, seed=4)
+    policy = Policy(g, np.array([[True, False]] * g.n_layers), sink=4, window=8, compensate=True)
+    full_cache = HeadwiseCache(Policy.full_cache(g), max_length=60)
+    cache = HeadwiseCache(policy, max_length=60)
+    _cached_logits(lm.model, ids, full_cache, [30, 30])
+    _cached_logits(lm.model, ids, cache, [30, 30])
+    assert full_cache.nbytes() == Policy.full_cache(g).kv_bytes(60)
+    assert cache.nbytes() == policy.kv_bytes(60)
+    by_head = cache.nbytes_by_head()
+    per_token = 2 * g.head_dim * 4
+    assert by_head[0, 0] == 60 * per_token and by_head[0, 1] == 12 * per_token + 2 * g.head_dim * 4
+    # What the streaming heads hold is their last 8 tokens' keys, not a masked copy of all 60.
+    layer = cache.layers[0]
+    assert layer.streaming.ring_k.shape[2] == 8 and sorted(layer.streaming.ring_pos.tolist()) == list(range(52, 60))
+
+
+def test_gemma_sliding_layers_keep_model_window():
+    lm = headwise.from_model(tiny_model("gemma3-sliding"), tiny_tokenizer())
+    g = lm.geometry
+    policy = Policy.streaming(g, sink=2, window=4)
+    assert policy.model_windowed_layers == (0, 1) and policy.n_selectable == g.n_kv_heads
+    cache = HeadwiseCache(policy)
+    _cached_logits(lm.model, _ids(30), cache, [30])
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    assert isinstance(cache.layers[0], DynamicSlidingWindowLayer)
+    assert cache.layers[0].keys.shape[2] == g.sliding_window[0] - 1
+
+
+def test_batch_without_padding_matches_rows_and_padding_is_refused():
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    policy = Policy.streaming(lm.geometry, sink=2, window=5)
+    ids = _ids(20, seed=5, batch=2)
+    both = _cached_logits(lm.model, ids, HeadwiseCache(policy), [20])
+    for row in range(2):
+        one = _cached_logits(lm.model, ids[row:row + 1], HeadwiseCache(policy), [20])
+        torch.testing.assert_close(both[row:row + 1], one, atol=1e-5, rtol=1e-5)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(HeadwiseError, match="padded"), torch.no_grad():
+        lm.model(input_ids=ids, attention_mask=mask, cache=HeadwiseCache(policy), use_cache=True)
+
+
+def test_policy_for_another_model_is_refused():
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    other = headwise.from_model(tiny_model("gpt2"), tiny_tokenizer())
+    policy = Policy.streaming(other.geometry, sink=2, window=4)
+    with pytest.raises(HeadwiseError, match="policy"):
+        greedy(lm, _ids(10), policy, max_new_tokens=2)
+    with pytest.raises(HeadwiseError, match="KV heads"), torch.no_grad():
+        lm.model(input_ids=_ids(10), cache=HeadwiseCache(policy), use_cache=True)
+
+
+def test_greedy_reports_bytes_and_speed():
+    lm = headwise.from_model(tiny_model("qwen2"), tiny_tokenizer())
+    res = greedy(lm, _ids(30), Policy.streaming(lm.geometry, sink=2, window=4), max_new_tokens=5, stop_at_eos=False)
+    assert len(res.tokens) == 5 and res.kv_bytes > 0 and res.decode_tokens_per_second > 0
+    assert res.kv_report["total_bytes"] == res.kv_bytes

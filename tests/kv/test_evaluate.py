@@ -1,0 +1,72 @@
+"""The evaluation harness and the CLI on a tiny model saved to disk (the speed runs load it by path)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from headwise.cli import main
+from headwise.kv.evaluate import EvalSettings, evaluate, run_speed, summarize
+from tests.conftest import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama-gqa").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_summarize_counts_and_ratios():
+    rows = [{"task": "passkey", "context": 100, "policy": p, "correct": c, "kv_bytes": b}
+            for p, c, b in (("full", True, 100), ("full", False, 100), ("streaming", True, 30),
+                            ("streaming", True, 50))]
+    s = summarize(rows)["passkey"]["100"]
+    assert s["full"]["accuracy"] == 0.5 and s["full"]["n"] == 2
+    assert s["streaming"]["accuracy"] == 1.0 and s["streaming"]["kv_ratio"] == 0.4
+
+
+def test_evaluate_runs_every_policy_on_the_same_cases(tiny_dir):
+    import headwise
+
+    loaded = headwise.load(str(tiny_dir))
+    settings = EvalSettings(tasks=("passkey",), contexts=(120,), depths=(0.5,), trials=2, max_new_tokens=3, sink=4,
+                            window=16)
+    result = evaluate(loaded, ["streaming@0.3", "random@0.5", "snapkv@0.3"], settings)
+    cells = result["summary"]["passkey"]["120"]
+    assert set(cells) == {"full", "streaming@0.3", "random@0.5", "snapkv@0.3"}
+    assert all(c["n"] == 2 for c in cells.values())
+    assert cells["full"]["kv_ratio"] == 1.0 and all(c["kv_ratio"] < 0.75 for k, c in cells.items() if k != "full")
+    assert json.dumps(result)  # JSON-ready
+
+
+def test_speed_runs_in_subprocesses(tiny_dir):
+    settings = EvalSettings(speed_context=200, speed_new_tokens=4, sink=4, window=16)
+    out = run_speed(str(tiny_dir), ["full", "streaming"], settings)["policies"]
+    assert out["full"]["peak_rss_bytes"] > 0 and out["streaming"]["kv_bytes"] < out["full"]["kv_bytes"]
+    assert out["full"]["decode_speedup_vs_full"] == 1.0
+
+
+def test_cli_generate_and_errors(tiny_dir, tmp_path, capsys):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(" ".join(f"t{i % 90}" for i in range(150)))
+    assert main(["generate", "--model", str(tiny_dir), "--policy", "streaming@0.2", "--prompt-file", str(prompt),
+                 "--max-new-tokens", "3", "--sink", "4", "--window", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache:" in out and "tok/s" in out and "peak RSS" in out
+    assert main(["generate", "--model", str(tiny_dir), "--policy", "bogus", "--prompt-file", str(prompt)]) == 2
+    assert "unknown policy" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_dir), "--tasks", "nope", "--out", str(tmp_path / "e.json")]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
+def test_plot_accuracy_against_bytes(tmp_path):
+    pytest.importorskip("matplotlib")
+    from headwise.kv.evaluate import plot
+
+    result = {"model": {"spec": "tiny"}, "summary": {"passkey": {"1024": {
+        "full": {"kv_bytes": 2 ** 21, "accuracy": 1.0}, "streaming": {"kv_bytes": 2 ** 20, "accuracy": 0.25}}}}}
+    path = plot(result, tmp_path / "kv.png")
+    assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
