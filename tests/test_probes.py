@@ -47,3 +47,15 @@ def test_bundled_text_ships_with_the_package():
     total = sum(f.stat().st_size for f in files)
     assert 200_000 < total < 600_000
     assert all("Project Gutenberg" not in t for t in load_text())
+
+
+def test_jsonl_text_file_gives_one_document_per_line(tmp_path):
+    from headwise.errors import HeadwiseError
+    from headwise.probes.text import load_text
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "first doc"}\n"second doc"\n\n{"prompt": "Q: a", "target": " b"}\n')
+    assert load_text(path) == ["first doc", "second doc", "Q: a b"]
+    path.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(HeadwiseError, match="line 2 is not JSON"):
+        load_text(path)

@@ -31,11 +31,35 @@ def load_text(path: str | Path | None = None) -> list[str]:
     docs = []
     for p in paths:
         try:
-            docs.append(p.read_text(encoding="utf-8"))
+            raw = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise HeadwiseError(f"{p} is not UTF-8 text; pass a plain UTF-8 text file") from None
+        docs.extend(_jsonl_documents(p, raw) if p.suffix == ".jsonl" else [raw])
     if not any(d.strip() for d in docs):
         raise HeadwiseError(f"{paths[0]} holds no text")
+    return docs
+
+
+def _jsonl_documents(path: Path, raw: str) -> list[str]:
+    """One document per line: a JSON string, or an object with "text" (or "prompt" + optional "target")."""
+    import json
+
+    docs = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HeadwiseError(f"{path} line {number} is not JSON ({e.msg}); each line must be a JSON string or "
+                                f'an object with "text"') from None
+        if isinstance(item, dict) and isinstance(item.get("text"), str):
+            item = item["text"]
+        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            item = item["prompt"] + str(item.get("target") or "")
+        if not isinstance(item, str):
+            raise HeadwiseError(f'{path} line {number}: expected a JSON string or an object with "text" or "prompt"')
+        docs.append(item)
     return docs
 
 
