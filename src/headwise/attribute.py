@@ -24,7 +24,6 @@ heads zeroed against random heads, on the same data).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._jsonl import json_lines
 from .atlas import Atlas
 from .errors import HeadwiseError
 from .instrument import Session
@@ -60,14 +60,8 @@ def load_examples(path: str | Path) -> list[Example]:
     except UnicodeDecodeError:
         raise HeadwiseError(f"{path} is not UTF-8 text; pass a JSON Lines file") from None
     examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HeadwiseError(f"{path} line {number} is not JSON ({e.msg}); write one JSON object per line, "
-                                f'e.g. {{"prompt": "...", "target": "..."}}') from None
+    expected = 'one JSON object per line, e.g. {"prompt": "...", "target": "..."}'
+    for number, item in json_lines(path, "\n".join(lines), expected):
         if isinstance(item, str):
             item = {"prompt": item}
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:

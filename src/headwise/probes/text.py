@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .._jsonl import json_lines
 from ..errors import HeadwiseError
 from .base import Probe, adds_bos
 
@@ -42,23 +43,15 @@ def load_text(path: str | Path | None = None) -> list[str]:
 
 def _jsonl_documents(path: Path, raw: str) -> list[str]:
     """One document per line: a JSON string, or an object with "text" (or "prompt" + optional "target")."""
-    import json
-
+    expected = 'a JSON string or an object with "text" on each line'
     docs = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise HeadwiseError(f"{path} line {number} is not JSON ({e.msg}); each line must be a JSON string or "
-                                f'an object with "text"') from None
+    for number, item in json_lines(path, raw, expected):
         if isinstance(item, dict) and isinstance(item.get("text"), str):
             item = item["text"]
         elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
             item = item["prompt"] + str(item.get("target") or "")
         if not isinstance(item, str):
-            raise HeadwiseError(f'{path} line {number}: expected a JSON string or an object with "text" or "prompt"')
+            raise HeadwiseError(f"{path} line {number}: expected {expected}")
         docs.append(item)
     return docs
 
