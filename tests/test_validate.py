@@ -172,6 +172,11 @@ def test_cli_reports_a_missing_atlas(tmp_path, capsys):
     assert "headwise: error:" in capsys.readouterr().err
 
 
+def test_cli_context_is_for_retrieval_only(tmp_path, capsys):
+    assert main(["validate", "--atlas", str(tmp_path), "--role", "induction", "--context", "512"]) == 2
+    assert "--context applies to --role retrieval only" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_smollm2_induction_heads_carry_in_context_learning(smollm2):
     """Olsson et al.: zeroing the top induction heads raises in-context loss far more than zeroing random heads."""

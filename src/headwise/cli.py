@@ -162,18 +162,27 @@ def _add_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=None, help="heads to ablate (default: every head with the label)")
     p.add_argument("--draws", type=int, default=5, help="random k-head control sets (at least 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random draws")
+    p.add_argument("--context", type=int, default=None,
+                   help="retrieval only: tokens per passkey/needle prompt (default 1024)")
 
 
 def _run_validate(args: argparse.Namespace) -> None:
     from .atlas import Atlas
     from .attribute import register_atlas_attributions
     from .load import load
-    from .validate import format_validation, validate_and_store
+    from .validate import RetrievalTask, format_validation, validate_and_store
 
+    task = None
+    if args.context is not None:
+        if args.role != "retrieval":
+            raise HeadwiseError(f"--context applies to --role retrieval only, not '{args.role}'")
+        if args.context < 64:
+            raise HeadwiseError("--context must be at least 64 tokens")
+        task = RetrievalTask(context=args.context)
     atlas = Atlas.load(args.atlas)
     register_atlas_attributions(atlas)  # so `--role NAME` works for a `headwise attribute --name NAME` result
     loaded = load(args.model or atlas.model["spec"])
-    result = validate_and_store(loaded, atlas, args.role, k=args.k, draws=args.draws, seed=args.seed)
+    result = validate_and_store(loaded, atlas, args.role, k=args.k, draws=args.draws, seed=args.seed, task=task)
     print(format_validation(result))
     print(f"validation results written to {atlas.save(args.atlas)}")
 
