@@ -76,6 +76,18 @@ def tiny(arch):
 
 
 @pytest.fixture
+def model_dir(tmp_path):
+    """A tiny Llama saved as a Hugging Face directory, for tests that go through headwise.load / the CLI.
+
+    (Llama, not Qwen2: AutoTokenizer rebuilds a saved Qwen2 tokenizer its own way.)
+    """
+    d = tmp_path / "tiny-llama"
+    tiny_model("llama-gqa").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture
 def word_file(tmp_path):
     """A text file over the tiny tokenizer's words, skewed so that tokens repeat (sinks, copies)."""
     import numpy as np

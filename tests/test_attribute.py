@@ -113,17 +113,14 @@ def test_scores_land_in_the_atlas_under_the_users_names(llama, tmp_path):
         attribute_to_atlas(other, data, "copying", tmp_path / "atlas")
 
 
-def test_cli_attribute(tmp_path, capsys):
-    d = tmp_path / "m"
-    tiny_model("llama-gqa").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
+def test_cli_attribute(model_dir, tmp_path, capsys):
     data = _write(tmp_path / "d.jsonl", [{"prompt": p} for p in PROMPTS])
-    assert main(["attribute", "--model", str(d), "--data", str(data), "--name", "copying", "--atlas",
+    assert main(["attribute", "--model", str(model_dir), "--data", str(data), "--name", "copying", "--atlas",
                  str(tmp_path / "a"), "--top", "3"]) == 0
     out = capsys.readouterr().out
     assert "copying (kl)" in out and out.count("  L") == 3 and "atlas written to" in out
     assert Atlas.load(tmp_path / "a").score("copying").shape == (3, 4)
-    assert main(["attribute", "--model", str(d), "--data", str(tmp_path / "nope.jsonl"), "--name", "x"]) == 2
+    assert main(["attribute", "--model", str(model_dir), "--data", str(tmp_path / "nope.jsonl"), "--name", "x"]) == 2
     assert "data file not found" in capsys.readouterr().err
 
 

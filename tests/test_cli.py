@@ -1,18 +1,8 @@
 """`headwise profile` end to end on a tiny model directory."""
 
-import pytest
 
 from headwise import Atlas
 from headwise.cli import main
-from tests.conftest import tiny_model, tiny_tokenizer
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "m"
-    tiny_model("llama-gqa").save_pretrained(d)  # (AutoTokenizer rebuilds a Qwen2 tokenizer its own way)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def test_profile_writes_atlas_and_prints_summary(model_dir, tmp_path, capsys):

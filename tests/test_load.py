@@ -10,15 +10,6 @@ import pytest
 
 import headwise
 from headwise.errors import HeadwiseError
-from tests.conftest import tiny_model, tiny_tokenizer
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "tiny-llama"
-    tiny_model("llama-gqa").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def test_load_hf_directory(model_dir):

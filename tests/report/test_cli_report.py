@@ -7,7 +7,6 @@ import shutil
 import pytest
 
 from headwise.cli import main
-from tests.conftest import tiny_model, tiny_tokenizer
 
 
 def test_report_and_plot_commands(hostile_atlas_dir, tmp_path, capsys):
@@ -26,13 +25,6 @@ def test_report_of_a_missing_atlas_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("headwise: error: no atlas") and err.count("\n") == 1
 
-
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "m"
-    tiny_model("llama-gqa").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
 
 
 def test_profile_writes_the_report_unless_told_not_to(model_dir, tmp_path, capsys):
