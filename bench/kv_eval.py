@@ -4,7 +4,8 @@
 
 At every context the baselines are sized against the head-aware policy measured there:
 StreamingLLM and SnapKV get the same KV bytes, the random control the same number of full
-heads with the same streaming shape. Every accuracy is reported with its number of trials.
+heads with the same streaming shape, drawn with several seeds (one label per seed).
+Every accuracy is reported with its number of trials.
 Speed and peak RSS: one subprocess per policy (kv/evaluate.py), in one run.
 """
 
@@ -27,18 +28,20 @@ def main() -> None:
     ap.add_argument("--atlas", required=True)
     ap.add_argument("--head-policy", default="razor@0.25", help="the head-aware policy under test")
     ap.add_argument("--contexts", default="1024,2048,4096,8192")
-    ap.add_argument("--depths", default="0.2,0.5,0.8")
-    ap.add_argument("--trials", type=int, default=1, help="seeds per context x depth")
-    ap.add_argument("--long-depths", default="0.25,0.75", help="depths for contexts >= 4096 (prefill is slow)")
-    ap.add_argument("--longest-depths", default="0.5", help="depths for contexts >= 8192")
-    ap.add_argument("--snapkv-max-context", type=int, default=2048, help="SnapKV only up to this context (its "
-                                                                          "prefill costs as much as the full cache's)")
+    ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    ap.add_argument("--trials", type=int, default=2, help="seeds per context x depth")
+    ap.add_argument("--long-depths", default=None, help="depths for contexts >= 4096 (default: --depths)")
+    ap.add_argument("--longest-depths", default=None, help="depths for contexts >= 8192 (default: --long-depths)")
+    ap.add_argument("--random-seeds", default="0,1,2", help="one random-heads control per seed")
+    ap.add_argument("--snapkv-max-context", type=int, default=1 << 30, help="SnapKV only up to this context (its "
+                                                                            "prefill costs as much as the full "
+                                                                            "cache's)")
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--speed-context", type=int, default=8192)
     ap.add_argument("--speed-new-tokens", type=int, default=32)
     ap.add_argument("--speed-repeats", type=int, default=1)
-    ap.add_argument("--speed-labels", default="full,headwise,random heads (same count)",
+    ap.add_argument("--speed-labels", default="full,headwise,random heads (seed 0)",
                     help="policies timed (StreamingLLM at the same bytes has a window of thousands of tokens, whose "
                          "chunked prefill is slow on CPU)")
     ap.add_argument("--perplexity-context", type=int, default=2048)
@@ -66,16 +69,20 @@ def main() -> None:
     atlas.check_model(loaded.info, g)
     head = parse_policy(args.head_policy, g, atlas=atlas, sink=args.sink, window=args.window)
     suffix = "+comp" if head.compensate else ""
+    random_seeds = [int(x) for x in args.random_seeds.split(",") if x.strip()]
+    long_depths = args.long_depths or args.depths
+    longest_depths = args.longest_depths or long_depths
 
     def specs_at(ctx: int) -> dict[str, str]:
         # Same bytes on the heads a policy can touch: the model's own sliding layers cost the same under every policy.
         fixed = sum(2 * g.head_dim * 4 * g.n_kv_heads * min(ctx, w - 1)
                     for t, w in zip(g.layer_types, g.sliding_window) if t == "sliding")
         ratio = (head.kv_bytes(ctx) - fixed) / (Policy.full_cache(g).kv_bytes(ctx) - fixed)
-        return {"full": "full", "headwise": args.head_policy,
-                "streaming (same bytes)": f"streaming@{ratio:.4f}",
-                "random heads (same count)": f"random@{head.full_fraction:.4f}{suffix}",
-                "snapkv (same bytes)": f"snapkv@{ratio:.4f}"}
+        specs = {"full": "full", "headwise": args.head_policy, "streaming (same bytes)": f"streaming@{ratio:.4f}"}
+        for seed in random_seeds:
+            specs[f"random heads (seed {seed})"] = f"random@{head.full_fraction:.4f}:{seed}{suffix}"
+        specs["snapkv (same bytes)"] = f"snapkv@{ratio:.4f}"
+        return specs
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +107,7 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     if "retrieval" not in skip:
         for ctx in contexts:
-            depths = args.depths if ctx < 4096 else args.long_depths if ctx < 8192 else args.longest_depths
+            depths = args.depths if ctx < 4096 else long_depths if ctx < 8192 else longest_depths
             settings = EvalSettings(tasks=("passkey",), contexts=(ctx,), depths=tuple(float(d) for d in
                                                                                     depths.split(",")),
                                     trials=args.trials, fillers=("repeat",), sink=args.sink, window=args.window)
@@ -114,8 +121,16 @@ def main() -> None:
             result["rows"] = [r for r in result["rows"] if r["context"] != ctx] + rows
             summary = summarize(rows)["passkey"][str(ctx)]
             result["retrieval"][str(ctx)] = {label: {**summary[spec], "spec": spec} for label, spec in labels.items()}
-            line = "  ".join(f"{label}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%})"
-                             for label, c in result["retrieval"][str(ctx)].items())
+            cells = result["retrieval"][str(ctx)]
+            randoms = [c for label, c in cells.items() if label.startswith("random heads (seed")]
+            if randoms:  # the control's spread over seeds, beside each seed's own cell
+                accs = [c["accuracy"] for c in randoms]
+                mean = sum(accs) / len(accs)
+                cells["random heads (mean over seeds)"] = {
+                    "accuracy": mean, "seeds": len(accs), "correct": sum(c["correct"] for c in randoms),
+                    "n": sum(c["n"] for c in randoms), "kv_ratio": sum(c["kv_ratio"] for c in randoms) / len(accs),
+                    "accuracy_sd": (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5}
+            line = "  ".join(f"{label}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%})" for label, c in cells.items())
             print(f"passkey @ {ctx}: {line}", flush=True)
             save()
     if "perplexity" not in skip:

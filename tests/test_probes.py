@@ -59,3 +59,23 @@ def test_jsonl_text_file_gives_one_document_per_line(tmp_path):
     path.write_text('{"text": "ok"}\nnot json\n')
     with pytest.raises(HeadwiseError, match="line 2 is not JSON"):
         load_text(path)
+
+
+@pytest.mark.slow
+def test_passkey_is_a_plain_continuation_and_needles_a_chat_turn(smollm2):
+    from headwise.probes.needle import build_case, bundled_needles, needle_case, passkey_case
+
+    tok = smollm2.tokenizer
+    plain = passkey_case(tok, context=300, depth=0.5, seed=3)
+    text = tok.decode(plain.input_ids[0])
+    assert plain.length == 300 and "<|im_start|>" not in text and text.endswith("The pass key is")
+    start, end = plain.needle_spans[0]
+    assert tok.decode(plain.input_ids[0, start:end]).strip().startswith(f"The pass key is {plain.answer}.")
+    assert not plain.settings["chat_template"]
+    chat = passkey_case(tok, context=300, depth=0.5, seed=3, chat=True)
+    assert chat.length == 300 and "<|im_start|>assistant" in tok.decode(chat.input_ids[0])
+    needle = needle_case(tok, context=300, depth=0.5, needle=0)
+    assert "<|im_start|>assistant" in tok.decode(needle.input_ids[0]) and needle.settings["chat_template"]
+    with pytest.raises(HeadwiseError, match="chat template"):
+        n = bundled_needles()[0]
+        build_case(tiny_tokenizer(), [n], [0.5], context=300, question=n.question, chat=True)

@@ -81,32 +81,36 @@ def streaming_heads_attention(query: Tensor, st: StreamingKeys, scaling: float, 
         qp = qpos[a:e]
         lo = max(n_sinks, int(torch.searchsorted(kp, qp[0] - window, right=True)))
         hi = int(torch.searchsorted(kp, qp[-1], right=True))
-        kk = torch.cat([st.keys[:, :, :n_sinks], st.keys[:, :, lo:hi]], 2).float()
-        vv = torch.cat([st.values[:, :, :n_sinks], st.values[:, :, lo:hi]], 2).float()
+        kk = torch.cat([st.keys[:, :, :n_sinks], st.keys[:, :, lo:hi]], 2)
+        vv = torch.cat([st.values[:, :, :n_sinks], st.values[:, :, lo:hi]], 2)
         kpc = torch.cat([kp[:n_sinks], kp[lo:hi]])
+        allowed = (kpc[None, :] <= qp[:, None]) & ((kpc[None, :] < sink) | (kpc[None, :] > qp[:, None] - window))
+        if not compensate:  # SDPA's fused kernel with the band as its mask (every query sees at least itself)
+            out[:, :, :, a:e] = F.scaled_dot_product_attention(
+                query[:, :, a:e], kk.to(query.dtype), vv.to(query.dtype), attn_mask=allowed, scale=scaling,
+                enable_gqa=g > 1).reshape(b, n_kv, g, e - a, d)
+            continue
+        # The compensation token's extra logit does not fit SDPA: explicit float32 softmax.
+        kk, vv = kk.float(), vv.float()
         qc = q5[:, :, :, a:e].float()
         scores = torch.matmul(qc, kk[:, :, None].transpose(-1, -2)) * scaling  # [b, kv, g, c, K]
-        allowed = (kpc[None, :] <= qp[:, None]) & ((kpc[None, :] < sink) | (kpc[None, :] > qp[:, None] - window))
         scores = scores.masked_fill(~allowed, float("-inf"))
-        if compensate:
-            n_ev = torch.searchsorted(kp_ns, qp - window, right=True)  # stored non-sink keys evicted per query
-            count = (st.comp_count + n_ev).to(torch.float32)
-            take = (n_ev - 1).clamp(min=0)
-            sum_k = cs_k[:, :, take] * (n_ev > 0)[None, None, :, None] if cs_k.shape[2] else \
-                cs_k.new_zeros(b, n_kv, e - a, d)
-            sum_v = cs_v[:, :, take] * (n_ev > 0)[None, None, :, None] if cs_v.shape[2] else \
-                cs_v.new_zeros(b, n_kv, e - a, d)
-            if st.comp_k is not None:
-                sum_k = sum_k + st.comp_k[:, :, None]
-                sum_v = sum_v + st.comp_v[:, :, None]
-            k_hat = sum_k / count.clamp(min=1)[:, None]
-            v_hat = sum_v / count.clamp(min=1)[:, None]
-            logit = (qc * k_hat[:, :, None]).sum(-1) * scaling + torch.log(count.clamp(min=1))
-            logit = logit.masked_fill(count == 0, float("-inf"))
-            probs = torch.softmax(torch.cat([scores, logit[..., None]], -1), -1)
-            chunk = torch.matmul(probs[..., :-1], vv[:, :, None]) + probs[..., -1:] * v_hat[:, :, None]
-        else:
-            chunk = torch.matmul(torch.softmax(scores, -1), vv[:, :, None])
+        n_ev = torch.searchsorted(kp_ns, qp - window, right=True)  # stored non-sink keys evicted per query
+        count = (st.comp_count + n_ev).to(torch.float32)
+        take = (n_ev - 1).clamp(min=0)
+        sum_k = cs_k[:, :, take] * (n_ev > 0)[None, None, :, None] if cs_k.shape[2] else \
+            cs_k.new_zeros(b, n_kv, e - a, d)
+        sum_v = cs_v[:, :, take] * (n_ev > 0)[None, None, :, None] if cs_v.shape[2] else \
+            cs_v.new_zeros(b, n_kv, e - a, d)
+        if st.comp_k is not None:
+            sum_k = sum_k + st.comp_k[:, :, None]
+            sum_v = sum_v + st.comp_v[:, :, None]
+        k_hat = sum_k / count.clamp(min=1)[:, None]
+        v_hat = sum_v / count.clamp(min=1)[:, None]
+        logit = (qc * k_hat[:, :, None]).sum(-1) * scaling + torch.log(count.clamp(min=1))
+        logit = logit.masked_fill(count == 0, float("-inf"))
+        probs = torch.softmax(torch.cat([scores, logit[..., None]], -1), -1)
+        chunk = torch.matmul(probs[..., :-1], vv[:, :, None]) + probs[..., -1:] * v_hat[:, :, None]
         out[:, :, :, a:e] = chunk.to(out.dtype)
     return out.reshape(b, hq, m, d)
 

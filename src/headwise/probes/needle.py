@@ -2,8 +2,10 @@
 
 The prompt is assembled from separately tokenized pieces (instruction, filler, needle,
 filler, question), so the needle's token span is known exactly rather than re-found in a
-re-tokenized string. Instruct models get their chat template; base models a plain
-"Question: ... Answer:" frame.
+re-tokenized string. Needle prompts put the haystack in a chat turn when the tokenizer has a
+chat template and use a plain "Question: ... Answer:" frame otherwise. The passkey task keeps
+its paper's form for every model, a plain continuation ending "... The pass key is": small
+instruct models (SmolLM2-135M) answer it at 8K tokens, yet fail it past 2K inside a chat turn.
 
 Filler styles:
 - "essay": the bundled public-domain prose (or the user's text), at a seeded offset;
@@ -98,9 +100,12 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _frame(tokenizer: Any, question: str, answer_prefix: str, intro: str) -> tuple[list[int], list[int]]:
-    """Token ids before and after the haystack."""
-    if getattr(tokenizer, "chat_template", None):
+def _frame(tokenizer: Any, question: str, answer_prefix: str, intro: str,
+           chat: bool | None = None) -> tuple[list[int], list[int]]:
+    """Token ids before and after the haystack; chat=None uses the chat template when there is one."""
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
+    if chat:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": PLACEHOLDER}], tokenize=False,
                                                  add_generation_prompt=True)
         before, after = rendered.split(PLACEHOLDER)
@@ -140,11 +145,14 @@ def _boundaries(tokenizer: Any, ids: list[int]) -> list[int]:
 
 def build_case(tokenizer: Any, needles: list[Needle], depths: list[float], *, context: int, question: str,
                target: int = 0, filler: str = "essay", seed: int = 0, text: str | Path | None = None,
-               answer_prefix: str = "", intro: str = "", max_positions: int | None = None) -> NeedleCase:
+               answer_prefix: str = "", intro: str = "", max_positions: int | None = None,
+               chat: bool | None = None) -> NeedleCase:
     """Place `needles` at fractional `depths` of a filler haystack so the prompt is `context` tokens."""
     if max_positions is not None and context > max_positions:
         raise HeadwiseError(f"context of {context} tokens is longer than this model allows ({max_positions})")
-    before, after = _frame(tokenizer, question, answer_prefix, intro)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise HeadwiseError("chat=True needs a tokenizer with a chat template; this one has none")
+    before, after = _frame(tokenizer, question, answer_prefix, intro, chat)
     needle_ids = [_encode(tokenizer, " " + n.text.strip() + " ") for n in needles]
     n_filler = context - len(before) - len(after) - sum(len(n) for n in needle_ids)
     if n_filler < 0:
@@ -164,8 +172,8 @@ def build_case(tokenizer: Any, needles: list[Needle], depths: list[float], *, co
         last = cut
     ids += hay[last:] + after
     settings = {"context": context, "depths": list(depths), "filler": filler, "seed": seed,
-                "text": "bundled" if text is None else str(text), "chat_template": bool(
-                    getattr(tokenizer, "chat_template", None))}
+                "text": "bundled" if text is None else str(text),
+                "chat_template": bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat}
     return NeedleCase(input_ids=torch.tensor([ids]), needle_spans=spans, needles=list(needles), target=target,
                       settings=settings)
 
@@ -181,8 +189,9 @@ def needle_case(tokenizer: Any, *, context: int, depth: float, needle: Needle | 
 
 
 def passkey_case(tokenizer: Any, *, context: int, depth: float, seed: int = 0, filler: str = "repeat",
-                 text: str | Path | None = None, max_positions: int | None = None) -> NeedleCase:
-    """The passkey task (Mohtashami & Jaggi 2023): a 5-digit key hidden in filler."""
+                 text: str | Path | None = None, max_positions: int | None = None,
+                 chat: bool = False) -> NeedleCase:
+    """The passkey task (Mohtashami & Jaggi 2023): a 5-digit key hidden in filler, as a plain continuation."""
     key = str(random.Random(f"passkey-{seed}").randrange(10000, 100000))
     needle = Needle(text=f"The pass key is {key}. Remember it. {key} is the pass key.",
                     question="What is the pass key?", answer=key)
@@ -190,7 +199,7 @@ def passkey_case(tokenizer: Any, *, context: int, depth: float, seed: int = 0, f
              "I will quiz you about the important information there.\n\n")
     case = build_case(tokenizer, [needle], [depth], context=context, question=needle.question,
                       answer_prefix=" The pass key is", intro=intro, filler=filler, seed=seed, text=text,
-                      max_positions=max_positions)
+                      max_positions=max_positions, chat=chat)
     case.settings["task"] = "passkey"
     return case
 
