@@ -70,3 +70,15 @@ def test_plot_accuracy_against_bytes(tmp_path):
         "full": {"kv_bytes": 2 ** 21, "accuracy": 1.0}, "streaming": {"kv_bytes": 2 ** 20, "accuracy": 0.25}}}}}
     path = plot(result, tmp_path / "kv.png")
     assert path is not None and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_needle_replies_get_room_for_the_needle_sentence(tiny_dir):
+    import headwise
+    from headwise.kv.evaluate import run_retrieval
+
+    loaded = headwise.load(str(tiny_dir))
+    settings = EvalSettings(tasks=("needle", "passkey"), contexts=(160,), depths=(0.5,), trials=1, max_new_tokens=3,
+                            fillers=("words",))
+    rows = run_retrieval(loaded, ["full"], settings)
+    by_task = {r["task"]: r["new_tokens"] for r in rows}
+    assert by_task["passkey"] <= 3 < by_task["needle"]
