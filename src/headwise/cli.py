@@ -38,6 +38,12 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
                    help="tokens per text sequence of the importance_* scores")
     p.add_argument("--importance-sequences", type=int, default=d.importance_sequences,
                    help="text sequences of the importance_* scores")
+    p.add_argument("--duo-steps", type=int, default=d.duo_steps,
+                   help="training steps of the duo score (DuoAttention gates; the paper: 2000 on GPUs)")
+    p.add_argument("--duo-haystack", type=int, default=d.duo_haystack,
+                   help="prose tokens per duo training sample (plus the passkeys and questions)")
+    p.add_argument("--duo-passkeys", type=int, default=d.duo_passkeys,
+                   help="passkeys (32 words each) per duo training sample (the paper: 10)")
     p.add_argument("--no-report", action="store_true",
                    help="skip the attention samples and report.html written beside the atlas")
 
@@ -53,7 +59,8 @@ def _run_profile(args: argparse.Namespace) -> None:
     for name in scores or []:
         if name not in all_score_names():
             raise HeadwiseError(f"unknown score '{name}'; choose from {', '.join(all_score_names())}")
-    for flag in ("context", "text_sequences", "sink_tokens", "window", "importance_context", "importance_sequences"):
+    for flag in ("context", "text_sequences", "sink_tokens", "window", "importance_context", "importance_sequences",
+                 "duo_steps", "duo_haystack", "duo_passkeys"):
         if getattr(args, flag) < 1:
             raise HeadwiseError(f"--{flag.replace('_', '-')} must be a positive integer")
     settings = ProfileSettings(seed=args.seed, context=args.context, text=args.text,
@@ -63,7 +70,8 @@ def _run_profile(args: argparse.Namespace) -> None:
                                importance_sequences=args.importance_sequences)
     import dataclasses
 
-    settings = dataclasses.replace(settings, retrieval_grid=args.grid)
+    settings = dataclasses.replace(settings, retrieval_grid=args.grid, duo_steps=args.duo_steps,
+                                   duo_haystack=args.duo_haystack, duo_passkeys=args.duo_passkeys)
     loaded = load(args.model)
     out = Path(args.out) if args.out else Path(f"atlas-{Path(args.model).stem}")
     atlas = profile(loaded, scores, settings)

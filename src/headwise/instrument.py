@@ -22,7 +22,7 @@ cache; large ones are mapped and unmapped on every chunk, which costs more than 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,11 +67,14 @@ class Session:
     """Activate observers and head interventions for the forward passes inside `with`.
 
     head_scale: [layers, q_heads] applied to every batch row, or [batch, layers, q_heads].
+    mix: replaces each layer's attention output, mix(module, layer, query, key, value, scaling,
+    out) -> out with out [batch, queries, q_heads, head_dim] (DuoAttention's gated blend).
     """
 
     def __init__(self, geometry: Geometry, observers: Sequence[Observer] = (), head_scale: Tensor | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, mix: Callable[..., Tensor] | None = None):
         self.geometry = geometry
+        self.mix = mix
         self.observers = list(observers)
         self.chunk_bytes = int(chunk_bytes)
         if head_scale is not None:
@@ -212,6 +215,8 @@ def headwise_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                         **kwargs)
     # out: [batch, queries, q_heads, head_dim], the layout the output projection reads.
+    if session is not None and session.mix is not None and attend is None:
+        out = session.mix(module, layer, query, key, value, scaling, out)
     if session is not None:
         scale = session.scale_for(layer, out.shape[0])
         if scale is not None:

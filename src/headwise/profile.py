@@ -43,6 +43,14 @@ class ProfileSettings:
     importance_batch: int = 4  # sequences per forward/backward pass of importance_grad and importance_norm
     ablation_tokens: int = 16384  # rows x tokens per batched-ablation pass (bounds its memory)
     retrieval_grid: str = "default"  # needle trials behind retrieval scores: 'default' (minutes) or 'full' (paper)
+    duo_steps: int = 100  # DuoAttention gate training steps (the paper: 2000 on GPUs)
+    duo_haystack: int = 1024  # prose tokens per DuoAttention training sample (the paper: 1K-32K)
+    duo_passkeys: int = 10
+    duo_passkey_words: int = 32
+    duo_sink: int = 128
+    duo_window: int = 256
+    duo_lr: float = 0.02
+    duo_reg: float = 0.05
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -155,15 +155,17 @@ class RetrievalTask(ValidationTask):
 
     def settings(self) -> dict[str, Any]:
         return {"context": self.context, "passkeys": self.passkeys, "passkey_filler": "repeat",
-                "passkey_depths": "evenly spaced in [0.1, 0.9]", "needles": self.needles, "needle_depth": self.depth,
+                "passkey_depths": "evenly spaced in [0.1, 0.9]",
+                "frame": "chat turn when the tokenizer has a chat template", "needles": self.needles,
+                "needle_depth": self.depth,
                 "needle_filler": "essay", "text": "bundled" if self.text is None else str(self.text),
                 "seed": self.seed, "correct": "greedy reply contains the answer (case and punctuation ignored)"}
 
     def cases(self, loaded: Any) -> list[Any]:
         tok, limit = loaded.tokenizer, loaded.geometry.max_positions
         depths = np.linspace(0.1, 0.9, self.passkeys) if self.passkeys > 1 else [0.5] * self.passkeys
-        cases = [passkey_case(tok, context=self.context, depth=float(d), seed=self.seed + i, max_positions=limit)
-                 for i, d in enumerate(depths)]
+        cases = [passkey_case(tok, context=self.context, depth=float(d), seed=self.seed + i, max_positions=limit,
+                              chat=None) for i, d in enumerate(depths)]
         for case in cases:
             case.settings["label"] = f"passkey {case.answer} at depth {case.settings['depths'][0]:.2f}"
         for i, n in enumerate(bundled_needles()[:self.needles]):

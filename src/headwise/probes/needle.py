@@ -4,8 +4,9 @@ The prompt is assembled from separately tokenized pieces (instruction, filler, n
 filler, question), so the needle's token span is known exactly rather than re-found in a
 re-tokenized string. Needle prompts put the haystack in a chat turn when the tokenizer has a
 chat template and use a plain "Question: ... Answer:" frame otherwise. The passkey task keeps
-its paper's form for every model, a plain continuation ending "... The pass key is": small
-instruct models (SmolLM2-135M) answer it at 8K tokens, yet fail it past 2K inside a chat turn.
+its paper's form for every model, a plain continuation ending "What is the pass key? The pass
+key is": SmolLM2-135M-Instruct answers it at 4K tokens, yet mostly fails it there inside a chat
+turn or after "Question: ... Answer:".
 
 Filler styles:
 - "essay": the bundled public-domain prose (or the user's text), at a seeded offset;
@@ -100,8 +101,12 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _frame(tokenizer: Any, question: str, answer_prefix: str, intro: str,
-           chat: bool | None = None) -> tuple[list[int], list[int]]:
+PLAIN_QA = "\n\nQuestion: {question}\nAnswer:{answer_prefix}"
+PASSKEY_QA = "\n\n{question}{answer_prefix}"  # Mohtashami & Jaggi: "... What is the pass key? The pass key is"
+
+
+def _frame(tokenizer: Any, question: str, answer_prefix: str, intro: str, chat: bool | None = None,
+           plain: str = PLAIN_QA) -> tuple[list[int], list[int]]:
     """Token ids before and after the haystack; chat=None uses the chat template when there is one."""
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
@@ -112,7 +117,8 @@ def _frame(tokenizer: Any, question: str, answer_prefix: str, intro: str,
         return (_encode(tokenizer, before + intro),
                 _encode(tokenizer, "\n\n" + question) + _encode(tokenizer, after + answer_prefix))
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    return bos + _encode(tokenizer, intro), _encode(tokenizer, f"\n\nQuestion: {question}\nAnswer:{answer_prefix}")
+    return bos + _encode(tokenizer, intro), _encode(tokenizer, plain.format(question=question,
+                                                                            answer_prefix=answer_prefix))
 
 
 def _filler(tokenizer: Any, style: str, n_tokens: int, rng: random.Random, text: str | Path | None) -> list[int]:
@@ -146,13 +152,13 @@ def _boundaries(tokenizer: Any, ids: list[int]) -> list[int]:
 def build_case(tokenizer: Any, needles: list[Needle], depths: list[float], *, context: int, question: str,
                target: int = 0, filler: str = "essay", seed: int = 0, text: str | Path | None = None,
                answer_prefix: str = "", intro: str = "", max_positions: int | None = None,
-               chat: bool | None = None) -> NeedleCase:
+               chat: bool | None = None, plain: str = PLAIN_QA) -> NeedleCase:
     """Place `needles` at fractional `depths` of a filler haystack so the prompt is `context` tokens."""
     if max_positions is not None and context > max_positions:
         raise HeadwiseError(f"context of {context} tokens is longer than this model allows ({max_positions})")
     if chat and not getattr(tokenizer, "chat_template", None):
         raise HeadwiseError("chat=True needs a tokenizer with a chat template; this one has none")
-    before, after = _frame(tokenizer, question, answer_prefix, intro, chat)
+    before, after = _frame(tokenizer, question, answer_prefix, intro, chat, plain)
     needle_ids = [_encode(tokenizer, " " + n.text.strip() + " ") for n in needles]
     n_filler = context - len(before) - len(after) - sum(len(n) for n in needle_ids)
     if n_filler < 0:
@@ -190,8 +196,9 @@ def needle_case(tokenizer: Any, *, context: int, depth: float, needle: Needle | 
 
 def passkey_case(tokenizer: Any, *, context: int, depth: float, seed: int = 0, filler: str = "repeat",
                  text: str | Path | None = None, max_positions: int | None = None,
-                 chat: bool = False) -> NeedleCase:
-    """The passkey task (Mohtashami & Jaggi 2023): a 5-digit key hidden in filler, as a plain continuation."""
+                 chat: bool | None = False) -> NeedleCase:
+    """The passkey task (Mohtashami & Jaggi 2023): a 5-digit key hidden in filler, as a plain continuation
+    (chat=None: in a chat turn when the tokenizer has a template, as the needle prompts)."""
     key = str(random.Random(f"passkey-{seed}").randrange(10000, 100000))
     needle = Needle(text=f"The pass key is {key}. Remember it. {key} is the pass key.",
                     question="What is the pass key?", answer=key)
@@ -199,7 +206,7 @@ def passkey_case(tokenizer: Any, *, context: int, depth: float, seed: int = 0, f
              "I will quiz you about the important information there.\n\n")
     case = build_case(tokenizer, [needle], [depth], context=context, question=needle.question,
                       answer_prefix=" The pass key is", intro=intro, filler=filler, seed=seed, text=text,
-                      max_positions=max_positions, chat=chat)
+                      max_positions=max_positions, chat=chat, plain=PASSKEY_QA)
     case.settings["task"] = "passkey"
     return case
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import HeadwiseError
 from .base import ComputedScoreFamily, ScoreFamily, ScoreObserver, ScoreResult
 from .distance import DistanceScores
+from .duo import DuoScores
 from .importance import ImportanceScores
 from .patterns import PatternScores
 from .razor import RazorScores
@@ -17,6 +18,7 @@ FAMILIES: list[ScoreFamily] = [PatternScores(), RazorScores(), SinkScores(), Str
 FAMILIES.append(RetrievalScores())  # decodes needle trials: minutes, so not in DEFAULT_SCORES
 FAMILIES.append(ImportanceScores())  # gradients and 1 pass per few heads: opt-in via --scores
 FAMILIES.append(SuccessorScores())  # weights-based OV circuit on ordinal tokens: opt-in via --scores
+FAMILIES.append(DuoScores())  # trains DuoAttention's gates (backward passes): opt-in via --scores
 
 # The pattern battery `headwise profile` runs when --scores is not given.
 DEFAULT_SCORES: tuple[str, ...] = ("previous_token", "duplicate_token", "induction", "echo", "razor_induction",
