@@ -1,7 +1,8 @@
 """Decode speed of two KV policies in ONE process, alternating short bursts (controls for load drift).
 
-    python bench/kv_decode_interleaved.py --model smollm2-135m --atlas /tmp/atlas-smollm2 --policy razor@0.25 \
-        --context 4096 --out bench/results/kv_decode_smollm2.json
+    python bench/kv_decode_interleaved.py --model smollm2-135m --atlas bench/results/atlas-smollm2-retrieval.json \
+        --policy headwise:retrieval@0.25 --context 8176 --rounds 7 --burst 8 \
+        --out bench/results/kv_decode_smollm2_8k.json
 
 Both caches are prefilled once with the same prompt; then rounds of `--burst` greedy steps
 alternate between the full cache and the policy. Reported: tokens/s per round and the median ratio.
@@ -24,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--atlas", required=True)
-    ap.add_argument("--policy", default="razor@0.25")
+    ap.add_argument("--policy", default="headwise:retrieval@0.25")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--burst", type=int, default=6)
@@ -39,6 +40,8 @@ def main() -> None:
     from headwise.kv.evaluate import parse_policy
     from headwise.probes.needle import passkey_case
 
+    if os.environ.get("HEADWISE_THREADS"):
+        torch.set_num_threads(int(os.environ["HEADWISE_THREADS"]))
     loaded = headwise.load(args.model)
     atlas = Atlas.load(args.atlas)
     case = passkey_case(loaded.tokenizer, context=args.context, depth=0.5, seed=0)

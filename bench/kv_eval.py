@@ -1,6 +1,7 @@
 """Head-aware KV cache vs full cache, StreamingLLM, random heads and SnapKV, measured side by side.
 
-    python bench/kv_eval.py --model smollm2-135m --atlas /tmp/atlas-smollm2 --out bench/results/kv_smollm2.json
+    python bench/kv_eval.py --atlas bench/results/atlas-smollm2-retrieval-duo.json --head-policy headwise:duo@0.25 \
+        --extra headwise:retrieval@0.25 --contexts 4096 --skip perplexity,speed --out kv.json
 
 At every context the baselines are sized against the head-aware policy measured there:
 StreamingLLM and SnapKV get the same KV bytes, the random control the same number of full
@@ -26,13 +27,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--atlas", required=True)
-    ap.add_argument("--head-policy", default="razor@0.25", help="the head-aware policy under test")
+    ap.add_argument("--head-policy", default="headwise:duo@0.25", help="the head-aware policy under test")
     ap.add_argument("--contexts", default="1024,2048,4096,8192")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--trials", type=int, default=2, help="seeds per context x depth")
     ap.add_argument("--long-depths", default=None, help="depths for contexts >= 4096 (default: --depths)")
     ap.add_argument("--longest-depths", default=None, help="depths for contexts >= 8192 (default: --long-depths)")
     ap.add_argument("--random-seeds", default="0,1,2", help="one random-heads control per seed")
+    ap.add_argument("--extra", default="", help="more policy specs to run beside the others, labelled by their spec "
+                                                "(e.g. another score's selection)")
     ap.add_argument("--snapkv-max-context", type=int, default=1 << 30, help="SnapKV only up to this context (its "
                                                                             "prefill costs as much as the full "
                                                                             "cache's)")
@@ -82,6 +85,7 @@ def main() -> None:
         for seed in random_seeds:
             specs[f"random heads (seed {seed})"] = f"random@{head.full_fraction:.4f}:{seed}{suffix}"
         specs["snapkv (same bytes)"] = f"snapkv@{ratio:.4f}"
+        specs.update({x.strip(): x.strip() for x in args.extra.split(",") if x.strip()})
         return specs
 
     out = Path(args.out)
