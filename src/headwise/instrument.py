@@ -292,6 +292,13 @@ def attach(model: Any) -> Geometry:
                     vocab_size=geometry.vocab_size)
 
 
+def sink_window_mask(query_positions: Tensor, key_positions: Tensor, sink: int, window: int) -> Tensor:
+    """[q, k] True where a streaming head keeps key j for the query at position i: j <= i and
+    j is one of the first `sink` tokens or one of the last `window` (the query's own included)."""
+    k, q = key_positions[None, :], query_positions[:, None]
+    return (k <= q) & ((k < sink) | (k > q - window))
+
+
 def ablation_scale(geometry: Geometry, heads: Sequence[tuple[int, int]], value: float = 0.0) -> Tensor:
     """A [layers, heads] scale that multiplies the given (layer, head) outputs by `value`."""
     scale = torch.ones(geometry.n_layers, geometry.n_heads)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import HeadwiseError
+from ..instrument import sink_window_mask
 from .cache import MixedView, StreamingKeys
 
 CHUNK_BYTES = 8 * 2**20
@@ -84,7 +85,7 @@ def streaming_heads_attention(query: Tensor, st: StreamingKeys, scaling: float, 
         kk = torch.cat([st.keys[:, :, :n_sinks], st.keys[:, :, lo:hi]], 2)
         vv = torch.cat([st.values[:, :, :n_sinks], st.values[:, :, lo:hi]], 2)
         kpc = torch.cat([kp[:n_sinks], kp[lo:hi]])
-        allowed = (kpc[None, :] <= qp[:, None]) & ((kpc[None, :] < sink) | (kpc[None, :] > qp[:, None] - window))
+        allowed = sink_window_mask(qp, kpc, sink, window)
         if not compensate:  # SDPA's fused kernel with the band as its mask (every query sees at least itself)
             out[:, :, :, a:e] = F.scaled_dot_product_attention(
                 query[:, :, a:e], kk.to(query.dtype), vv.to(query.dtype), attn_mask=allowed, scale=scaling,

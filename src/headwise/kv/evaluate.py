@@ -171,10 +171,9 @@ def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: 
     all_cases = [(meta, case, ctx) for task, ctx in work for meta, case in _cases(loaded, task, settings, ctx)]
     for meta, case, ctx in progress(all_cases, desc="kv eval cases", unit="case"):
         policies = _policies_for(specs, loaded, atlas, ctx, settings)
-        # Small models restate the needle sentence before its answer: give them its length (as the retrieval score).
-        start, end = case.needle_spans[case.target]
+        # Needle replies get room to restate the needle sentence, as the retrieval score's decoding does.
         budget = settings.max_new_tokens if meta["task"] == "passkey" else max(
-            settings.max_new_tokens, min(end - start + 4, (loaded.geometry.max_positions or 1 << 30) - case.length))
+            settings.max_new_tokens, min(case.reply_budget, (loaded.geometry.max_positions or 1 << 30) - case.length))
         for spec, policy in policies.items():
             res = greedy(loaded, case.input_ids, policy, max_new_tokens=budget, prefill_chunk=settings.prefill_chunk)
             rows.append({**meta, "policy": spec, "tokens": case.length, "answer": case.answer, "reply": res.text,

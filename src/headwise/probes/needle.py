@@ -44,6 +44,9 @@ _WORDS = ("time year people way day man thing woman life child world school stat
           "education").split()
 
 
+REPLY_EXTRA_TOKENS = 4  # a small model often restates the needle sentence before (or as) its answer
+
+
 @dataclass(frozen=True)
 class Needle:
     text: str
@@ -64,6 +67,12 @@ class NeedleCase:
     @property
     def answer(self) -> str:
         return self.needles[self.target].answer
+
+    @property
+    def reply_budget(self) -> int:
+        """New tokens for a reply that restates the target needle: its length + REPLY_EXTRA_TOKENS."""
+        start, end = self.needle_spans[self.target]
+        return end - start + REPLY_EXTRA_TOKENS
 
     @property
     def length(self) -> int:

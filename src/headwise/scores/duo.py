@@ -35,16 +35,10 @@ from torch import Tensor
 
 from .._progress import progress
 from ..errors import HeadwiseError
-from ..instrument import Session
+from ..instrument import Session, sink_window_mask
 from ..probes.passkeys import MultiPasskeySamples
 from .ablation import final_hidden
 from .base import ComputedScoreFamily, ScoreResult
-
-
-def _band_mask(t: int, sink: int, window: int, device: torch.device) -> Tensor:
-    i = torch.arange(t, device=device)
-    j = i[None, :]
-    return (j <= i[:, None]) & ((j < sink) | (j > i[:, None] - window))
 
 
 def gated_mix(geometry: Any, gates: Tensor, sink: int, window: int) -> Callable[..., Tensor]:
@@ -59,7 +53,8 @@ def gated_mix(geometry: Any, gates: Tensor, sink: int, window: int) -> Callable[
         if key.shape[2] != t:
             raise HeadwiseError("DuoAttention gates are trained on whole sequences; call the model without a cache")
         if t not in masks:
-            masks[t] = _band_mask(t, sink, window, query.device)
+            positions = torch.arange(t, device=query.device)
+            masks[t] = sink_window_mask(positions, positions, sink, window)
         stream = F.scaled_dot_product_attention(query, key, value, attn_mask=masks[t], scale=scaling,
                                                 enable_gqa=key.shape[1] != query.shape[1]).transpose(1, 2)
         a = gates[layer].to(out.dtype).repeat_interleave(geometry.group_size)[None, None, :, None]

@@ -39,7 +39,7 @@ from .._progress import note, progress
 from ..errors import HeadwiseError
 from ..geometry import Geometry
 from ..instrument import AttentionChunk, Observer, Session
-from ..probes.needle import NeedleCase, answer_found, bundled_needles, needle_case, normalize
+from ..probes.needle import REPLY_EXTRA_TOKENS, NeedleCase, answer_found, bundled_needles, needle_case, normalize
 from .base import ComputedScoreFamily, ScoreResult
 
 # Contexts where smollm2-135m still retrieves (measured: needle accuracy 12/12 at 256, 9/12 at
@@ -51,7 +51,7 @@ GRIDS: dict[str, dict[str, tuple]] = {
     "full": {"contexts": tuple(int(round(x)) for x in np.linspace(1000, 50000, 20)),
              "depths": tuple(float(x) for x in np.linspace(0.0, 1.0, 10))},
 }
-EXTRA_DECODE_TOKENS = 4  # decode up to len(needle) + this many tokens (the reply repeats the needle)
+EXTRA_DECODE_TOKENS = REPLY_EXTRA_TOKENS  # decode up to len(needle) + this many tokens (NeedleCase.reply_budget)
 MIN_RECALL = 0.5
 
 
@@ -157,7 +157,7 @@ def decode_trial(loaded: Any, case: NeedleCase, max_new_tokens: int | None = Non
     geometry, model = loaded.geometry, loaded.model
     span = case.needle_spans[case.target]
     if max_new_tokens is None:
-        max_new_tokens = span[1] - span[0] + EXTRA_DECODE_TOKENS
+        max_new_tokens = case.reply_budget
     prompt = case.input_ids[0].tolist()
     geometry.check_context(case.length + max_new_tokens)
     stops = stop_ids(loaded)

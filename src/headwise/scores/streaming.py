@@ -15,7 +15,7 @@ import torch
 
 from ..errors import HeadwiseError
 from ..geometry import Geometry
-from ..instrument import AttentionChunk
+from ..instrument import AttentionChunk, sink_window_mask
 from ..probes import Probe
 from .base import PerSequence, ScoreFamily, ScoreObserver, ScoreResult, mean_ratio, weighted_sum
 from .text_probe import make_text_probe, text_probe_key
@@ -35,8 +35,7 @@ class _StreamingObserver(ScoreObserver):
         if n_scored == 0:
             return
         keys = torch.arange(a.shape[-1], device=a.device) + chunk.key_offset
-        recent = (keys[None, :] > positions[:, None] - self.window) & (keys[None, :] <= positions[:, None])
-        keep = ((keys[None, :] < self.sink_tokens) | recent) & scored[:, None]  # [q, k]
+        keep = sink_window_mask(positions, keys, self.sink_tokens, self.window) & scored[:, None]  # [q, k]
         self.kept.add(chunk.layer, weighted_sum(a, keep))
         self.queries.add(chunk.layer, torch.full(a.shape[:2], n_scored, dtype=torch.float64))
 
