@@ -1,0 +1,85 @@
+"""Passkey accuracy of a few KV policies at one context: a quick sweep beside bench/kv_eval.py.
+
+    python bench/kv_sweep.py --atlas bench/results/atlas-smollm2-retrieval-duo.json --context 4096 \
+        --depths 0.5,0.7,0.9 --policies headwise:duo@0.5,headwise:duo@0.75 --out sweep.json
+
+Unlike kv_eval.py it does not size baselines against a head policy: every spec is run as given
+(see kv/evaluate.py for the spec syntax), with the same prompts, and the rows are written out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HEADWISE_QUIET", "1")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--atlas", required=True)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    ap.add_argument("--trials", type=int, default=1)
+    ap.add_argument("--sink", type=int, default=64)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--policies", required=True)
+    ap.add_argument("--exactness", action="store_true",
+                    help="also: max |logit difference| from the full cache at the prompt's end for mixed and "
+                         "all-streaming policies whose window is longer than the prompt (must be ~0)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    import headwise
+    from headwise.atlas import Atlas, versions
+    from headwise.kv.evaluate import EvalSettings, run_retrieval, summarize
+
+    if os.environ.get("HEADWISE_THREADS"):
+        torch.set_num_threads(int(os.environ["HEADWISE_THREADS"]))
+    loaded = headwise.load(args.model)
+    atlas = Atlas.load(args.atlas)
+    atlas.check_model(loaded.info, loaded.geometry)
+    settings = EvalSettings(tasks=("passkey",), contexts=(args.context,),
+                            depths=tuple(float(d) for d in args.depths.split(",")), trials=args.trials,
+                            sink=args.sink, window=args.window)
+    specs = [s.strip() for s in args.policies.split(",") if s.strip()]
+    rows = run_retrieval(loaded, specs, settings, atlas)
+    summary = summarize(rows)["passkey"][str(args.context)]
+    out = {"model": loaded.info.to_dict(), "versions": versions(), "args": vars(args),
+           "torch_threads": torch.get_num_threads(), "summary": summary, "rows": rows}
+    if args.exactness:
+        out["exactness"] = _exactness(loaded, args.context)
+        print("exactness:", out["exactness"])
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    for spec, c in summary.items():
+        print(f"{spec}: {c['correct']}/{c['n']}")
+
+
+def _exactness(loaded, context: int) -> dict[str, float]:
+    import torch
+
+    from headwise.kv import HeadwiseCache, Policy
+    from headwise.kv.generate import prefill
+    from headwise.probes.needle import passkey_case
+
+    g = loaded.geometry
+    case = passkey_case(loaded.tokenizer, context=context, depth=0.5, seed=0)
+    long = context + 1000
+    policies = {"full": Policy.full_cache(g), f"random@0.5 (sink 64, window {long})":
+                Policy.random(g, 0.5, seed=0, sink=64, window=long),
+                f"streaming (sink 4, window {long})": Policy.streaming(g, sink=4, window=long)}
+    logits = {}
+    with torch.no_grad():
+        for name, policy in policies.items():
+            logits[name] = prefill(loaded.model, case.input_ids, HeadwiseCache(policy, max_length=case.length), 1024)
+    return {name: float((x - logits["full"]).abs().max()) for name, x in logits.items() if name != "full"}
+
+
+if __name__ == "__main__":
+    main()
