@@ -118,6 +118,7 @@ def test_gemma3_bundled_model_geometry():
     g = m.geometry
     assert (g.n_layers, g.n_heads, g.n_kv_heads) == (18, 4, 1)
     assert g.layer_types.count("sliding") == 15 and g.sliding_window[0] == 512 and g.sliding_window[5] is None
+    assert g.windowed.count(True) == 15 and not g.windowed[5]  # every 6th layer is global
     from headwise.load import _cache_root
 
     cached = json.loads((_cache_root() / "sha256-index.json").read_text())

@@ -37,6 +37,11 @@ class Geometry:
         return self.n_heads // self.n_kv_heads
 
     @property
+    def windowed(self) -> tuple[bool, ...]:
+        """Per layer: whether the model itself limits attention to a sliding window (Gemma3's local layers)."""
+        return tuple(t == "sliding" for t in self.layer_types)
+
+    @property
     def n_total_heads(self) -> int:
         return self.n_layers * self.n_heads
 

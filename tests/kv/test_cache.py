@@ -160,3 +160,21 @@ def test_greedy_reports_bytes_and_speed():
     res = greedy(lm, _ids(30), Policy.streaming(lm.geometry, sink=2, window=4), max_new_tokens=5, stop_at_eos=False)
     assert len(res.tokens) == 5 and res.kv_bytes > 0 and res.decode_tokens_per_second > 0
     assert res.kv_report["total_bytes"] == res.kv_bytes
+
+
+def test_answer_logprob_is_teacher_forced_and_leaves_the_reply_alone():
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    policy = Policy.random(lm.geometry, 0.5, seed=1, sink=2, window=4)
+    ids, answer = _ids(30), [5, 7, 9]
+    plain = greedy(lm, ids, policy, max_new_tokens=4, stop_at_eos=False)
+    scored = greedy(lm, ids, policy, max_new_tokens=4, stop_at_eos=False, answer_ids=answer)
+    assert scored.tokens == plain.tokens and plain.answer_logprob is None
+    # reference: the prompt and the answer in one pass through a fresh cache
+    whole = torch.cat([ids, torch.tensor([answer[:-1]])], dim=1)
+    logits = _cached_logits(lm.model, whole, HeadwiseCache(policy), [whole.shape[1]])[0, -len(answer):]
+    logp = torch.log_softmax(logits.float(), -1)
+    want = logp[torch.arange(len(answer)), torch.tensor(answer)].mean()
+    assert scored.answer_logprob == pytest.approx(float(want), abs=1e-4)
+    assert scored.answer_argmax == bool((logp.argmax(-1) == torch.tensor(answer)).all())
+    best = [int(t) for t in logp.argmax(-1)]  # the model's own choices score as argmax
+    assert greedy(lm, ids, policy, max_new_tokens=1, answer_ids=best[:1]).answer_argmax

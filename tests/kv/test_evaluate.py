@@ -20,12 +20,13 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_summarize_counts_and_ratios():
-    rows = [{"task": "passkey", "context": 100, "policy": p, "correct": c, "kv_bytes": b}
-            for p, c, b in (("full", True, 100), ("full", False, 100), ("streaming", True, 30),
-                            ("streaming", True, 50))]
+    rows = [{"task": "passkey", "context": 100, "policy": p, "correct": c, "kv_bytes": b, "answer_logprob": lp}
+            for p, c, b, lp in (("full", True, 100, -0.5), ("full", False, 100, -1.5), ("streaming", True, 30, None),
+                                ("streaming", True, 50, None))]
     s = summarize(rows)["passkey"]["100"]
-    assert s["full"]["accuracy"] == 0.5 and s["full"]["n"] == 2
+    assert s["full"]["accuracy"] == 0.5 and s["full"]["n"] == 2 and s["full"]["answer_logprob"] == -1.0
     assert s["streaming"]["accuracy"] == 1.0 and s["streaming"]["kv_ratio"] == 0.4
+    assert s["streaming"]["answer_logprob"] is None
 
 
 def test_evaluate_runs_every_policy_on_the_same_cases(tiny_dir):
@@ -82,3 +83,6 @@ def test_needle_replies_get_room_for_the_needle_sentence(tiny_dir):
     rows = run_retrieval(loaded, ["full"], settings)
     by_task = {r["task"]: r["new_tokens"] for r in rows}
     assert by_task["passkey"] <= 3 < by_task["needle"]
+    # the passkey prompt ends in "The pass key is": its answer is scored teacher-forced; a free-form needle reply is not
+    scored = {r["task"]: r["answer_logprob"] for r in rows}
+    assert scored["passkey"] < 0 and scored["needle"] is None

@@ -366,7 +366,7 @@ class HeadwiseCache(Cache):
         g = policy.geometry
         layers: list[Any] = []
         for layer in range(g.n_layers):
-            if g.layer_types[layer] == "sliding":
+            if g.windowed[layer]:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=g.sliding_window[layer]))
             elif isinstance(policy, SnapKVPolicy):
                 layers.append(SnapKVLayer(layer, g.n_kv_heads, g.head_dim, policy, max_length))

@@ -7,6 +7,7 @@ scores the prompt tokens by its last queries), as its paper does.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ class GenerationResult:
     decode_seconds: float
     kv_bytes: int
     kv_report: dict[str, Any] = field(default_factory=dict)
+    answer_logprob: float | None = None  # mean log-probability (nats) per token of a teacher-forced answer
+    answer_argmax: bool | None = None  # whether every answer token was the most likely next token
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -68,8 +71,13 @@ def prefill(model: Any, ids: Tensor, cache: HeadwiseCache, chunk: int | None) ->
 
 @torch.no_grad()
 def greedy(loaded: Any, input_ids: Tensor, policy: Policy | SnapKVPolicy, max_new_tokens: int = 32,
-           prefill_chunk: int | None = PREFILL_CHUNK, stop_at_eos: bool = True) -> GenerationResult:
-    """Greedy decoding of one prompt [1, T] under `policy`."""
+           prefill_chunk: int | None = PREFILL_CHUNK, stop_at_eos: bool = True,
+           answer_ids: list[int] | None = None) -> GenerationResult:
+    """Greedy decoding of one prompt [1, T] under `policy`.
+
+    With `answer_ids`, also scores that answer teacher-forced after the prompt, on a copy of the
+    prefilled cache (outside the timings): a graded measure beside the all-or-nothing reply.
+    """
     check_policy(policy, loaded)
     if input_ids.dim() != 2:
         raise HeadwiseError("input_ids must be [batch, tokens]")
@@ -82,6 +90,8 @@ def greedy(loaded: Any, input_ids: Tensor, policy: Policy | SnapKVPolicy, max_ne
     t0 = time.perf_counter()
     logits = prefill(model, ids, cache, prefill_chunk)
     t1 = time.perf_counter()
+    logprob, argmax = _score_answer(model, logits, cache, answer_ids) if answer_ids else (None, None)
+    t_decode = time.perf_counter()
     out: list[int] = []
     nxt = logits.argmax(-1, keepdim=True)
     for _ in range(max_new_tokens):
@@ -93,7 +103,21 @@ def greedy(loaded: Any, input_ids: Tensor, policy: Policy | SnapKVPolicy, max_ne
     t2 = time.perf_counter()
     text = loaded.tokenizer.decode(out, skip_special_tokens=True)
     return GenerationResult(tokens=out, text=text, prompt_tokens=int(ids.shape[1]), prefill_seconds=t1 - t0,
-                            decode_seconds=t2 - t1, kv_bytes=cache.nbytes(), kv_report=cache.report())
+                            decode_seconds=t2 - t_decode, kv_bytes=cache.nbytes(), kv_report=cache.report(),
+                            answer_logprob=logprob, answer_argmax=argmax)
+
+
+def _score_answer(model: Any, last_logits: Tensor, cache: HeadwiseCache, answer_ids: list[int]) -> tuple[float, bool]:
+    """Mean log-prob per token of `answer_ids` following the prefilled prompt, and whether each was the argmax.
+    Runs on a copy so that the cache the greedy reply decodes from has not seen the answer."""
+    logits = last_logits[:, None]
+    if len(answer_ids) > 1:
+        ahead = torch.tensor([answer_ids[:-1]], device=last_logits.device)
+        logits = torch.cat([logits, _forward(model, ahead, copy.deepcopy(cache), keep_last=False)], dim=1)
+    logp = torch.log_softmax(logits[0].float(), dim=-1)
+    target = torch.tensor(answer_ids, device=logp.device)
+    picked = logp.gather(1, target[:, None])[:, 0]
+    return float(picked.mean()), bool((logp.argmax(-1) == target).all())
 
 
 @torch.no_grad()

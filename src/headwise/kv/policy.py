@@ -67,7 +67,7 @@ class Policy:
     # ---- what the policy says ---------------------------------------------------------------
     @property
     def model_windowed_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, t in enumerate(self.geometry.layer_types) if t == "sliding")
+        return tuple(i for i, w in enumerate(self.geometry.windowed) if w)
 
     @property
     def selectable(self) -> np.ndarray:
@@ -103,7 +103,7 @@ class Policy:
         per_tok = _bytes_per_token(g, dtype_bytes) * batch
         total = 0
         for layer in range(g.n_layers):
-            if g.layer_types[layer] == "sliding":
+            if g.windowed[layer]:
                 total += g.n_kv_heads * per_tok * min(context, g.sliding_window[layer] - 1)
                 continue
             for h in range(g.n_kv_heads):

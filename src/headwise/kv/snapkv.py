@@ -53,8 +53,8 @@ class SnapKVPolicy:
     def kv_bytes(self, context: int, batch: int = 1, dtype_bytes: int = 4) -> int:
         g = self.geometry
         per_tok = 2 * g.head_dim * dtype_bytes * batch * g.n_kv_heads
-        return sum(per_tok * (min(context, w - 1) if t == "sliding" else self.tokens_kept(context))
-                   for t, w in zip(g.layer_types, g.sliding_window))
+        return sum(per_tok * (min(context, w - 1) if windowed else self.tokens_kept(context))
+                   for windowed, w in zip(g.windowed, g.sliding_window))
 
     def check(self, geometry: Geometry) -> None:
         if (geometry.n_layers, geometry.n_kv_heads, geometry.head_dim) != \

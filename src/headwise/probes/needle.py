@@ -75,6 +75,12 @@ class NeedleCase:
         return end - start + REPLY_EXTRA_TOKENS
 
     @property
+    def continuation(self) -> str | None:
+        """The text a correct reply starts with when the prompt ends in an answer prefix ("The pass key
+        is" -> " 12345"), for scoring the answer's log-probability; None when the reply is free-form."""
+        return " " + self.answer if self.settings.get("answer_prefix") else None
+
+    @property
     def length(self) -> int:
         return int(self.input_ids.shape[1])
 
@@ -188,7 +194,8 @@ def build_case(tokenizer: Any, needles: list[Needle], depths: list[float], *, co
     ids += hay[last:] + after
     settings = {"context": context, "depths": list(depths), "filler": filler, "seed": seed,
                 "text": "bundled" if text is None else str(text),
-                "chat_template": bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat}
+                "chat_template": bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat,
+                "answer_prefix": answer_prefix}
     return NeedleCase(input_ids=torch.tensor([ids]), needle_spans=spans, needles=list(needles), target=target,
                       settings=settings)
 

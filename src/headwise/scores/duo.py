@@ -43,11 +43,10 @@ from .base import ComputedScoreFamily, ScoreResult
 
 def gated_mix(geometry: Any, gates: Tensor, sink: int, window: int) -> Callable[..., Tensor]:
     """instrument.Session(mix=...) blending each KV group's full and sink+window attention by its gate."""
-    gated = [t != "sliding" for t in geometry.layer_types]
     masks: dict[int, Tensor] = {}
 
     def mix(module: Any, layer: int, query: Tensor, key: Tensor, value: Tensor, scaling: float, out: Tensor) -> Tensor:
-        if not gated[layer]:
+        if geometry.windowed[layer]:
             return out
         t = query.shape[2]
         if key.shape[2] != t:
@@ -66,7 +65,7 @@ def gated_mix(geometry: Any, gates: Tensor, sink: int, window: int) -> Callable[
 def train_gates(loaded: Any, settings: Any) -> tuple[np.ndarray, list[dict[str, float]]]:
     """[layers, kv_heads] gates (NaN on the model's own sliding layers) and the loss per step."""
     g, model = loaded.geometry, loaded.model
-    gated = torch.tensor([t != "sliding" for t in g.layer_types])
+    gated = ~torch.tensor(g.windowed)
     gates = torch.ones(g.n_layers, g.n_kv_heads, requires_grad=True)
     steps = int(settings.duo_steps)
     opt = torch.optim.AdamW([gates], lr=settings.duo_lr, weight_decay=0.0)
