@@ -6,8 +6,9 @@
 At every context the baselines are sized against the head-aware policy measured there:
 StreamingLLM and SnapKV get the same KV bytes, the random control the same number of full
 heads with the same streaming shape, drawn with several seeds (one label per seed).
-Every accuracy is reported with its number of trials, beside the mean teacher-forced
-log-probability per token of the passkey (a graded measure: how close a policy came).
+Every accuracy is reported with its number of trials, beside two teacher-forced measures of
+the passkey after the prompt: the share of keys whose every token is the model's top choice
+("key recalled"; the space before the key is left out) and the mean log-probability per token.
 Speed and peak RSS: one subprocess per policy (kv/evaluate.py), in one run.
 """
 
@@ -135,9 +136,10 @@ def main() -> None:
                     "accuracy": mean, "seeds": len(accs), "correct": sum(c["correct"] for c in randoms),
                     "n": sum(c["n"] for c in randoms), "kv_ratio": sum(c["kv_ratio"] for c in randoms) / len(accs),
                     "accuracy_sd": (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5,
-                    "answer_logprob": round(sum(c["answer_logprob"] for c in randoms) / len(accs), 4)}
-            line = "  ".join(f"{label}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%}, logp {c['answer_logprob']:.2f})"
-                             for label, c in cells.items())
+                    "answer_logprob": round(sum(c["answer_logprob"] for c in randoms) / len(accs), 4),
+                    "key_recall": sum(c["key_recall"] for c in randoms) / len(accs)}
+            line = "  ".join(f"{label}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%}, key recalled "
+                             f"{c['key_recall']:.0%}, logp {c['answer_logprob']:.2f})" for label, c in cells.items())
             print(f"passkey @ {ctx}: {line}", flush=True)
             save()
     if "perplexity" not in skip:

@@ -58,7 +58,8 @@ def main() -> None:
         print("exactness:", out["exactness"])
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     for spec, c in summary.items():
-        print(f"{spec}: {c['correct']}/{c['n']}, answer log-prob {c['answer_logprob']:.3f}/token, "
+        print(f"{spec}: {c['correct']}/{c['n']}, key recalled {c['key_recall']:.0%}, "
+              f"answer log-prob {c['answer_logprob']:.3f}/token, "
               f"KV {c['kv_bytes'] / 2**20:.1f} MiB")
 
 

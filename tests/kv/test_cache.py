@@ -173,8 +173,9 @@ def test_answer_logprob_is_teacher_forced_and_leaves_the_reply_alone():
     whole = torch.cat([ids, torch.tensor([answer[:-1]])], dim=1)
     logits = _cached_logits(lm.model, whole, HeadwiseCache(policy), [whole.shape[1]])[0, -len(answer):]
     logp = torch.log_softmax(logits.float(), -1)
-    want = logp[torch.arange(len(answer)), torch.tensor(answer)].mean()
-    assert scored.answer_logprob == pytest.approx(float(want), abs=1e-4)
-    assert scored.answer_argmax == bool((logp.argmax(-1) == torch.tensor(answer)).all())
-    best = [int(t) for t in logp.argmax(-1)]  # the model's own choices score as argmax
-    assert greedy(lm, ids, policy, max_new_tokens=1, answer_ids=best[:1]).answer_argmax
+    want = logp[torch.arange(len(answer)), torch.tensor(answer)]
+    assert scored.answer_logprobs == pytest.approx(want.tolist(), abs=1e-4)
+    assert scored.answer_logprob == pytest.approx(float(want.mean()), abs=1e-4)
+    assert scored.answer_argmax == (logp.argmax(-1) == torch.tensor(answer)).tolist()
+    best = int(logp[0].argmax())  # the model's own first choice scores as the argmax
+    assert greedy(lm, ids, policy, max_new_tokens=1, answer_ids=[best]).answer_argmax == [True]

@@ -20,11 +20,13 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_summarize_counts_and_ratios():
-    rows = [{"task": "passkey", "context": 100, "policy": p, "correct": c, "kv_bytes": b, "answer_logprob": lp}
-            for p, c, b, lp in (("full", True, 100, -0.5), ("full", False, 100, -1.5), ("streaming", True, 30, None),
-                                ("streaming", True, 50, None))]
+    rows = [{"task": "passkey", "context": 100, "policy": p, "correct": c, "kv_bytes": b, "answer_logprob": lp,
+             "key_recalled": k}
+            for p, c, b, lp, k in (("full", True, 100, -0.5, True), ("full", False, 100, -1.5, True),
+                                   ("streaming", True, 30, None, None), ("streaming", True, 50, None, None))]
     s = summarize(rows)["passkey"]["100"]
     assert s["full"]["accuracy"] == 0.5 and s["full"]["n"] == 2 and s["full"]["answer_logprob"] == -1.0
+    assert s["full"]["key_recall"] == 1.0 and s["streaming"]["key_recall"] is None
     assert s["streaming"]["accuracy"] == 1.0 and s["streaming"]["kv_ratio"] == 0.4
     assert s["streaming"]["answer_logprob"] is None
 
@@ -84,5 +86,19 @@ def test_needle_replies_get_room_for_the_needle_sentence(tiny_dir):
     by_task = {r["task"]: r["new_tokens"] for r in rows}
     assert by_task["passkey"] <= 3 < by_task["needle"]
     # the passkey prompt ends in "The pass key is": its answer is scored teacher-forced; a free-form needle reply is not
-    scored = {r["task"]: r["answer_logprob"] for r in rows}
-    assert scored["passkey"] < 0 and scored["needle"] is None
+    scored = {r["task"]: r for r in rows}
+    assert scored["passkey"]["answer_logprob"] < 0 and scored["needle"]["answer_logprob"] is None
+    assert isinstance(scored["passkey"]["key_recalled"], bool) and scored["needle"]["key_recalled"] is None
+
+
+def test_key_recall_ignores_the_space_before_the_key():
+    from headwise.kv.evaluate import _answer_scores
+    from headwise.kv.generate import GenerationResult
+
+    def res(argmax):
+        return GenerationResult(tokens=[], text="", prompt_tokens=1, prefill_seconds=0, decode_seconds=0, kv_bytes=0,
+                                answer_logprobs=[-2.0, -0.1, -0.1], answer_argmax=argmax)
+
+    assert _answer_scores(res([False, True, True]), key_tokens=[1, 2])["key_recalled"]  # " " lost, "12" recalled
+    assert not _answer_scores(res([True, True, False]), key_tokens=[1, 2])["key_recalled"]
+    assert _answer_scores(res([True, True, True]), key_tokens=[1, 2])["answer_logprob"] == pytest.approx(-0.7333, 1e-3)

@@ -174,40 +174,51 @@ def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: 
         # Needle replies get room to restate the needle sentence, as the retrieval score's decoding does.
         budget = settings.max_new_tokens if meta["task"] == "passkey" else max(
             settings.max_new_tokens, min(case.reply_budget, (loaded.geometry.max_positions or 1 << 30) - case.length))
-        answer_ids = None
+        answer_ids, key_tokens = None, None
         if case.continuation is not None:
             answer_ids = list(loaded.tokenizer(case.continuation, add_special_tokens=False).input_ids)
+            # the tokens that spell the key, not the space before it (a choice of format, not of memory)
+            key_tokens = [i for i, t in enumerate(answer_ids) if loaded.tokenizer.decode([t]).strip()]
         for spec, policy in policies.items():
             res = greedy(loaded, case.input_ids, policy, max_new_tokens=budget, prefill_chunk=settings.prefill_chunk,
                          answer_ids=answer_ids)
             rows.append({**meta, "policy": spec, "tokens": case.length, "answer": case.answer, "reply": res.text,
                          "new_tokens": len(res.tokens), "correct": answer_found(res.text, case.answer),
-                         "answer_logprob": None if res.answer_logprob is None else round(res.answer_logprob, 4),
-                         "answer_argmax": res.answer_argmax, "kv_bytes": res.kv_bytes,
+                         **_answer_scores(res, key_tokens), "kv_bytes": res.kv_bytes,
                          "prefill_s": round(res.prefill_seconds, 4), "decode_s": round(res.decode_seconds, 4)})
     return rows
 
 
+def _answer_scores(res: Any, key_tokens: list[int] | None) -> dict[str, Any]:
+    if res.answer_logprobs is None:
+        return {"answer_logprob": None, "key_recalled": None}
+    return {"answer_logprob": round(res.answer_logprob, 4),
+            "answer_token_logprobs": [round(x, 4) for x in res.answer_logprobs],
+            "key_recalled": all(res.answer_argmax[i] for i in key_tokens)}
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """task -> context -> policy -> accuracy, trials, mean KV bytes and ratio to the full cache, and the mean
-    teacher-forced log-probability of the answer (per token, nats) where the task has one."""
+    """task -> context -> policy -> accuracy, trials, mean KV bytes and ratio to the full cache; where the task
+    has a teacher-forced answer, its mean log-probability per token (nats) and the share of keys recalled."""
     out: dict[str, Any] = {}
     for row in rows:
         cell = out.setdefault(row["task"], {}).setdefault(str(row["context"]), {}).setdefault(
-            row["policy"], {"correct": 0, "n": 0, "kv_bytes_sum": 0, "logprobs": []})
+            row["policy"], {"correct": 0, "n": 0, "kv_bytes_sum": 0, "logprobs": [], "recalled": []})
         cell["correct"] += int(row["correct"])
         cell["n"] += 1
         cell["kv_bytes_sum"] += row["kv_bytes"]
         if row.get("answer_logprob") is not None:
             cell["logprobs"].append(row["answer_logprob"])
+            cell["recalled"].append(bool(row["key_recalled"]))
     for task in out.values():
         for ctx in task.values():
             full = ctx.get("full")
             full_bytes = full["kv_bytes_sum"] / full["n"] if full else None
             for cell in ctx.values():
                 cell["accuracy"] = cell["correct"] / cell["n"]
-                lps = cell.pop("logprobs")
+                lps, recalled = cell.pop("logprobs"), cell.pop("recalled")
                 cell["answer_logprob"] = round(sum(lps) / len(lps), 4) if lps else None
+                cell["key_recall"] = sum(recalled) / len(recalled) if recalled else None
                 cell["kv_bytes"] = int(cell.pop("kv_bytes_sum") / cell["n"])
                 cell["kv_ratio"] = round(cell["kv_bytes"] / full_bytes, 4) if full_bytes else None
     return out

@@ -33,8 +33,15 @@ class GenerationResult:
     decode_seconds: float
     kv_bytes: int
     kv_report: dict[str, Any] = field(default_factory=dict)
-    answer_logprob: float | None = None  # mean log-probability (nats) per token of a teacher-forced answer
-    answer_argmax: bool | None = None  # whether every answer token was the most likely next token
+    # With answer_ids: each answer token's log-probability (nats), teacher-forced after the prompt, and
+    # whether it was the most likely next token there.
+    answer_logprobs: list[float] | None = None
+    answer_argmax: list[bool] | None = None
+
+    @property
+    def answer_logprob(self) -> float | None:
+        """Mean log-probability per token of the teacher-forced answer."""
+        return sum(self.answer_logprobs) / len(self.answer_logprobs) if self.answer_logprobs else None
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -90,7 +97,7 @@ def greedy(loaded: Any, input_ids: Tensor, policy: Policy | SnapKVPolicy, max_ne
     t0 = time.perf_counter()
     logits = prefill(model, ids, cache, prefill_chunk)
     t1 = time.perf_counter()
-    logprob, argmax = _score_answer(model, logits, cache, answer_ids) if answer_ids else (None, None)
+    logprobs, argmax = _score_answer(model, logits, cache, answer_ids) if answer_ids else (None, None)
     t_decode = time.perf_counter()
     out: list[int] = []
     nxt = logits.argmax(-1, keepdim=True)
@@ -104,11 +111,12 @@ def greedy(loaded: Any, input_ids: Tensor, policy: Policy | SnapKVPolicy, max_ne
     text = loaded.tokenizer.decode(out, skip_special_tokens=True)
     return GenerationResult(tokens=out, text=text, prompt_tokens=int(ids.shape[1]), prefill_seconds=t1 - t0,
                             decode_seconds=t2 - t_decode, kv_bytes=cache.nbytes(), kv_report=cache.report(),
-                            answer_logprob=logprob, answer_argmax=argmax)
+                            answer_logprobs=logprobs, answer_argmax=argmax)
 
 
-def _score_answer(model: Any, last_logits: Tensor, cache: HeadwiseCache, answer_ids: list[int]) -> tuple[float, bool]:
-    """Mean log-prob per token of `answer_ids` following the prefilled prompt, and whether each was the argmax.
+def _score_answer(model: Any, last_logits: Tensor, cache: HeadwiseCache,
+                  answer_ids: list[int]) -> tuple[list[float], list[bool]]:
+    """Log-prob of each of `answer_ids` following the prefilled prompt, and whether each was the argmax.
     Runs on a copy so that the cache the greedy reply decodes from has not seen the answer."""
     logits = last_logits[:, None]
     if len(answer_ids) > 1:
@@ -117,7 +125,7 @@ def _score_answer(model: Any, last_logits: Tensor, cache: HeadwiseCache, answer_
     logp = torch.log_softmax(logits[0].float(), dim=-1)
     target = torch.tensor(answer_ids, device=logp.device)
     picked = logp.gather(1, target[:, None])[:, 0]
-    return float(picked.mean()), bool((logp.argmax(-1) == target).all())
+    return [float(x) for x in picked], [bool(x) for x in logp.argmax(-1) == target]
 
 
 @torch.no_grad()
