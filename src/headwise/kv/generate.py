@@ -118,10 +118,11 @@ def _score_answer(model: Any, last_logits: Tensor, cache: HeadwiseCache,
                   answer_ids: list[int]) -> tuple[list[float], list[bool]]:
     """Log-prob of each of `answer_ids` following the prefilled prompt, and whether each was the argmax.
     Runs on a copy so that the cache the greedy reply decodes from has not seen the answer."""
-    logits = last_logits[:, None]
-    if len(answer_ids) > 1:
-        ahead = torch.tensor([answer_ids[:-1]], device=last_logits.device)
-        logits = torch.cat([logits, _forward(model, ahead, copy.deepcopy(cache), keep_last=False)], dim=1)
+    steps = [last_logits[:, None]]
+    scratch = copy.deepcopy(cache) if len(answer_ids) > 1 else cache
+    for tok in answer_ids[:-1]:  # one token per call, as decoding feeds them (SnapKV takes no multi-token update)
+        steps.append(_forward(model, torch.tensor([[tok]], device=last_logits.device), scratch, keep_last=True))
+    logits = torch.cat(steps, dim=1)
     logp = torch.log_softmax(logits[0].float(), dim=-1)
     target = torch.tensor(answer_ids, device=logp.device)
     picked = logp.gather(1, target[:, None])[:, 0]
