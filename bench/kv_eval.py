@@ -1,7 +1,8 @@
 """Head-aware KV cache vs full cache, StreamingLLM, random heads and SnapKV, measured side by side.
 
-    python bench/kv_eval.py --atlas bench/results/atlas-smollm2-retrieval-duo.json --head-policy headwise:duo@0.25 \
-        --extra headwise:retrieval@0.25 --contexts 4096 --skip perplexity,speed --out kv.json
+    python bench/kv_eval.py --atlas bench/results/atlas-smollm2-duo4k.json --head-policy headwise:duo@0.25 \
+        --extra bench/results/policy-smollm2-duo1k-0.25.json,bench/results/policy-smollm2-retrieval-0.25.json \
+        --contexts 4096 --trials 2 --skip perplexity,speed --out kv.json
 
 At every context the baselines are sized against the head-aware policy measured there:
 StreamingLLM and SnapKV get the same KV bytes, the random control the same number of full
