@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--head-policy", default="headwise:duo@0.25", help="the head-aware policy under test")
     ap.add_argument("--contexts", default="1024,2048,4096,8192")
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    ap.add_argument("--task", default="passkey", choices=("passkey", "needle"),
+                    help="passkey (repeated filler, as in the paper) or needle (bundled needles in bundled prose)")
     ap.add_argument("--trials", type=int, default=2, help="seeds per context x depth")
     ap.add_argument("--long-depths", default=None, help="depths for contexts >= 4096 (default: --depths)")
     ap.add_argument("--longest-depths", default=None, help="depths for contexts >= 8192 (default: --long-depths)")
@@ -115,9 +117,10 @@ def main() -> None:
     if "retrieval" not in skip:
         for ctx in contexts:
             depths = args.depths if ctx < 4096 else long_depths if ctx < 8192 else longest_depths
-            settings = EvalSettings(tasks=("passkey",), contexts=(ctx,), depths=tuple(float(d) for d in
-                                                                                    depths.split(",")),
-                                    trials=args.trials, fillers=("repeat",), sink=args.sink, window=args.window)
+            settings = EvalSettings(tasks=(args.task,), contexts=(ctx,), depths=tuple(float(d) for d in
+                                                                                depths.split(",")),
+                                    trials=args.trials, fillers=("repeat" if args.task == "passkey" else "essay",),
+                                    sink=args.sink, window=args.window)
             labels = specs_at(ctx)
             if ctx > args.snapkv_max_context:
                 labels.pop("snapkv (same bytes)")
@@ -126,7 +129,7 @@ def main() -> None:
             for row in rows:
                 row["label"] = by_spec[row["policy"]]
             result["rows"] = [r for r in result["rows"] if r["context"] != ctx] + rows
-            summary = summarize(rows)["passkey"][str(ctx)]
+            summary = summarize(rows)[args.task][str(ctx)]
             result["retrieval"][str(ctx)] = {label: {**summary[spec], "spec": spec} for label, spec in labels.items()}
             cells = result["retrieval"][str(ctx)]
             randoms = [c for label, c in cells.items() if label.startswith("random heads (seed")]
@@ -137,11 +140,14 @@ def main() -> None:
                     "accuracy": mean, "seeds": len(accs), "correct": sum(c["correct"] for c in randoms),
                     "n": sum(c["n"] for c in randoms), "kv_ratio": sum(c["kv_ratio"] for c in randoms) / len(accs),
                     "accuracy_sd": (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5,
-                    "answer_logprob": round(sum(c["answer_logprob"] for c in randoms) / len(accs), 4),
-                    "key_recall": sum(c["key_recall"] for c in randoms) / len(accs)}
-            line = "  ".join(f"{label}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%}, key recalled "
-                             f"{c['key_recall']:.0%}, logp {c['answer_logprob']:.2f})" for label, c in cells.items())
-            print(f"passkey @ {ctx}: {line}", flush=True)
+                    **({} if randoms[0]["key_recall"] is None else {
+                        "answer_logprob": round(sum(c["answer_logprob"] for c in randoms) / len(accs), 4),
+                        "key_recall": sum(c["key_recall"] for c in randoms) / len(accs)})}
+            line = "  ".join(f"{label}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%}" + (
+                "" if c.get("key_recall") is None else
+                f", key recalled {c['key_recall']:.0%}, logp {c['answer_logprob']:.2f}") + ")"
+                for label, c in cells.items())
+            print(f"{args.task} @ {ctx}: {line}", flush=True)
             save()
     if "perplexity" not in skip:
         labels = specs_at(args.perplexity_context)
