@@ -72,10 +72,14 @@ def test_passkey_is_a_plain_continuation_and_needles_a_chat_turn(smollm2):
     start, end = plain.needle_spans[0]
     assert tok.decode(plain.input_ids[0, start:end]).strip().startswith(f"The pass key is {plain.answer}.")
     assert not plain.settings["chat_template"]
+    # the reply to score teacher-forced: " " + key; the key's tokens are those after the space
+    assert tok.decode(plain.answer_ids) == " " + plain.answer
+    assert "".join(tok.decode([plain.answer_ids[i]]) for i in plain.key_tokens) == plain.answer
     chat = passkey_case(tok, context=300, depth=0.5, seed=3, chat=True)
     assert chat.length == 300 and "<|im_start|>assistant" in tok.decode(chat.input_ids[0])
     needle = needle_case(tok, context=300, depth=0.5, needle=0)
     assert "<|im_start|>assistant" in tok.decode(needle.input_ids[0]) and needle.settings["chat_template"]
+    assert needle.answer_ids is None and needle.key_tokens is None  # a free-form reply
     with pytest.raises(HeadwiseError, match="chat template"):
         n = bundled_needles()[0]
         build_case(tiny_tokenizer(), [n], [0.5], context=300, question=n.question, chat=True)

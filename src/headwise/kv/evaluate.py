@@ -174,17 +174,12 @@ def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: 
         # Needle replies get room to restate the needle sentence, as the retrieval score's decoding does.
         budget = settings.max_new_tokens if meta["task"] == "passkey" else max(
             settings.max_new_tokens, min(case.reply_budget, (loaded.geometry.max_positions or 1 << 30) - case.length))
-        answer_ids, key_tokens = None, None
-        if case.continuation is not None:
-            answer_ids = list(loaded.tokenizer(case.continuation, add_special_tokens=False).input_ids)
-            # the tokens that spell the key, not the space before it (a choice of format, not of memory)
-            key_tokens = [i for i, t in enumerate(answer_ids) if loaded.tokenizer.decode([t]).strip()]
         for spec, policy in policies.items():
             res = greedy(loaded, case.input_ids, policy, max_new_tokens=budget, prefill_chunk=settings.prefill_chunk,
-                         answer_ids=answer_ids)
+                         answer_ids=case.answer_ids)
             rows.append({**meta, "policy": spec, "tokens": case.length, "answer": case.answer, "reply": res.text,
                          "new_tokens": len(res.tokens), "correct": answer_found(res.text, case.answer),
-                         **_answer_scores(res, key_tokens), "kv_bytes": res.kv_bytes,
+                         **_answer_scores(res, case.key_tokens), "kv_bytes": res.kv_bytes,
                          "prefill_s": round(res.prefill_seconds, 4), "decode_s": round(res.decode_seconds, 4)})
     return rows
 

@@ -63,6 +63,11 @@ class NeedleCase:
     needles: list[Needle]
     target: int  # index of the needle the question asks for
     settings: dict[str, Any] = field(default_factory=dict)
+    # When the prompt ends in an answer prefix ("The pass key is"), the tokens a correct reply starts
+    # with (" 12345"), for scoring the answer teacher-forced, and which of them spell the key (not the
+    # space before it); None when the reply is free-form.
+    answer_ids: list[int] | None = None
+    key_tokens: list[int] | None = None
 
     @property
     def answer(self) -> str:
@@ -73,12 +78,6 @@ class NeedleCase:
         """New tokens for a reply that restates the target needle: its length + REPLY_EXTRA_TOKENS."""
         start, end = self.needle_spans[self.target]
         return end - start + REPLY_EXTRA_TOKENS
-
-    @property
-    def continuation(self) -> str | None:
-        """The text a correct reply starts with when the prompt ends in an answer prefix ("The pass key
-        is" -> " 12345"), for scoring the answer's log-probability; None when the reply is free-form."""
-        return " " + self.answer if self.settings.get("answer_prefix") else None
 
     @property
     def length(self) -> int:
@@ -196,8 +195,10 @@ def build_case(tokenizer: Any, needles: list[Needle], depths: list[float], *, co
                 "text": "bundled" if text is None else str(text),
                 "chat_template": bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat,
                 "answer_prefix": answer_prefix}
+    answer_ids = _encode(tokenizer, " " + needles[target].answer) if answer_prefix else None
+    key_tokens = [i for i, t in enumerate(answer_ids) if tokenizer.decode([t]).strip()] if answer_ids else None
     return NeedleCase(input_ids=torch.tensor([ids]), needle_spans=spans, needles=list(needles), target=target,
-                      settings=settings)
+                      settings=settings, answer_ids=answer_ids, key_tokens=key_tokens)
 
 
 def needle_case(tokenizer: Any, *, context: int, depth: float, needle: Needle | int = 0, filler: str = "essay",
