@@ -1,12 +1,15 @@
 """Head-aware KV cache vs full cache, StreamingLLM, random heads and SnapKV, measured side by side.
 
-    python bench/kv_eval.py --atlas bench/results/atlas-smollm2-duo4k.json --head-policy headwise:duo@0.25 \
-        --extra bench/results/policy-smollm2-duo1k-0.25.json,bench/results/policy-smollm2-retrieval-0.25.json \
+    python bench/kv_eval.py --atlas bench/results/atlas-smollm2-duo4k.json \
+        --head-policy headwise:duo@0.25+whole --extra headwise:duo@0.25 \
         --contexts 4096 --trials 2 --skip perplexity,speed --out kv.json
+    (8176 tokens: --contexts 8176 --trials 1; needle: --task needle)
 
 At every context the baselines are sized against the head-aware policy measured there:
 StreamingLLM and SnapKV get the same KV bytes, the random control the same number of full
 heads with the same streaming shape, drawn with several seeds (one label per seed).
+StreamingLLM and the random control read the prompt as the head-aware policy does: with a
+"+whole" head policy (whole-prompt prefill) they get "+whole" too.
 Every accuracy is reported with its number of trials, beside two teacher-forced measures of
 the passkey after the prompt: the share of keys whose every token is the model's top choice
 ("key recalled"; the space before the key is left out) and the mean log-probability per token.
@@ -76,7 +79,9 @@ def main() -> None:
     atlas = Atlas.load(args.atlas)
     atlas.check_model(loaded.info, g)
     head = parse_policy(args.head_policy, g, atlas=atlas, sink=args.sink, window=args.window)
-    suffix = "+comp" if head.compensate else ""
+    # The controls read the prompt as the head-aware policy does (windowed or whole-prompt prefill).
+    whole = "+whole" if head.prefill == "whole" else ""
+    suffix = ("+comp" if head.compensate else "") + whole
     random_seeds = [int(x) for x in args.random_seeds.split(",") if x.strip()]
     long_depths = args.long_depths or args.depths
     longest_depths = args.longest_depths or long_depths
@@ -86,7 +91,8 @@ def main() -> None:
         fixed = sum(2 * g.head_dim * 4 * g.n_kv_heads * min(ctx, w - 1)
                     for t, w in zip(g.layer_types, g.sliding_window) if t == "sliding")
         ratio = (head.kv_bytes(ctx) - fixed) / (Policy.full_cache(g).kv_bytes(ctx) - fixed)
-        specs = {"full": "full", "headwise": args.head_policy, "streaming (same bytes)": f"streaming@{ratio:.4f}"}
+        specs = {"full": "full", "headwise": args.head_policy,
+                 "streaming (same bytes)": f"streaming@{ratio:.4f}{whole}"}
         for seed in random_seeds:
             specs[f"random heads (seed {seed})"] = f"random@{head.full_fraction:.4f}:{seed}{suffix}"
         specs["snapkv (same bytes)"] = f"snapkv@{ratio:.4f}"

@@ -22,8 +22,9 @@ def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _reference_attention(policy: Policy):
-    """Swap headwise's attention for an explicit per-KV-head loop: full heads causal, others sink + window."""
+def _reference_attention(policy: Policy, whole_calls: list[tuple[int, int]] = ()):
+    """Swap headwise's attention for an explicit per-KV-head loop: full heads causal, others sink + window
+    (with a whole-prompt prefill, the multi-token calls `whole_calls` see what naive_sink_window_attention says)."""
     from transformers import AttentionInterface
 
     def ref(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -41,7 +42,7 @@ def _reference_attention(policy: Policy):
                 out[:, heads] = naive_sink_window_attention(query[:, heads], k, v, scaling, sink=0, window=t + 1)
             else:
                 out[:, heads] = naive_sink_window_attention(query[:, heads], k, v, scaling, policy.sink, policy.window,
-                                                            policy.compensate)
+                                                            policy.compensate, whole_calls)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("headwise", ref)
@@ -87,6 +88,49 @@ def test_streaming_and_mixed_match_naive_reference(tiny, arch, compensate):
         with _reference_attention(policy), torch.no_grad():
             ref = tiny.model(input_ids=ids, use_cache=False).logits
         torch.testing.assert_close(cached, ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_whole_prompt_prefill_matches_naive_reference(tiny, arch, compensate):
+    """Streaming heads see the whole first call, then sinks + window (+ compensation); a later prompt chunk
+    sees sinks, the window before it and itself."""
+    g = tiny.geometry
+    rng = np.random.default_rng(5)
+    policies = [Policy.streaming(g, sink=3, window=5, compensate=compensate, prefill="whole"),
+                Policy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate,
+                       prefill="whole")]
+    ids = _ids(34, seed=6)
+    chunks = [16, 1, 1, 9, 1, 6]
+    calls = [(0, 16), (18, 27), (28, 34)]
+    for policy in policies:
+        cache = HeadwiseCache(policy, max_length=34)
+        cached = _cached_logits(tiny.model, ids, cache, chunks)
+        with _reference_attention(policy, calls), torch.no_grad():
+            ref = tiny.model(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(cached, ref, atol=2e-4, rtol=2e-4)
+        assert cache.nbytes() == policy.kv_bytes(34)  # stored like the windowed prefill: sinks + window only
+    # The first call is the model's own forward: identical logits to the full cache.
+    streaming = policies[0]
+    first = _cached_logits(tiny.model, ids[:, :16], HeadwiseCache(streaming), [16])
+    full = _cached_logits(tiny.model, ids[:, :16], HeadwiseCache(Policy.full_cache(g)), [16])
+    torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_prefill_greedy_prefills_in_one_call_and_differs_after():
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    ids = _ids(48, seed=7)
+    whole = Policy.streaming(lm.geometry, sink=2, window=4, prefill="whole")
+    windowed = Policy.streaming(lm.geometry, sink=2, window=4)
+    full = greedy(lm, ids, Policy.full_cache(lm.geometry), max_new_tokens=6, prefill_chunk=16, stop_at_eos=False,
+                  answer_ids=[5, 6, 7])
+    res = greedy(lm, ids, whole, max_new_tokens=6, prefill_chunk=16, stop_at_eos=False, answer_ids=[5, 6, 7])
+    win = greedy(lm, ids, windowed, max_new_tokens=6, prefill_chunk=16, stop_at_eos=False, answer_ids=[5, 6, 7])
+    # prefill_chunk is overridden: the first answer token is scored from the full-attention prompt.
+    assert res.answer_logprobs[0] == pytest.approx(full.answer_logprobs[0], abs=1e-5)
+    assert win.answer_logprobs[0] != pytest.approx(full.answer_logprobs[0], abs=1e-3)
+    assert res.kv_bytes == win.kv_bytes < full.kv_bytes
+    # Later tokens see only sinks + window.
+    assert res.answer_logprobs[1:] != pytest.approx(full.answer_logprobs[1:], abs=1e-4)
 
 
 def test_streaming_differs_from_full_cache():

@@ -91,6 +91,19 @@ def test_needle_replies_get_room_for_the_needle_sentence(tiny_dir):
     assert isinstance(scored["passkey"]["key_recalled"], bool) and scored["needle"]["key_recalled"] is None
 
 
+def test_needle_near_the_model_limit_warns_that_replies_may_be_cut(tiny_dir, capsys):
+    import headwise
+    from headwise.kv.evaluate import run_retrieval
+
+    loaded = headwise.load(str(tiny_dir))
+    limit = loaded.geometry.max_positions
+    settings = EvalSettings(tasks=("needle",), contexts=(limit - 12,), depths=(0.5,), trials=1, max_new_tokens=3,
+                            fillers=("words",))
+    rows = run_retrieval(loaded, ["full", "streaming@64"], settings)
+    assert all(r["reply_budget"] == 12 for r in rows)
+    assert capsys.readouterr().err.count("reply tokens") == 1
+
+
 def test_key_recall_ignores_the_space_before_the_key():
     from headwise.kv.evaluate import _answer_scores
     from headwise.kv.generate import GenerationResult

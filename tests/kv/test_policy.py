@@ -104,6 +104,10 @@ def test_round_trip_and_geometry_check(tmp_path):
     p = Policy.random(G, 0.5, seed=3, sink=8, window=32, compensate=True)
     q = Policy.load(p.save(tmp_path / "p.json"))
     assert np.array_equal(p.full, q.full) and (q.sink, q.window, q.compensate) == (8, 32, True)
+    assert q.prefill == "window"
+    assert Policy.load(Policy.streaming(G, prefill="whole").save(tmp_path / "w.json")).prefill == "whole"
+    with pytest.raises(HeadwiseError, match="prefill must be"):
+        Policy.streaming(G, prefill="all")
     with pytest.raises(HeadwiseError, match="built for"):
         q.check(GS)
     with pytest.raises(HeadwiseError, match="matrix"):
@@ -118,9 +122,14 @@ def test_parse_policy_specs():
     h = parse_policy("headwise:streamable_mass@0.5+comp", G, atlas=atlas, window=64)
     assert h.n_full == 4 and h.compensate and h.window == 64 and h.name == "headwise:streamable_mass@0.5+comp"
     assert parse_policy("random@0.25:3", G).source["seed"] == 3
+    assert parse_policy("random@0.25:3", G).prefill == "window"
+    w = parse_policy("headwise:streamable_mass@0.5+whole+comp", G, atlas=atlas)
+    assert (w.prefill, w.compensate, w.n_full) == ("whole", True, 4)
+    assert parse_policy("streaming@64+whole", G).prefill == "whole"
     snap = parse_policy("snapkv@0.3", G)
     assert isinstance(snap, SnapKVPolicy) and snap.tokens_kept(1000) == 300
     for bad, why in (("nope", "unknown policy"), ("headwise:streamable_mass@0.5", "needs an atlas"),
-                     ("headwise:streamable_mass:sideways@0.5", "direction"), ("random@x", "not a number")):
+                     ("headwise:streamable_mass:sideways@0.5", "direction"), ("random@x", "not a number"),
+                     ("full+whole", "streaming heads only"), ("snapkv@0.3+comp", "streaming heads only")):
         with pytest.raises(HeadwiseError, match=why):
             parse_policy(bad, G, atlas=None if "atlas" in why else atlas)

@@ -6,7 +6,9 @@ recent window), plus, with compensation, RazorAttention's compensation token: th
 and v^ of the l tokens evicted for that query, entered with logit q.k^ * scale + log(l), i.e.
 as l copies of the mean token (RazorAttention, arXiv 2407.15891, eq. 5). During a prefill
 the queries are processed in chunks, each against sinks + (chunk + W) keys only, so memory
-stays bounded by the chunk, never by the context.
+stays bounded by the chunk, never by the context. With a whole-prompt prefill (Policy.prefill
+"whole", RazorAttention's way) a multi-token call lets streaming heads see every key they still
+hold plus the call's own; the cache drops what falls out of the window once the layer is done.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def streaming_heads_attention(query: Tensor, st: StreamingKeys, scaling: float, 
         cs_k = st.keys[:, :, n_sinks:].float().cumsum(2)
         cs_v = st.values[:, :, n_sinks:].float().cumsum(2)
     out = query.new_empty(b, n_kv, g, m, d)
-    per_query = b * hq * (n_sinks + window + 2) * 4 * 3
+    per_query = b * hq * (n_sinks + min(window, kp.numel()) + 2) * 4 * 3
     step = max(1, min(m, chunk_bytes // max(1, per_query)))
     for a in range(0, m, step):
         e = min(m, a + step)
@@ -116,6 +118,16 @@ def streaming_heads_attention(query: Tensor, st: StreamingKeys, scaling: float, 
     return out.reshape(b, hq, m, d)
 
 
+def whole_prefill_attention(query: Tensor, st: StreamingKeys, scaling: float, query_start: int, sink: int,
+                            compensate: bool) -> Tensor:
+    """Streaming heads in a multi-token call of a whole-prompt prefill: causal over every key held. [b, hq_s, m, d]"""
+    m = query.shape[2]
+    if st.comp_count == 0 and st.positions.numel() == query_start + m:  # nothing dropped yet: plain causal SDPA
+        return full_heads_attention(query, st.keys.to(query.dtype), st.values.to(query.dtype), None, scaling)
+    # A later prompt chunk: sinks + the window before the call + the call, and the compensation token.
+    return streaming_heads_attention(query, st, scaling, query_start, sink, query_start + m + 1, compensate)
+
+
 def _decode_step(query: Tensor, st: StreamingKeys, scaling: float, compensate: bool) -> Tensor:
     """One query after the cache update: every stored key is in its sinks + window, evicted ones in the sums."""
     b, hq, _, d = query.shape
@@ -154,23 +166,30 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
         out[:, qi] = full_heads_attention(query[:, qi], view.full_keys, view.full_values, attention_mask, scaling)
     if len(layer.stream_heads):
         qi = _query_heads(layer.stream_heads, g).to(query.device)
-        out[:, qi] = streaming_heads_attention(query[:, qi], view.stream, scaling, view.query_start, st.sink,
-                                               st.window, st.compensate)
+        if m > 1 and layer.whole_prefill:
+            out[:, qi] = whole_prefill_attention(query[:, qi], view.stream, scaling, view.query_start, st.sink,
+                                                 st.compensate)
+        else:
+            out[:, qi] = streaming_heads_attention(query[:, qi], view.stream, scaling, view.query_start, st.sink,
+                                                   st.window, st.compensate)
     return out.transpose(1, 2)
 
 
 def naive_sink_window_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float, sink: int, window: int,
-                                compensate: bool = False) -> Tensor:
+                                compensate: bool = False, whole_calls: list[tuple[int, int]] = ()) -> Tensor:
     """Reference: each query at position t (t = index, all keys given) in an explicit loop. [b, h, T, d].
 
     For tests: no chunking, no cache, no prefix sums. keys/values already expanded to the
-    query heads.
+    query heads. `whole_calls`: (start, end) of the multi-token calls of a whole-prompt
+    prefill, whose queries see sinks, the `window` tokens before `start`, and the call itself.
     """
     b, h, t, d = query.shape
     out = torch.zeros(b, h, t, d, dtype=torch.float64)
     q, k, v = query.double(), keys.double(), values.double()
     for i in range(t):
-        keep = [j for j in range(i + 1) if j < sink or j > i - window]
+        start = next((s for s, e in whole_calls if s <= i < e), None)
+        lo = i - window + 1 if start is None else start - window
+        keep = [j for j in range(i + 1) if j < sink or j >= lo]
         dropped = [j for j in range(i + 1) if j not in keep]
         logits = torch.einsum("bhd,bhkd->bhk", q[:, :, i], k[:, :, keep]) * scaling
         vals = v[:, :, keep]

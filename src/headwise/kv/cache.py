@@ -288,8 +288,10 @@ class MixedLayer(_HeadwiseLayer):
     """Some KV heads full, the others sinks + window (+ compensation token)."""
 
     def __init__(self, layer: int, full: np.ndarray, head_dim: int, sink: int, window: int, compensate: bool,
-                 reserve: int | None = None):
+                 reserve: int | None = None, whole_prefill: bool = False):
         super().__init__(layer, len(full), head_dim)
+        # Multi-token calls: streaming heads attend to all they hold plus the call (Policy.prefill == "whole").
+        self.whole_prefill = whole_prefill
         self.full_heads = torch.tensor(np.flatnonzero(full), dtype=torch.long)
         self.stream_heads = torch.tensor(np.flatnonzero(~full), dtype=torch.long)
         self.full = _Store(reserve)
@@ -374,7 +376,7 @@ class HeadwiseCache(Cache):
                 layers.append(FullLayer(layer, g.n_kv_heads, g.head_dim, max_length))
             else:
                 layers.append(MixedLayer(layer, policy.full[layer], g.head_dim, policy.sink, policy.window,
-                                         policy.compensate, max_length))
+                                         policy.compensate, max_length, whole_prefill=policy.prefill == "whole"))
         super().__init__(layers=layers)
         self.policy = policy
 

@@ -33,7 +33,9 @@ def _load_atlas(args: argparse.Namespace, loaded):
 def _add_generate(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--policy", default="full", help="policy spec (full, streaming@X, headwise:SCORE@F, razor@F, "
-                                                    "random@F, duo:FILE@F, snapkv@X) or a policy .json")
+                                                    "random@F, duo:FILE@F, snapkv@X) or a policy .json; "
+                                                    "append +comp (compensation token) or +whole (whole-prompt "
+                                                    "prefill)")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -91,7 +93,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
     d = EvalSettings()
     _common(p)
-    p.add_argument("--policies", default="full,streaming", help="comma-separated policy specs")
+    p.add_argument("--policies", default="full,streaming", help="comma-separated policy specs (see headwise generate "
+                                                                "--help)")
     p.add_argument("--tasks", default="passkey", help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--contexts", default=",".join(map(str, d.contexts)), help="prompt lengths in tokens")
     p.add_argument("--depths", default=",".join(map(str, d.depths)), help="needle depths in [0, 1]")

@@ -11,7 +11,9 @@ Policy specs (`parse_policy`):
   duo:FILE@F                    a DuoAttention gate file, top F full
   snapkv@X                      SnapKV eviction keeping X of the prompt (X < 1) or X tokens per head
   FILE.json                     a saved Policy
-Append "+comp" to a head policy for RazorAttention's compensation token.
+Append "+comp" to a head policy for RazorAttention's compensation token, "+whole" for a
+whole-prompt prefill (streaming heads attend to the whole prompt, then keep sinks + window;
+see kv/policy.py); both may be given.
 
 Tasks: passkey, needle, multi_needle (probes/needle.py), perplexity (probes/text.py), speed
 (one subprocess per policy, so each peak RSS is its own).
@@ -69,9 +71,15 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
                  sink: int = DEFAULT_SINK, window: int = DEFAULT_WINDOW) -> Policy | SnapKVPolicy:
     """Turn a policy spec (see module docstring) into a policy for a prompt of `context` tokens."""
     raw = spec.strip()
-    compensate = raw.endswith("+comp")
-    body = raw[:-5] if compensate else raw
-    shape = {"sink": sink, "window": window, "compensate": compensate}
+    body, options = raw, set()
+    while body.endswith(("+comp", "+whole")):
+        body, _, option = body.rpartition("+")
+        options.add(option)
+    compensate = "comp" in options
+    prefill = "whole" if "whole" in options else "window"
+    shape = {"sink": sink, "window": window, "compensate": compensate, "prefill": prefill}
+    if options and (body == "full" or body.startswith("snapkv@")):
+        raise HeadwiseError(f"policy '{spec}': +comp and +whole apply to policies with streaming heads only")
     if body == "full":
         policy: Policy | SnapKVPolicy = Policy.full_cache(geometry)
     elif body.startswith("streaming"):
@@ -85,7 +93,8 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
                 win = max(1, round(x * context) - STREAMINGLLM_SINK)
             else:
                 win = int(x)
-        policy = Policy.streaming(geometry, sink=STREAMINGLLM_SINK, window=win, compensate=compensate)
+        policy = Policy.streaming(geometry, sink=STREAMINGLLM_SINK, window=win, compensate=compensate,
+                                  prefill=prefill)
     elif body.startswith(("headwise:", "razor@")):
         if atlas is None:
             raise HeadwiseError(f"policy '{spec}' needs an atlas (--atlas DIR from headwise profile)")
@@ -113,6 +122,9 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
         policy = SnapKVPolicy(geometry, budget=_fraction(body[len("snapkv@"):], spec))
     elif body.endswith(".json"):
         policy = Policy.load(body)
+        policy.compensate = policy.compensate or compensate  # the spec's options add to the file's
+        if "whole" in options:
+            policy.prefill = "whole"
     else:
         raise HeadwiseError(f"unknown policy '{spec}'; use full, streaming[@X], headwise:SCORE@F, razor@F, "
                             f"random@F, duo:FILE@F, snapkv@X or a policy .json file")
@@ -156,7 +168,7 @@ def _describe(policy: Any) -> dict[str, Any]:
     d = {"description": policy.describe(), "source": policy.source}
     if isinstance(policy, Policy):
         d.update(full_fraction=policy.full_fraction, n_full=policy.n_full, sink=policy.sink, window=policy.window,
-                 compensate=policy.compensate, full_heads=policy.full.astype(int).tolist())
+                 compensate=policy.compensate, prefill=policy.prefill, full_heads=policy.full.astype(int).tolist())
     return d
 
 
@@ -169,16 +181,23 @@ def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: 
     work = [(task, ctx) for task in settings.tasks if task in ("passkey", "needle", "multi_needle")
             for ctx in settings.contexts]
     all_cases = [(meta, case, ctx) for task, ctx in work for meta, case in _cases(loaded, task, settings, ctx)]
+    warned: set[int] = set()
     for meta, case, ctx in progress(all_cases, desc="kv eval cases", unit="case"):
         policies = _policies_for(specs, loaded, atlas, ctx, settings)
         # Needle replies get room to restate the needle sentence, as the retrieval score's decoding does.
         budget = settings.max_new_tokens if meta["task"] == "passkey" else max(
             settings.max_new_tokens, min(case.reply_budget, (loaded.geometry.max_positions or 1 << 30) - case.length))
+        if meta["task"] != "passkey" and budget < case.reply_budget and ctx not in warned:
+            warned.add(ctx)
+            print(f"headwise: at {case.length} tokens the model's limit leaves {budget} reply tokens, fewer than the "
+                  f"{case.reply_budget} a reply restating the needle takes; replies may be cut short (use a shorter "
+                  f"context)", file=sys.stderr)
         for spec, policy in policies.items():
             res = greedy(loaded, case.input_ids, policy, max_new_tokens=budget, prefill_chunk=settings.prefill_chunk,
                          answer_ids=case.answer_ids)
             rows.append({**meta, "policy": spec, "tokens": case.length, "answer": case.answer, "reply": res.text,
-                         "new_tokens": len(res.tokens), "correct": answer_found(res.text, case.answer),
+                         "new_tokens": len(res.tokens), "reply_budget": budget,
+                         "correct": answer_found(res.text, case.answer),
                          **_answer_scores(res, case.key_tokens), "kv_bytes": res.kv_bytes,
                          "prefill_s": round(res.prefill_seconds, 4), "decode_s": round(res.decode_seconds, 4)})
     return rows

@@ -1,8 +1,9 @@
 """Greedy generation and chunked scoring through a HeadwiseCache, timed.
 
 The prompt is prefilled in chunks (default 1024 tokens) so that streaming heads never hold
-more than sinks + window + one chunk of keys; SnapKV needs the whole prompt in one call (it
-scores the prompt tokens by its last queries), as its paper does.
+more than sinks + window + one chunk of keys. SnapKV needs the whole prompt in one call (it
+scores the prompt tokens by its last queries), as its paper does, and so does a policy with a
+whole-prompt prefill (its streaming heads attend to the whole prompt).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _forward(model: Any, ids: Tensor, cache: HeadwiseCache, keep_last: bool) -> 
 
 def prefill(model: Any, ids: Tensor, cache: HeadwiseCache, chunk: int | None) -> Tensor:
     """Run the prompt through the cache; returns the logits of its last position [b, vocab]."""
-    if chunk is None or isinstance(cache.policy, SnapKVPolicy):
+    if chunk is None or isinstance(cache.policy, SnapKVPolicy) or getattr(cache.policy, "prefill", "") == "whole":
         chunk = ids.shape[1]
     logits = None
     for start in range(0, ids.shape[1], chunk):

@@ -1,7 +1,15 @@
 """Which KV heads keep the full cache and which keep only attention sinks + a recent window.
 
 A `Policy` is a [layers, kv_heads] boolean matrix (True = full cache) plus the streaming
-shape (S sink tokens, W recent tokens, optional RazorAttention compensation token). The
+shape (S sink tokens, W recent tokens, optional RazorAttention compensation token) and how
+streaming heads read a prompt (`prefill`):
+- "window" (DuoAttention): every prompt query of a streaming head sees sinks + its window
+  only, so prefill work and memory stay bounded by the window;
+- "whole" (RazorAttention, SnapKV): streaming heads attend to the whole prompt, and each
+  layer's cache is cut to sinks + window as soon as that layer has been computed. The first
+  reply token comes from full attention; KV memory during the prefill is the compressed
+  cache plus one layer's keys, but attention work is the full cache's.
+The
 decision is per KV head: every query head of a GQA group reads the same stored keys. Layers
 the model itself windows (Gemma3's sliding layers) keep the model's own cache whatever the
 matrix says; they are never counted as selectable heads.
@@ -30,6 +38,7 @@ DEFAULT_SINK = 64
 DEFAULT_WINDOW = 256
 # StreamingLLM's 4 attention sinks.
 STREAMINGLLM_SINK = 4
+PREFILL_MODES = ("window", "whole")
 # Scores for which a LOW value marks a head that needs the full cache; all others: high = full.
 LOW_MEANS_FULL = {"streamable_mass", "sink"}
 
@@ -50,6 +59,7 @@ class Policy:
     compensate: bool = False
     name: str = "custom"
     source: dict[str, Any] = field(default_factory=dict)
+    prefill: str = "window"
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -61,6 +71,8 @@ class Policy:
         if self.sink < 0 or self.window < 1:
             raise HeadwiseError(f"streaming heads need sink >= 0 and window >= 1 (got sink={self.sink}, "
                                 f"window={self.window})")
+        if self.prefill not in PREFILL_MODES:
+            raise HeadwiseError(f"prefill must be one of {', '.join(PREFILL_MODES)}, not '{self.prefill}'")
         # The model's own sliding layers are not ours to change: mark them full (their cache is the model's window).
         self.full[list(self.model_windowed_layers)] = True
 
@@ -127,7 +139,8 @@ class Policy:
 
     def describe(self) -> str:
         return (f"{self.name}: {self.n_full}/{self.n_selectable} KV heads full ({self.full_fraction:.0%}), others "
-                f"sink {self.sink} + window {self.window}" + (" + compensation token" if self.compensate else ""))
+                f"sink {self.sink} + window {self.window}" + (" + compensation token" if self.compensate else "")
+                + (", whole-prompt prefill" if self.prefill == "whole" else ""))
 
     # ---- builders ---------------------------------------------------------------------------
     @classmethod
@@ -136,10 +149,10 @@ class Policy:
 
     @classmethod
     def streaming(cls, geometry: Geometry, sink: int = STREAMINGLLM_SINK, window: int = DEFAULT_WINDOW,
-                  compensate: bool = False) -> Policy:
+                  compensate: bool = False, prefill: str = "window") -> Policy:
         """StreamingLLM: every (selectable) head keeps `sink` first tokens + `window` recent ones."""
         return cls(geometry, np.zeros((geometry.n_layers, geometry.n_kv_heads), bool), sink=sink, window=window,
-                   compensate=compensate, name="streaming", source={"method": "streamingllm"})
+                   compensate=compensate, name="streaming", source={"method": "streamingllm"}, prefill=prefill)
 
     @classmethod
     def random(cls, geometry: Geometry, full_fraction: float, seed: int = 0, **shape: Any) -> Policy:
@@ -228,7 +241,7 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": "headwise.kv-policy/1", "name": self.name, "geometry": self.geometry.to_dict(),
                 "full": self.full.astype(int).tolist(), "sink": self.sink, "window": self.window,
-                "compensate": self.compensate, "source": self.source}
+                "compensate": self.compensate, "prefill": self.prefill, "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
@@ -237,7 +250,7 @@ class Policy:
         try:
             return cls(Geometry.from_dict(d["geometry"]), np.array(d["full"], dtype=bool), sink=int(d["sink"]),
                        window=int(d["window"]), compensate=bool(d["compensate"]), name=str(d["name"]),
-                       source=dict(d.get("source", {})))
+                       source=dict(d.get("source", {})), prefill=str(d.get("prefill", "window")))
         except (KeyError, TypeError, ValueError) as e:
             raise HeadwiseError(f"KV policy file is incomplete or malformed ({e!r})") from None
 
