@@ -69,7 +69,7 @@ def _forward(model: Any, ids: Tensor, cache: HeadwiseCache, keep_last: bool) -> 
 
 def prefill(model: Any, ids: Tensor, cache: HeadwiseCache, chunk: int | None) -> Tensor:
     """Run the prompt through the cache; returns the logits of its last position [b, vocab]."""
-    if chunk is None or isinstance(cache.policy, SnapKVPolicy) or getattr(cache.policy, "prefill", "") == "whole":
+    if chunk is None or cache.policy.prefill == "whole":  # SnapKVPolicy.prefill is "whole" too
         chunk = ids.shape[1]
     logits = None
     for start in range(0, ids.shape[1], chunk):

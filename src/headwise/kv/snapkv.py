@@ -12,7 +12,7 @@ The budget is `budget` x prompt tokens per head (a fraction < 1) or `budget` tok
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ class SnapKVPolicy:
     kernel: int = KERNEL
     name: str = ""
     source: dict[str, Any] = field(default_factory=dict)
+    # The whole prompt is attended in full and evicted at its end, so it goes in one call (as Policy "whole").
+    prefill: ClassVar[str] = "whole"
 
     def __post_init__(self) -> None:
         if self.budget <= 0:
