@@ -4,8 +4,11 @@
         --head-policy headwise:duo@0.25+whole --extra headwise:duo@0.25 \
         --contexts 4096 --trials 2 --skip perplexity,speed --out kv.json
     (8176 tokens: --contexts 8176 --trials 1; needle: --task needle)
+    held-out prompts at a one-third byte budget (bench/results/kv_smollm2_passkey_heldout.json):
+    --head-policy headwise:duo@kv0.3333+whole --extra headwise:duo@0.25+whole --seed 3 --trials 3
 
-At every context the baselines are sized against the head-aware policy measured there:
+At every context the baselines are sized against the head-aware policy measured there (a
+"@kvB" head policy is rebuilt for each context, so its head count follows the budget):
 StreamingLLM and SnapKV get the same KV bytes, the random control the same number of full
 heads with the same streaming shape, drawn with several seeds (one label per seed).
 StreamingLLM and the random control read the prompt as the head-aware policy does: with a
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=2, help="seeds per context x depth")
     ap.add_argument("--long-depths", default=None, help="depths for contexts >= 4096 (default: --depths)")
     ap.add_argument("--longest-depths", default=None, help="depths for contexts >= 8192 (default: --long-depths)")
+    ap.add_argument("--seed", type=int, default=0, help="first prompt seed (trial t uses seed + t)")
     ap.add_argument("--random-seeds", default="0,1,2", help="one random-heads control per seed")
     ap.add_argument("--extra", default="", help="more policy specs to run beside the others, labelled by their spec "
                                                 "(e.g. another score's selection)")
@@ -78,7 +82,12 @@ def main() -> None:
     g = loaded.geometry
     atlas = Atlas.load(args.atlas)
     atlas.check_model(loaded.info, g)
-    head = parse_policy(args.head_policy, g, atlas=atlas, sink=args.sink, window=args.window)
+    contexts = [int(c) for c in args.contexts.split(",")]
+
+    def head_at(ctx: int):  # a "@kvB" head policy fits its byte budget at each prompt length
+        return parse_policy(args.head_policy, g, atlas=atlas, context=ctx, sink=args.sink, window=args.window)
+
+    head = head_at(max(contexts + [args.speed_context]))
     # The controls read the prompt as the head-aware policy does (windowed or whole-prompt prefill).
     whole = "+whole" if head.prefill == "whole" else ""
     suffix = ("+comp" if head.compensate else "") + whole
@@ -90,11 +99,12 @@ def main() -> None:
         # Same bytes on the heads a policy can touch: the model's own sliding layers cost the same under every policy.
         fixed = sum(2 * g.head_dim * 4 * g.n_kv_heads * min(ctx, w - 1)
                     for t, w in zip(g.layer_types, g.sliding_window) if t == "sliding")
-        ratio = (head.kv_bytes(ctx) - fixed) / (Policy.full_cache(g).kv_bytes(ctx) - fixed)
+        here = head_at(ctx)
+        ratio = (here.kv_bytes(ctx) - fixed) / (Policy.full_cache(g).kv_bytes(ctx) - fixed)
         specs = {"full": "full", "headwise": args.head_policy,
                  "streaming (same bytes)": f"streaming@{ratio:.4f}{whole}"}
         for seed in random_seeds:
-            specs[f"random heads (seed {seed})"] = f"random@{head.full_fraction:.4f}:{seed}{suffix}"
+            specs[f"random heads (seed {seed})"] = f"random@{here.full_fraction:.4f}:{seed}{suffix}"
         specs["snapkv (same bytes)"] = f"snapkv@{ratio:.4f}"
         specs.update({x.strip(): x.strip() for x in args.extra.split(",") if x.strip()})
         return specs
@@ -111,6 +121,9 @@ def main() -> None:
               "versions": versions(), "args": vars(args), "torch_threads": torch.get_num_threads(),
               "head_policy": {"spec": args.head_policy, "description": head.describe(),
                               "full_heads": head.full.astype(int).tolist(), "source": head.source},
+              "head_policy_at": {str(c): {"description": head_at(c).describe(),
+                                          "full_heads": head_at(c).full.astype(int).tolist()}
+                                 for c in sorted(set(contexts))},
               "retrieval": {}, "rows": []}
     if args.merge and out.is_file():
         old = json.loads(out.read_text(encoding="utf-8"))
@@ -119,14 +132,13 @@ def main() -> None:
             kept = {k: old[k] for k in ("retrieval", "rows", "perplexity", "speed") if k in old}
             result.update(kept)
             result["runs"] = old.get("runs", [old["args"]]) + [vars(args)]
-    contexts = [int(c) for c in args.contexts.split(",")]
     if "retrieval" not in skip:
         for ctx in contexts:
             depths = args.depths if ctx < 4096 else long_depths if ctx < 8192 else longest_depths
             settings = EvalSettings(tasks=(args.task,), contexts=(ctx,), depths=tuple(float(d) for d in
                                                                                 depths.split(",")),
                                     trials=args.trials, fillers=("repeat" if args.task == "passkey" else "essay",),
-                                    sink=args.sink, window=args.window)
+                                    sink=args.sink, window=args.window, seed=args.seed)
             labels = specs_at(ctx)
             if ctx > args.snapkv_max_context:
                 labels.pop("snapkv (same bytes)")

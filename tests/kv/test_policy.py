@@ -100,6 +100,27 @@ def test_razor_takes_echo_then_induction():
     assert p.full[3].all() and p.full.sum() == 2
 
 
+
+def test_kv_budget_spec_fits_the_most_heads_in_a_share_of_the_full_cache():
+    atlas = _atlas(G, retrieval=np.arange(24, dtype=float).reshape(4, 6))
+    full = Policy.full_cache(G).kv_bytes(1000)
+    for spec in ("headwise:retrieval@kv0.5", "random@kv0.5:4+whole"):
+        p = parse_policy(spec, G, atlas=atlas, context=1000, sink=10, window=40)
+        assert p.kv_bytes(1000) <= full // 2
+        more = Policy(G, p.full.copy(), sink=10, window=40)
+        more.full.ravel()[np.flatnonzero(~p.full.ravel())[0]] = True
+        assert more.kv_bytes(1000) > full // 2, spec
+    # 8 KV heads; the streaming ones cost 50 of 1000 tokens: 4 full = 0.525 > 0.5, so 3
+    assert parse_policy("random@kv0.5:4", G, context=1000, sink=10, window=40).n_full == 3
+    assert parse_policy("headwise:retrieval@kv0.5", G, atlas=atlas, context=1000, sink=10, window=40).full[3].all()
+    # a longer prompt leaves more room for full heads under the same share
+    assert parse_policy("random@kv0.6", G, context=4000, sink=10, window=40).n_full > \
+        parse_policy("random@kv0.6", G, context=200, sink=10, window=40).n_full
+    for bad, why in (("random@kv0.5", "give a context"), ("random@kv1.5", r"in \(0, 1\]"),
+                     ("headwise:retrieval@kvx", "not a number")):
+        with pytest.raises(HeadwiseError, match=why):
+            parse_policy(bad, G, atlas=atlas, context=None if "context" in why else 1000)
+
 def test_round_trip_and_geometry_check(tmp_path):
     p = Policy.random(G, 0.5, seed=3, sink=8, window=32, compensate=True)
     q = Policy.load(p.save(tmp_path / "p.json"))

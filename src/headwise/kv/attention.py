@@ -38,10 +38,6 @@ def check_no_padding(attention_mask: Tensor | None) -> None:
                             "and windows are positional); run one prompt per call, or use the full policy")
 
 
-def _query_heads(kv_heads: Tensor, group: int) -> Tensor:
-    return (kv_heads[:, None] * group + torch.arange(group)).flatten()
-
-
 def full_heads_attention(query: Tensor, keys: Tensor, values: Tensor, attention_mask: Tensor | None,
                          scaling: float) -> Tensor:
     """Causal SDPA of the last `m` positions over all T stored keys. [b, hq, m, d]."""
@@ -67,7 +63,7 @@ def streaming_heads_attention(query: Tensor, st: StreamingKeys, scaling: float, 
     n_kv = st.keys.shape[1]
     g = hq // n_kv
     q5 = query.reshape(b, n_kv, g, m, d)
-    if m == 1 and st.positions.numel() and int(st.positions.min()) >= 0:
+    if m == 1 and st.positions.numel():  # a decoded query: the cache stored it first, so all it holds is visible
         return _decode_step(query, st, scaling, compensate)
     kp = st.positions.to(query.device)
     qpos = torch.arange(query_start, query_start + m, device=query.device)
@@ -161,17 +157,20 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
     g = hq // layer.n_kv_heads
     out = query.new_empty(b, hq, m, d)
     st = layer.streaming
+    if m > 1 and view.call_keys is not None:  # the whole prompt in one call: the full cache's attention
+        return full_heads_attention(query, view.call_keys, view.call_values, None, scaling).transpose(1, 2)
+    full_qi, stream_qi = layer.head_index(g, query.device)
     if len(layer.full_heads):
-        qi = _query_heads(layer.full_heads, g).to(query.device)
-        out[:, qi] = full_heads_attention(query[:, qi], view.full_keys, view.full_values, attention_mask, scaling)
+        out[:, full_qi] = full_heads_attention(query[:, full_qi], view.full_keys, view.full_values, attention_mask,
+                                               scaling)
     if len(layer.stream_heads):
-        qi = _query_heads(layer.stream_heads, g).to(query.device)
+        q = query[:, stream_qi]
         if m > 1 and layer.whole_prefill:
-            out[:, qi] = whole_prefill_attention(query[:, qi], view.stream, scaling, view.query_start, st.sink,
-                                                 st.compensate)
+            out[:, stream_qi] = whole_prefill_attention(q, view.stream, scaling, view.query_start, st.sink,
+                                                        st.compensate)
         else:
-            out[:, qi] = streaming_heads_attention(query[:, qi], view.stream, scaling, view.query_start, st.sink,
-                                                   st.window, st.compensate)
+            out[:, stream_qi] = streaming_heads_attention(q, view.stream, scaling, view.query_start, st.sink,
+                                                          st.window, st.compensate)
     return out.transpose(1, 2)
 
 

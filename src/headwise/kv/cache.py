@@ -171,30 +171,55 @@ class FullLayer(_HeadwiseLayer):
 
 
 class _Streaming:
-    """Sinks + ring buffer (+ compensation sums) of the streaming KV heads of one layer."""
+    """Sinks + ring buffer (+ compensation sums) of the streaming KV heads of one layer.
+
+    One buffer per tensor: slots [0, S) hold the sinks, slots [S, S + W) the ring. Until the
+    ring wraps, what a decoded query sees is the buffer's prefix, handed over without a copy.
+    """
 
     def __init__(self, sink: int, window: int, compensate: bool):
         self.sink, self.window, self.compensate = sink, window, compensate
-        self.sinks = _Store(reserve=sink)
-        self.ring_k: Tensor | None = None
-        self.ring_v: Tensor | None = None
-        self.ring_pos: Tensor | None = None  # [window] position held by each slot (-1: empty)
+        self.k: Tensor | None = None  # [batch, heads, S or S + W, dim]
+        self.v: Tensor | None = None
+        self.pos: Tensor | None = None  # position held by each slot (-1: empty)
+        self.n_sinks = 0
         self.ring_len = 0
         self.ring_next = 0
         self.comp_k: Tensor | None = None  # float32 sums of evicted keys / values [batch, heads, dim]
         self.comp_v: Tensor | None = None
         self.comp_count = 0
 
-    def ordered(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """Ring contents in position order (a copy), with their positions."""
-        if self.ring_len == 0:
+    @property
+    def ring_k(self) -> Tensor | None:
+        return None if self.k is None or self.k.shape[2] == self.sink else self.k[:, :, self.sink:]
+
+    @property
+    def ring_pos(self) -> Tensor | None:
+        return None if self.pos is None or self.pos.numel() == self.sink else self.pos[self.sink:]
+
+    def _reserve(self, slots: int, like: Tensor) -> None:
+        """Grow the buffer to `slots` (the sinks first; sinks + window once a token lands in the ring)."""
+        if self.k is not None and self.k.shape[2] >= slots:
+            return
+        b, h, _, d = like.shape
+        k, v = like.new_empty(b, h, slots, d), like.new_empty(b, h, slots, d)
+        pos = torch.full((slots,), -1, dtype=torch.long, device=like.device)
+        if self.k is not None:
+            n = self.k.shape[2]
+            k[:, :, :n], v[:, :, :n], pos[:n] = self.k, self.v, self.pos
+        self.k, self.v, self.pos = k, v, pos
+
+    def visible(self, ordered: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Everything held (sinks, then the ring), with positions; `ordered`: sorted by position."""
+        if self.k is None:
             return None, None, None
-        if self.ring_len < self.window:
-            sl = slice(0, self.ring_len)
-            return self.ring_k[:, :, sl], self.ring_v[:, :, sl], self.ring_pos[sl]
-        order = torch.cat([torch.arange(self.ring_next, self.window), torch.arange(0, self.ring_next)]).to(
-            self.ring_k.device)
-        return self.ring_k[:, :, order], self.ring_v[:, :, order], self.ring_pos[order]
+        if self.ring_len < self.window or self.ring_next == 0 or not ordered:  # a prefix of the buffer, in order
+            n = self.n_sinks + self.ring_len
+            return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
+        s = self.sink
+        order = torch.cat([torch.arange(s), s + torch.arange(self.ring_next, self.window),
+                           s + torch.arange(0, self.ring_next)]).to(self.k.device)
+        return self.k[:, :, order], self.v[:, :, order], self.pos[order]
 
     def _evict(self, k: Tensor, v: Tensor) -> None:
         if not self.compensate or k.shape[2] == 0:
@@ -211,41 +236,52 @@ class _Streaming:
         n = k.shape[2]
         n_sink = max(0, min(n, self.sink - start))
         if n_sink:
-            self.sinks.append(k[:, :, :n_sink], v[:, :, :n_sink])
+            self._reserve(self.sink, k)
+            self.k[:, :, start:start + n_sink] = k[:, :, :n_sink]
+            self.v[:, :, start:start + n_sink] = v[:, :, :n_sink]
+            self.pos[start:start + n_sink] = torch.arange(start, start + n_sink, device=k.device)
+            self.n_sinks = start + n_sink
         k, v = k[:, :, n_sink:], v[:, :, n_sink:]
-        pos = torch.arange(start + n_sink, start + n, device=k.device)
         n = k.shape[2]
         if n == 0:
             return
-        if self.ring_k is None:
-            self.ring_k = k.new_empty(k.shape[0], k.shape[1], self.window, k.shape[3])
-            self.ring_v = v.new_empty(v.shape[0], v.shape[1], self.window, v.shape[3])
-            self.ring_pos = torch.full((self.window,), -1, dtype=torch.long, device=k.device)
-        if n >= self.window:  # the new tokens alone fill the window: everything older is evicted
-            old_k, old_v, _ = self.ordered()
-            if old_k is not None:
-                self._evict(old_k, old_v)
-            self._evict(k[:, :, :n - self.window], v[:, :, :n - self.window])
-            self.ring_k.copy_(k[:, :, n - self.window:])
-            self.ring_v.copy_(v[:, :, n - self.window:])
-            self.ring_pos.copy_(pos[n - self.window:])
-            self.ring_len, self.ring_next = self.window, 0
+        pos = torch.arange(start + n_sink, start + n_sink + n, device=k.device)
+        self._reserve(self.sink + self.window, k)
+        s, w = self.sink, self.window
+        ring_k, ring_v, ring_pos = self.k[:, :, s:], self.v[:, :, s:], self.pos[s:]
+        if n >= w:  # the new tokens alone fill the window: everything older is evicted
+            if self.ring_len:
+                old_k, old_v, _ = self.visible()
+                self._evict(old_k[:, :, self.n_sinks:], old_v[:, :, self.n_sinks:])
+            self._evict(k[:, :, :n - w], v[:, :, :n - w])
+            ring_k.copy_(k[:, :, n - w:])
+            ring_v.copy_(v[:, :, n - w:])
+            ring_pos.copy_(pos[n - w:])
+            self.ring_len, self.ring_next = w, 0
             return
-        slots = (self.ring_next + torch.arange(n, device=k.device)) % self.window
-        n_old = max(0, self.ring_len + n - self.window)
-        if n_old:  # the last n_old slots written still hold the oldest tokens: evict them
-            evict = slots[n - n_old:]
-            self._evict(self.ring_k[:, :, evict], self.ring_v[:, :, evict])
-        self.ring_k[:, :, slots] = k
-        self.ring_v[:, :, slots] = v
-        self.ring_pos[slots] = pos
-        self.ring_len = min(self.window, self.ring_len + n)
-        self.ring_next = int((self.ring_next + n) % self.window)
+        if n == 1:  # decode: the next slot, without index tensors; once the ring is full it holds the oldest token
+            j = self.ring_next
+            if self.ring_len == w:
+                self._evict(ring_k[:, :, j:j + 1], ring_v[:, :, j:j + 1])
+            ring_k[:, :, j:j + 1] = k
+            ring_v[:, :, j:j + 1] = v
+            ring_pos[j] = start + n_sink
+        else:
+            slots = (self.ring_next + torch.arange(n, device=k.device)) % w
+            n_old = max(0, self.ring_len + n - w)
+            if n_old:  # the last n_old slots written still hold the oldest tokens: evict them
+                evict = slots[n - n_old:]
+                self._evict(ring_k[:, :, evict], ring_v[:, :, evict])
+            ring_k[:, :, slots] = k
+            ring_v[:, :, slots] = v
+            ring_pos[slots] = pos
+        self.ring_len = min(w, self.ring_len + n)
+        self.ring_next = (self.ring_next + n) % w
 
     def per_head_bytes(self) -> float:
-        total = self.sinks.per_head_bytes()
-        if self.ring_k is not None:
-            total += (self.ring_k.numel() * self.ring_k.element_size() * 2) / self.ring_k.shape[1]
+        total = 0.0
+        if self.k is not None:
+            total += (self.k.numel() * self.k.element_size() * 2) / self.k.shape[1]
         if self.comp_k is not None:
             total += (self.comp_k.numel() * 4 * 2) / self.comp_k.shape[1]
         return total
@@ -276,6 +312,10 @@ class MixedView:
     full_values: Tensor | None
     stream: StreamingKeys
     query_start: int  # position of the first query of this call
+    # The first call of a whole-prompt prefill: every head attends to every key of the call, so the layer is
+    # computed as the full cache computes it, from the call's own [batch, kv_heads, n, dim] keys and values.
+    call_keys: Tensor | None = None
+    call_values: Tensor | None = None
 
     def headwise_attend(self, module: torch.nn.Module, query: Tensor, attention_mask: Tensor | None, scaling: float,
                         **kwargs: Any) -> Tensor:
@@ -296,18 +336,27 @@ class MixedLayer(_HeadwiseLayer):
         self.stream_heads = torch.tensor(np.flatnonzero(~full), dtype=torch.long)
         self.full = _Store(reserve)
         self.streaming = _Streaming(sink, window, compensate)
+        self._index: dict[tuple[int, Any], tuple[Tensor, Tensor]] = {}
+
+    def head_index(self, group: int, device: Any) -> tuple[Tensor, Tensor]:
+        """Indices of the full and the streaming heads' query heads (group 1: the KV heads), on `device`."""
+        key = (group, device)
+        if key not in self._index:  # built once: decoding calls this twice per layer and token
+            self._index[key] = tuple((h[:, None] * group + torch.arange(group)).flatten().to(device)
+                                     for h in (self.full_heads, self.stream_heads))
+        return self._index[key]
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, n = self.seen, key_states.shape[2]
         full_k = full_v = None
+        call: tuple[Tensor | None, Tensor | None] = (None, None)
+        full_idx, stream_idx = self.head_index(1, key_states.device)
         if len(self.full_heads):
-            idx = self.full_heads.to(key_states.device)
-            self.full.append(key_states.index_select(1, idx), value_states.index_select(1, idx))
+            self.full.append(key_states.index_select(1, full_idx), value_states.index_select(1, full_idx))
             full_k, full_v = self.full.keys, self.full.values
-        idx = self.stream_heads.to(key_states.device)
-        sk, sv = key_states.index_select(1, idx), value_states.index_select(1, idx)
+        sk, sv = key_states.index_select(1, stream_idx), value_states.index_select(1, stream_idx)
         st = self.streaming
         if n == 1:
             # Decode: store first, then the buffer holds exactly what this query may see.
@@ -316,38 +365,29 @@ class MixedLayer(_HeadwiseLayer):
         else:
             # Prefill: the queries need the window as it was before this call plus all new keys.
             before = self._stored(st, sk)
-            stream = StreamingKeys(torch.cat([before.keys, sk], 2), torch.cat([before.values, sv], 2),
-                                   torch.cat([before.positions, torch.arange(start, start + n, device=sk.device)]),
-                                   None if before.comp_k is None else before.comp_k.clone(),
-                                   None if before.comp_v is None else before.comp_v.clone(), before.comp_count)
+            new_pos = torch.arange(start, start + n, device=sk.device)
+            if before.keys.shape[2] == 0:  # the first call: no copy of a whole prompt's keys
+                stream = StreamingKeys(sk, sv, new_pos, None, None, 0)
+                if self.whole_prefill and start == 0:
+                    call = (key_states, value_states)
+            else:
+                stream = StreamingKeys(torch.cat([before.keys, sk], 2), torch.cat([before.values, sv], 2),
+                                       torch.cat([before.positions, new_pos]),
+                                       None if before.comp_k is None else before.comp_k.clone(),
+                                       None if before.comp_v is None else before.comp_v.clone(), before.comp_count)
             st.append(sk, sv, start)
         self.seen += n
-        view = MixedView(self, full_k, full_v, stream, start)
+        view = MixedView(self, full_k, full_v, stream, start, *call)
         return view, view
 
     @staticmethod
     def _stored(st: _Streaming, like: Tensor, ordered: bool = True) -> StreamingKeys:
-        # Decoding needs no order (every stored key is visible to the one query): skip the ring gather.
-        if ordered or st.ring_len == 0:
-            rk, rv, rp = st.ordered()
-        else:
-            n = st.ring_len
-            rk, rv, rp = st.ring_k[:, :, :n], st.ring_v[:, :, :n], st.ring_pos[:n]
-        parts_k, parts_v, parts_p = [], [], []
-        if st.sinks.k is not None and st.sinks.length:
-            parts_k.append(st.sinks.keys)
-            parts_v.append(st.sinks.values)
-            parts_p.append(torch.arange(st.sinks.length, device=st.sinks.k.device))
-        if rk is not None:
-            parts_k.append(rk)
-            parts_v.append(rv)
-            parts_p.append(rp)
-        if not parts_k:
+        # Decoding needs no order (every stored key is visible to the one query): no gather, no copy.
+        keys, values, positions = st.visible(ordered)
+        if keys is None:
             empty = like[:, :, :0]
             return StreamingKeys(empty, empty, torch.empty(0, dtype=torch.long, device=like.device), None, None, 0)
-        keys = torch.cat(parts_k, 2) if len(parts_k) > 1 else parts_k[0]
-        values = torch.cat(parts_v, 2) if len(parts_v) > 1 else parts_v[0]
-        return StreamingKeys(keys, values, torch.cat(parts_p), st.comp_k, st.comp_v, st.comp_count)
+        return StreamingKeys(keys, values, positions, st.comp_k, st.comp_v, st.comp_count)
 
     def head_bytes(self) -> np.ndarray:
         out = np.zeros(self.n_kv_heads)

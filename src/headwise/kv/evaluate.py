@@ -8,6 +8,8 @@ Policy specs (`parse_policy`):
                                 get the full cache; others sinks + window (--sink/--window)
   razor@F                       RazorAttention: echo + induction heads full, compensation token
   random@F[:SEED]               the control: F of the KV heads, chosen at random
+  ...@kvB                       instead of F, for the three above: as many full heads as fit in a
+                                KV budget of B times the full cache's bytes at the prompt's length
   duo:FILE@F                    a DuoAttention gate file, top F full
   snapkv@X                      SnapKV eviction keeping X of the prompt (X < 1) or X tokens per head
   FILE.json                     a saved Policy
@@ -67,6 +69,19 @@ def _fraction(text: str, spec: str) -> float:
         raise HeadwiseError(f"policy '{spec}': '{text}' is not a number") from None
 
 
+def _head_amount(amount: str, spec: str, geometry: Geometry, context: int | None,
+                 shape: dict[str, Any]) -> dict[str, Any]:
+    """'0.25' -> a full fraction; 'kv0.33' -> a byte budget, a third of the full cache at `context` tokens."""
+    if not amount.startswith("kv"):
+        return {"full_fraction": _fraction(amount, spec)}
+    share = _fraction(amount[2:], spec)
+    if not 0.0 < share <= 1.0:
+        raise HeadwiseError(f"policy '{spec}': a KV budget is a share of the full cache in (0, 1], not {share}")
+    if not context:
+        raise HeadwiseError(f"policy '{spec}' sizes its KV budget from the prompt length; give a context")
+    return {"budget_bytes": int(share * Policy.full_cache(geometry).kv_bytes(context)), "context": context}
+
+
 def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: int | None = None,
                  sink: int = DEFAULT_SINK, window: int = DEFAULT_WINDOW) -> Policy | SnapKVPolicy:
     """Turn a policy spec (see module docstring) into a policy for a prompt of `context` tokens."""
@@ -109,10 +124,12 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
         if not amount:
             raise HeadwiseError(f"policy '{spec}' needs a full fraction, e.g. headwise:{score}@0.25")
         higher = None if not direction else direction == "high"
-        policy = Policy.from_atlas(atlas, score, full_fraction=_fraction(amount, spec), higher_is_full=higher, **shape)
+        policy = Policy.from_atlas(atlas, score, **_head_amount(amount, spec, geometry, context, shape),
+                                   higher_is_full=higher, **shape)
     elif body.startswith("random@"):
         amount, _, seed = body[len("random@"):].partition(":")
-        policy = Policy.random(geometry, _fraction(amount, spec), seed=int(seed or 0), **shape)
+        policy = Policy.random(geometry, **_head_amount(amount, spec, geometry, context, shape), seed=int(seed or 0),
+                               **shape)
     elif body.startswith("duo:"):
         path, _, amount = body[len("duo:"):].rpartition("@")
         if not path:

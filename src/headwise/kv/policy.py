@@ -155,10 +155,14 @@ class Policy:
                    compensate=compensate, name="streaming", source={"method": "streamingllm"}, prefill=prefill)
 
     @classmethod
-    def random(cls, geometry: Geometry, full_fraction: float, seed: int = 0, **shape: Any) -> Policy:
-        """The control: as many full heads as a scored policy, chosen uniformly at random."""
+    def random(cls, geometry: Geometry, full_fraction: float | None = None, seed: int = 0, *,
+               budget_bytes: int | None = None, context: int | None = None, **shape: Any) -> Policy:
+        """The control: as many full heads as a scored policy (a fraction or a budget, as
+        from_ranking), chosen uniformly at random."""
         proto = cls(geometry, np.zeros((geometry.n_layers, geometry.n_kv_heads), bool), **shape)
-        n_full = _count(full_fraction, proto.n_selectable)
+        n_full = _how_many(proto, full_fraction, budget_bytes, context)
+        if full_fraction is None:
+            full_fraction = n_full / max(1, proto.n_selectable)
         idx = np.flatnonzero(proto.selectable.ravel())
         chosen = np.random.default_rng(seed).choice(idx, size=n_full, replace=False)
         full = np.zeros(proto.full.size, bool)
@@ -176,14 +180,7 @@ class Policy:
         heads whose cache at `context` tokens fits the budget) sets how many.
         """
         proto = cls(geometry, np.zeros((geometry.n_layers, geometry.n_kv_heads), bool), **shape)
-        if (full_fraction is None) == (budget_bytes is None):
-            raise HeadwiseError("give exactly one of full_fraction or budget_bytes")
-        if budget_bytes is not None:
-            if not context:
-                raise HeadwiseError("budget_bytes needs the context length the budget is for")
-            n_full = _fit_budget(proto, budget_bytes, context)
-        else:
-            n_full = _count(full_fraction, proto.n_selectable)
+        n_full = _how_many(proto, full_fraction, budget_bytes, context)
         need = np.where(proto.selectable & np.isfinite(need), need, -np.inf).ravel()
         order = np.argsort(-need, kind="stable")[:n_full]
         full = np.zeros(need.size, bool)
@@ -273,6 +270,17 @@ def _count(fraction: float, n: int) -> int:
     return int(min(n, max(0, math.floor(fraction * n + 0.5))))
 
 
+def _how_many(proto: Policy, full_fraction: float | None, budget_bytes: int | None, context: int | None) -> int:
+    """Number of full heads: a fraction of the selectable heads, or the most that fit a byte budget."""
+    if (full_fraction is None) == (budget_bytes is None):
+        raise HeadwiseError("give exactly one of full_fraction or budget_bytes")
+    if budget_bytes is None:
+        return _count(full_fraction, proto.n_selectable)
+    if not context:
+        raise HeadwiseError("budget_bytes needs the context length the budget is for")
+    return _fit_budget(proto, budget_bytes, context)
+
+
 def _fit_budget(proto: Policy, budget_bytes: int, context: int) -> int:
     """The most full heads whose predicted cache at `context` tokens stays within budget."""
     best = -1
@@ -297,10 +305,7 @@ def _razor(atlas: Any, *, full_fraction: float | None, budget_bytes: int | None,
     """RazorAttention's selection: ~1 echo head per 14 induction heads (arXiv 2407.15891), max over KV groups."""
     g = atlas.geometry
     proto = Policy(g, np.zeros((g.n_layers, g.n_kv_heads), bool), **shape)
-    if (full_fraction is None) == (budget_bytes is None):
-        raise HeadwiseError("give exactly one of full_fraction or budget_bytes")
-    n_full = _fit_budget(proto, budget_bytes, context) if budget_bytes is not None else \
-        _count(full_fraction, proto.n_selectable)
+    n_full = _how_many(proto, full_fraction, budget_bytes, context)
     sel = proto.selectable.ravel()
     echo = np.where(sel, np.nan_to_num(atlas.score("echo", "kv_max").ravel(), nan=-np.inf), -np.inf)
     induction = np.where(sel, np.nan_to_num(atlas.score("razor_induction", "kv_max").ravel(), nan=-np.inf), -np.inf)
