@@ -69,8 +69,7 @@ def _fraction(text: str, spec: str) -> float:
         raise HeadwiseError(f"policy '{spec}': '{text}' is not a number") from None
 
 
-def _head_amount(amount: str, spec: str, geometry: Geometry, context: int | None,
-                 shape: dict[str, Any]) -> dict[str, Any]:
+def _head_amount(amount: str, spec: str, geometry: Geometry, context: int | None) -> dict[str, Any]:
     """'0.25' -> a full fraction; 'kv0.33' -> a byte budget, a third of the full cache at `context` tokens."""
     if not amount.startswith("kv"):
         return {"full_fraction": _fraction(amount, spec)}
@@ -124,11 +123,11 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
         if not amount:
             raise HeadwiseError(f"policy '{spec}' needs a full fraction, e.g. headwise:{score}@0.25")
         higher = None if not direction else direction == "high"
-        policy = Policy.from_atlas(atlas, score, **_head_amount(amount, spec, geometry, context, shape),
+        policy = Policy.from_atlas(atlas, score, **_head_amount(amount, spec, geometry, context),
                                    higher_is_full=higher, **shape)
     elif body.startswith("random@"):
         amount, _, seed = body[len("random@"):].partition(":")
-        policy = Policy.random(geometry, **_head_amount(amount, spec, geometry, context, shape), seed=int(seed or 0),
+        policy = Policy.random(geometry, **_head_amount(amount, spec, geometry, context), seed=int(seed or 0),
                                **shape)
     elif body.startswith("duo:"):
         path, _, amount = body[len("duo:"):].rpartition("@")
