@@ -84,10 +84,10 @@ def main() -> None:
     atlas.check_model(loaded.info, g)
     contexts = [int(c) for c in args.contexts.split(",")]
 
-    def head_at(ctx: int):  # a "@kvB" head policy fits its byte budget at each prompt length
-        return parse_policy(args.head_policy, g, atlas=atlas, context=ctx, sink=args.sink, window=args.window)
-
-    head = head_at(max(contexts + [args.speed_context]))
+    # A "@kvB" head policy fits its byte budget at each prompt length: one policy per context.
+    head_at = {ctx: parse_policy(args.head_policy, g, atlas=atlas, context=ctx, sink=args.sink, window=args.window)
+               for ctx in set(contexts) | {args.perplexity_context, args.speed_context}}
+    head = head_at[max(contexts + [args.speed_context])]
     # The controls read the prompt as the head-aware policy does (windowed or whole-prompt prefill).
     whole = "+whole" if head.prefill == "whole" else ""
     suffix = ("+comp" if head.compensate else "") + whole
@@ -99,7 +99,7 @@ def main() -> None:
         # Same bytes on the heads a policy can touch: the model's own sliding layers cost the same under every policy.
         fixed = sum(2 * g.head_dim * 4 * g.n_kv_heads * min(ctx, w - 1)
                     for t, w in zip(g.layer_types, g.sliding_window) if t == "sliding")
-        here = head_at(ctx)
+        here = head_at[ctx]
         ratio = (here.kv_bytes(ctx) - fixed) / (Policy.full_cache(g).kv_bytes(ctx) - fixed)
         specs = {"full": "full", "headwise": args.head_policy,
                  "streaming (same bytes)": f"streaming@{ratio:.4f}{whole}"}
@@ -121,8 +121,8 @@ def main() -> None:
               "versions": versions(), "args": vars(args), "torch_threads": torch.get_num_threads(),
               "head_policy": {"spec": args.head_policy, "description": head.describe(),
                               "full_heads": head.full.astype(int).tolist(), "source": head.source},
-              "head_policy_at": {str(c): {"description": head_at(c).describe(),
-                                          "full_heads": head_at(c).full.astype(int).tolist()}
+              "head_policy_at": {str(c): {"description": head_at[c].describe(),
+                                          "full_heads": head_at[c].full.astype(int).tolist()}
                                  for c in sorted(set(contexts))},
               "retrieval": {}, "rows": []}
     if args.merge and out.is_file():

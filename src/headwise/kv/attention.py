@@ -154,11 +154,11 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
     # [q, T] mask in memory) does the same; full_heads_attention rebuilds a mask only for chunked prefill.
     attention_mask = None
     b, hq, m, d = query.shape
+    if m > 1 and view.call_keys is not None:  # the whole prompt in one call: the full cache's attention
+        return full_heads_attention(query, view.call_keys, view.call_values, None, scaling).transpose(1, 2)
     g = hq // layer.n_kv_heads
     out = query.new_empty(b, hq, m, d)
     st = layer.streaming
-    if m > 1 and view.call_keys is not None:  # the whole prompt in one call: the full cache's attention
-        return full_heads_attention(query, view.call_keys, view.call_values, None, scaling).transpose(1, 2)
     full_qi, stream_qi = layer.head_index(g, query.device)
     if len(layer.full_heads):
         out[:, full_qi] = full_heads_attention(query[:, full_qi], view.full_keys, view.full_values, attention_mask,
