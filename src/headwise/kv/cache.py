@@ -397,7 +397,8 @@ class MixedLayer(_HeadwiseLayer):
 
 
 class HeadwiseCache(Cache):
-    """A KV cache that follows a Policy (or a SnapKVPolicy): pass it as `past_key_values`.
+    """A KV cache that follows a Policy (or a SnapKVPolicy): pass it as `cache=` (transformers 5.2x;
+    the older `past_key_values=` still works there, with a deprecation warning).
 
     `max_length` (prompt + new tokens), when known, lets full heads allocate once.
     """
