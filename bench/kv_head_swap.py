@@ -2,7 +2,8 @@
 
     python bench/kv_head_swap.py --atlas bench/results/atlas-smollm2-duo4k.json --head 18.2 \
         --context 4096 --seed 3 --trials 3 --draws 0-8 --part 0/2 --out bench/results/kv_smollm2_head_swap.json
-    (run --part 1/2 beside it, then the same command with --combine)
+    (run --part 1/2 beside it, then the same command with --combine; the 8K file:
+    --context 8176 --draws 0-2 --variants draws,policy --out bench/results/kv_smollm2_head_swap_8k.json)
 
 Every policy has the head policy's number of full heads at this context (so the same KV bytes),
 its sink + window and prefill. For each random draw (`random@F:SEED`, drawn as kv_eval.py draws

@@ -2,6 +2,8 @@
 
     python bench/kv_recovery_margin.py --atlas bench/results/atlas-smollm2-duo4k.json \
         --context 8176 --depth 0.7 --seeds 3-9 --out bench/results/kv_smollm2_recovery_margin.json
+    (larger budgets: --policies full,headwise:duo@0.5+whole,headwise:duo@0.75+whole
+     --out bench/results/kv_smollm2_recovery_margin_budgets.json)
 
 At 8K and depth 0.7 smollm2-135m's full cache opens its passkey reply with " the pass key." and
 then sometimes goes on with the key. For each prompt and policy this scores `--opening` + " " +
@@ -61,7 +63,8 @@ def main() -> None:
             raise SystemExit(f"the opening {args.opening!r} tokenizes differently before the key; choose another")
         for spec in args.policies.split(","):
             policy = parse_policy(spec, loaded.geometry, atlas=atlas, context=case.length)
-            res = greedy(loaded, case.input_ids, policy, max_new_tokens=12, answer_ids=ids)
+            res = greedy(loaded, case.input_ids, policy, max_new_tokens=12, prefill_chunk=None,  # as headwise eval
+                         answer_ids=ids)
             digits = [i for i in range(len(opening), len(ids)) if tok.decode([ids[i]]).strip()]
             rows.append({"seed": seed, "policy": spec, "answer": case.answer, "reply": res.text,
                          "tokens": [tok.decode([t]) for t in ids],
