@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HEADWISE_QUIET", "1")
+from _kv_setup import load_model_and_atlas
 
 
 def main() -> None:
@@ -36,16 +34,12 @@ def main() -> None:
 
     import torch
 
-    import headwise
-    from headwise.atlas import Atlas, versions
+    from headwise.atlas import versions
     from headwise.kv import HeadwiseCache
     from headwise.kv.evaluate import parse_policy
     from headwise.probes.needle import passkey_case
 
-    if os.environ.get("HEADWISE_THREADS"):
-        torch.set_num_threads(int(os.environ["HEADWISE_THREADS"]))
-    loaded = headwise.load(args.model)
-    atlas = Atlas.load(args.atlas)
+    loaded, atlas = load_model_and_atlas(args.model, args.atlas)
     case = passkey_case(loaded.tokenizer, context=args.context, depth=0.5, seed=0)
     n_new = args.rounds * args.burst + 1
     specs = [x.strip() for x in args.policy.split(",") if x.strip()]

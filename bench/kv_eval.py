@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HEADWISE_QUIET", "1")
+from _kv_setup import load_model_and_atlas
 
 
 def main() -> None:
@@ -69,19 +67,13 @@ def main() -> None:
 
     import torch
 
-    import headwise
-    from headwise.atlas import Atlas, versions
+    from headwise.atlas import versions
     from headwise.kv.evaluate import EvalSettings, parse_policy, run_perplexity, run_retrieval, run_speed, summarize
     from headwise.kv.policy import Policy
 
-    threads = os.environ.get("HEADWISE_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    loaded = headwise.load(args.model)
+    loaded, atlas = load_model_and_atlas(args.model, args.atlas)
     g = loaded.geometry
-    atlas = Atlas.load(args.atlas)
-    atlas.check_model(loaded.info, g)
     contexts = [int(c) for c in args.contexts.split(",")]
 
     # A "@kvB" head policy fits its byte budget at each prompt length: one policy per context.

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HEADWISE_QUIET", "1")
+from _kv_setup import load_model_and_atlas, seed_range
 
 
 def swap_policies(args: argparse.Namespace, g, atlas) -> tuple:
@@ -41,8 +39,7 @@ def swap_policies(args: argparse.Namespace, g, atlas) -> tuple:
     shape = {"sink": head.sink, "window": head.window, "compensate": head.compensate, "prefill": head.prefill}
     out = {}
     variants = set(args.variants.split(","))
-    first, _, last = args.draws.partition("-")
-    for seed in range(int(first), int(last or first) + 1) if "draws" in variants else ():
+    for seed in seed_range(args.draws) if "draws" in variants else ():
         full = Policy.random(g, full_fraction=n / head.n_selectable, seed=seed, **shape).full.copy()
         rng = np.random.default_rng(10_000 + seed)  # the swap partner is drawn, not picked
         has = bool(full[layer, kv])
@@ -105,16 +102,10 @@ def main() -> None:
 
     import torch
 
-    import headwise
-    from headwise.atlas import Atlas, versions
+    from headwise.atlas import versions
     from headwise.kv.evaluate import EvalSettings, run_retrieval, summarize
 
-    threads = os.environ.get("HEADWISE_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    loaded = headwise.load(args.model)
-    atlas = Atlas.load(args.atlas)
-    atlas.check_model(loaded.info, loaded.geometry)
+    loaded, atlas = load_model_and_atlas(args.model, args.atlas)
     head, policies = swap_policies(args, loaded.geometry, atlas)
     i, _, n = args.part.partition("/")
     labels = list(policies)[int(i)::int(n)]

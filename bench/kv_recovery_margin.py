@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HEADWISE_QUIET", "1")
+from _kv_setup import load_model_and_atlas, seed_range
 
 
 def main() -> None:
@@ -38,23 +36,16 @@ def main() -> None:
 
     import torch
 
-    import headwise
-    from headwise.atlas import Atlas, versions
+    from headwise.atlas import versions
     from headwise.kv.evaluate import parse_policy
     from headwise.kv.generate import greedy
     from headwise.probes.needle import passkey_case
 
-    threads = os.environ.get("HEADWISE_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    loaded = headwise.load(args.model)
-    atlas = Atlas.load(args.atlas)
-    atlas.check_model(loaded.info, loaded.geometry)
+    loaded, atlas = load_model_and_atlas(args.model, args.atlas)
     tok = loaded.tokenizer
-    first, _, last = args.seeds.partition("-")
     t0 = time.perf_counter()
     rows = []
-    for seed in range(int(first), int(last or first) + 1):
+    for seed in seed_range(args.seeds):
         case = passkey_case(tok, context=args.context, depth=args.depth, seed=seed,
                             max_positions=loaded.geometry.max_positions)
         opening = tok.encode(args.opening, add_special_tokens=False)

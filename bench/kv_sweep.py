@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HEADWISE_QUIET", "1")
+from _kv_setup import load_model_and_atlas
 
 
 def main() -> None:
@@ -36,15 +34,10 @@ def main() -> None:
 
     import torch
 
-    import headwise
-    from headwise.atlas import Atlas, versions
+    from headwise.atlas import versions
     from headwise.kv.evaluate import EvalSettings, run_retrieval, summarize
 
-    if os.environ.get("HEADWISE_THREADS"):
-        torch.set_num_threads(int(os.environ["HEADWISE_THREADS"]))
-    loaded = headwise.load(args.model)
-    atlas = Atlas.load(args.atlas)
-    atlas.check_model(loaded.info, loaded.geometry)
+    loaded, atlas = load_model_and_atlas(args.model, args.atlas)
     settings = EvalSettings(tasks=("passkey",), contexts=(args.context,),
                             depths=tuple(float(d) for d in args.depths.split(",")), trials=args.trials,
                             sink=args.sink, window=args.window)

@@ -1,0 +1,31 @@
+"""What every KV bench script does first: run offline and quiet, honour HEADWISE_THREADS, load
+the model and an atlas checked against it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HEADWISE_QUIET", "1")
+
+
+def load_model_and_atlas(model: str, atlas_path: str) -> tuple[Any, Any]:
+    import torch
+
+    import headwise
+    from headwise.atlas import Atlas
+
+    threads = os.environ.get("HEADWISE_THREADS")
+    if threads:  # two single-thread runs side by side on the 2 cores
+        torch.set_num_threads(int(threads))
+    loaded = headwise.load(model)
+    atlas = Atlas.load(atlas_path)
+    atlas.check_model(loaded.info, loaded.geometry)
+    return loaded, atlas
+
+
+def seed_range(text: str) -> range:
+    """"FIRST-LAST" (or one seed) -> the seeds, inclusive."""
+    first, _, last = text.partition("-")
+    return range(int(first), int(last or first) + 1)
