@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--text", default=None, help="text for perplexity (default: the bundled text)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: retrieval, perplexity, speed")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--labels", default="", help="run only these comma-separated labels (e.g. the controls, when the "
+                                                 "full and head-aware caches ran elsewhere on the same prompts)")
     ap.add_argument("--merge", action="store_true", help="add to an existing --out of the same model and policy "
                                                           "(run the parts separately) instead of replacing it")
     args = ap.parse_args()
@@ -82,7 +84,7 @@ def main() -> None:
     head = head_at[max(contexts + [args.speed_context])]
     # The controls read the prompt as the head-aware policy does (windowed or whole-prompt prefill).
     whole = "+whole" if head.prefill == "whole" else ""
-    suffix = ("+comp" if head.compensate else "") + whole
+    suffix = ("+comp" if head.compensate else "") + whole + (f"+mid{head.middle}" if head.middle else "")
     random_seeds = [int(x) for x in args.random_seeds.split(",") if x.strip()]
     long_depths = args.long_depths or args.depths
     longest_depths = args.longest_depths or long_depths
@@ -99,7 +101,8 @@ def main() -> None:
             specs[f"random heads (seed {seed})"] = f"random@{here.full_fraction:.4f}:{seed}{suffix}"
         specs["snapkv (same bytes)"] = f"snapkv@{ratio:.4f}"
         specs.update({x.strip(): x.strip() for x in args.extra.split(",") if x.strip()})
-        return specs
+        wanted = {x.strip() for x in args.labels.split(",") if x.strip()}
+        return {k: v for k, v in specs.items() if k in wanted} if wanted else specs
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,12 +151,15 @@ def main() -> None:
                 mean = sum(accs) / len(accs)
                 cells["random heads (mean over seeds)"] = {
                     "accuracy": mean, "seeds": len(accs), "correct": sum(c["correct"] for c in randoms),
-                    "n": sum(c["n"] for c in randoms), "kv_ratio": sum(c["kv_ratio"] for c in randoms) / len(accs),
+                    "n": sum(c["n"] for c in randoms),
+                    "kv_ratio": None if randoms[0]["kv_ratio"] is None else  # None: full ran elsewhere (--labels)
+                    sum(c["kv_ratio"] for c in randoms) / len(accs),
                     "accuracy_sd": (sum((a - mean) ** 2 for a in accs) / max(1, len(accs) - 1)) ** 0.5,
                     **({} if randoms[0]["key_recall"] is None else {
                         "answer_logprob": round(sum(c["answer_logprob"] for c in randoms) / len(accs), 4),
                         "key_recall": sum(c["key_recall"] for c in randoms) / len(accs)})}
-            line = "  ".join(f"{label}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%}" + (
+            line = "  ".join(f"{label}: {c['correct']}/{c['n']} (" + (
+                "-" if c["kv_ratio"] is None else f"{c['kv_ratio']:.0%}") + (
                 "" if c.get("key_recall") is None else
                 f", key recalled {c['key_recall']:.0%}, logp {c['answer_logprob']:.2f}") + ")"
                 for label, c in cells.items())

@@ -83,3 +83,14 @@ def test_passkey_is_a_plain_continuation_and_needles_a_chat_turn(smollm2):
     with pytest.raises(HeadwiseError, match="chat template"):
         n = bundled_needles()[0]
         build_case(tiny_tokenizer(), [n], [0.5], context=300, question=n.question, chat=True)
+
+
+def test_needle_by_number_is_a_bundled_needle_or_a_clear_error():
+    from headwise.probes.needle import bundled_needles, needle_case
+
+    tok = tiny_tokenizer()
+    n = len(bundled_needles())
+    case = needle_case(tok, context=200, depth=0.5, needle=n - 1)
+    assert case.needles[0] == bundled_needles()[n - 1]
+    with pytest.raises(HeadwiseError, match=f"{n} bundled needles"):
+        needle_case(tok, context=200, depth=0.5, needle=n)

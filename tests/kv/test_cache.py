@@ -41,8 +41,10 @@ def _reference_attention(policy: Policy, whole_calls: list[tuple[int, int]] = ()
             if policy.full[layer, kv]:
                 out[:, heads] = naive_sink_window_attention(query[:, heads], k, v, scaling, sink=0, window=t + 1)
             else:
+                middle = _naive_middle(query[:, heads], key[:, kv:kv + 1], scaling, whole_calls[0][1], policy.sink,
+                                       policy.window, policy.middle) if policy.middle else ()
                 out[:, heads] = naive_sink_window_attention(query[:, heads], k, v, scaling, policy.sink, policy.window,
-                                                            policy.compensate, whole_calls)
+                                                            policy.compensate, whole_calls, middle)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("headwise", ref)
@@ -50,6 +52,27 @@ def _reference_attention(policy: Policy, whole_calls: list[tuple[int, int]] = ()
         yield
     finally:
         AttentionInterface.register("headwise", headwise_attention)
+
+
+def _naive_middle(query: torch.Tensor, key: torch.Tensor, scaling: float, first_end: int, sink: int, window: int,
+                  middle: int) -> tuple[int, ...]:
+    """SnapKV's vote by hand, for one KV head of batch row 0: each of the group's query heads, at each of the
+    prompt's last min(32, window) positions, softmax over the keys it sees; summed over those queries,
+    averaged over the heads, averaged over 7 neighbours (those that exist); the `middle` best between the
+    sinks and the window."""
+    g = query.shape[1]
+    w = min(32, window)
+    votes = [0.0] * (first_end - w)
+    for h in range(g):
+        for i in range(first_end - w, first_end):
+            logits = torch.tensor([float(query[0, h, i].double() @ key[0, 0, j].double()) * scaling
+                                   for j in range(i + 1)], dtype=torch.float64)
+            probs = torch.softmax(logits, 0)
+            for j in range(len(votes)):
+                votes[j] += float(probs[j]) / g
+    pooled = [sum(votes[max(0, j - 3):j + 4]) / len(votes[max(0, j - 3):j + 4]) for j in range(len(votes))]
+    candidates = range(sink, first_end - window)
+    return tuple(sorted(sorted(candidates, key=lambda j: -pooled[j])[:middle]))
 
 
 def _cached_logits(model, ids: torch.Tensor, cache: HeadwiseCache, chunks: list[int]) -> torch.Tensor:
@@ -61,6 +84,19 @@ def _cached_logits(model, ids: torch.Tensor, cache: HeadwiseCache, chunks: list[
             start += n
     assert start == ids.shape[1]
     return torch.cat(out, 1)
+
+
+def _assert_matches_reference(model, policies: list[Policy], ids: torch.Tensor, chunks: list[int],
+                              whole_calls: list[tuple[int, int]] = ()) -> None:
+    """Each policy's logits, fed through its cache in `chunks`, equal the naive reference's; its bytes the
+    prediction."""
+    for policy in policies:
+        cache = HeadwiseCache(policy, max_length=ids.shape[1])
+        cached = _cached_logits(model, ids, cache, chunks)
+        with _reference_attention(policy, whole_calls), torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(cached, ref, atol=2e-4, rtol=2e-4)
+        assert cache.nbytes() == policy.kv_bytes(ids.shape[1])
 
 
 def test_all_full_matches_default_cache(tiny, arch):
@@ -82,12 +118,7 @@ def test_streaming_and_mixed_match_naive_reference(tiny, arch, compensate):
     rng = np.random.default_rng(1)
     policies = [Policy.streaming(g, sink=3, window=5, compensate=compensate),
                 Policy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate)]
-    ids = _ids(30, seed=2)
-    for policy in policies:
-        cached = _cached_logits(tiny.model, ids, HeadwiseCache(policy), [9, 1, 1, 7, 1, 11])
-        with _reference_attention(policy), torch.no_grad():
-            ref = tiny.model(input_ids=ids, use_cache=False).logits
-        torch.testing.assert_close(cached, ref, atol=2e-4, rtol=2e-4)
+    _assert_matches_reference(tiny.model, policies, _ids(30, seed=2), [9, 1, 1, 7, 1, 11])
 
 
 @pytest.mark.parametrize("compensate", [False, True])
@@ -100,20 +131,39 @@ def test_whole_prompt_prefill_matches_naive_reference(tiny, arch, compensate):
                 Policy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate,
                        prefill="whole")]
     ids = _ids(34, seed=6)
-    chunks = [16, 1, 1, 9, 1, 6]
-    calls = [(0, 16), (18, 27), (28, 34)]
-    for policy in policies:
-        cache = HeadwiseCache(policy, max_length=34)
-        cached = _cached_logits(tiny.model, ids, cache, chunks)
-        with _reference_attention(policy, calls), torch.no_grad():
-            ref = tiny.model(input_ids=ids, use_cache=False).logits
-        torch.testing.assert_close(cached, ref, atol=2e-4, rtol=2e-4)
-        assert cache.nbytes() == policy.kv_bytes(34)  # stored like the windowed prefill: sinks + window only
+    # stored like the windowed prefill: sinks + window only (the bytes check)
+    _assert_matches_reference(tiny.model, policies, ids, [16, 1, 1, 9, 1, 6], [(0, 16), (18, 27), (28, 34)])
     # The first call is the model's own forward: identical logits to the full cache.
     streaming = policies[0]
     first = _cached_logits(tiny.model, ids[:, :16], HeadwiseCache(streaming), [16])
     full = _cached_logits(tiny.model, ids[:, :16], HeadwiseCache(Policy.full_cache(g)), [16])
     torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
+
+
+def test_middle_tokens_match_naive_reference(tiny, arch):
+    """Streaming heads keep sinks, window and the prompt's `middle` most-voted tokens between them."""
+    g = tiny.geometry
+    rng = np.random.default_rng(8)
+    policies = [Policy.streaming(g, sink=2, window=6, prefill="whole", middle=4),
+                Policy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, prefill="whole", middle=3)]
+    ids = _ids(34, seed=9)
+    chunks = [16, 1, 1, 9, 1, 6]
+    _assert_matches_reference(tiny.model, policies, ids, chunks, [(0, 16), (18, 27), (28, 34)])
+    # The kept tokens matter: without them the streaming heads' logits differ.
+    plain = _cached_logits(tiny.model, ids, HeadwiseCache(Policy.streaming(g, sink=2, window=6, prefill="whole")),
+                           chunks)
+    middle = _cached_logits(tiny.model, ids, HeadwiseCache(policies[0]), chunks)
+    assert (plain[:, 16:] - middle[:, 16:]).abs().max() > 1e-3
+
+
+def test_middle_tokens_need_whole_prefill_and_no_compensation():
+    g = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer()).geometry
+    with pytest.raises(HeadwiseError, match="whole-prompt prefill"):
+        Policy.streaming(g, middle=8)
+    with pytest.raises(HeadwiseError, match="compensation"):
+        Policy.streaming(g, middle=8, prefill="whole", compensate=True)
+    with pytest.raises(HeadwiseError, match=">= 0"):
+        Policy.streaming(g, middle=-1, prefill="whole")
 
 
 def test_whole_prefill_greedy_prefills_in_one_call_and_differs_after():

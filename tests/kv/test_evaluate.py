@@ -115,3 +115,14 @@ def test_key_recall_ignores_the_space_before_the_key():
     assert _answer_scores(res([False, True, True]), key_tokens=[1, 2])["key_recalled"]  # " " lost, "12" recalled
     assert not _answer_scores(res([True, True, False]), key_tokens=[1, 2])["key_recalled"]
     assert _answer_scores(res([True, True, True]), key_tokens=[1, 2])["answer_logprob"] == pytest.approx(-0.7333, 1e-3)
+
+
+def test_needle_seeds_beyond_the_bundled_needles_wrap_around(tiny_dir):
+    import headwise
+    from headwise.kv.evaluate import _cases
+    from headwise.probes.needle import bundled_needles
+
+    lm = headwise.load(str(tiny_dir))
+    n = len(bundled_needles())
+    cases = _cases(lm, "needle", EvalSettings(tasks=("needle",), depths=(0.5,), trials=2, seed=n - 1), 200)
+    assert [c.needles[0] for _, c in cases] == [bundled_needles()[n - 1], bundled_needles()[0]]

@@ -154,3 +154,23 @@ def test_parse_policy_specs():
                      ("full+whole", "streaming heads only"), ("snapkv@0.3+comp", "streaming heads only")):
         with pytest.raises(HeadwiseError, match=why):
             parse_policy(bad, G, atlas=None if "atlas" in why else atlas)
+
+
+def test_middle_tokens_in_specs_bytes_budgets_and_files(tmp_path):
+    atlas = _atlas(G, retrieval=np.arange(24, dtype=float).reshape(4, 6))
+    p = parse_policy("headwise:retrieval@0.25+whole+mid30", G, atlas=atlas, sink=10, window=40)
+    assert (p.middle, p.prefill, p.n_full) == (30, "whole", 2)
+    assert "30 middle tokens" in p.describe()
+    per_token = 2 * G.head_dim * 4
+    # 2 full heads of 1000 tokens, 6 streaming heads of 10 + 40 + 30
+    assert p.kv_bytes(1000) == per_token * (2 * 1000 + 6 * 80)
+    assert p.kv_bytes(60) == per_token * 8 * 60  # a short prompt: nothing to drop
+    # middle tokens come out of the same budget: 3 full heads + 5 x 50 fit in half of 8 x 1000, 3 + 5 x 250 do not
+    assert parse_policy("random@kv0.5+whole", G, context=1000, sink=10, window=40).n_full == 3
+    assert parse_policy("random@kv0.5+whole+mid200", G, context=1000, sink=10, window=40).n_full == 2
+    assert Policy.load(p.save(tmp_path / "m.json")).middle == 30
+    assert parse_policy(str(tmp_path / "m.json"), G).middle == 30
+    for bad, why in (("headwise:retrieval@0.25+mid30", "whole-prompt"), ("razor@0.25+whole+mid8", "compensation"),
+                     ("full+mid8", "streaming heads only"), ("headwise:retrieval@0.25+whole+midx", "not a number")):
+        with pytest.raises(HeadwiseError, match=why):
+            parse_policy(bad, G, atlas=atlas)

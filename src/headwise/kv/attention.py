@@ -155,7 +155,10 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
     attention_mask = None
     b, hq, m, d = query.shape
     if m > 1 and view.call_keys is not None:  # the whole prompt in one call: the full cache's attention
-        return full_heads_attention(query, view.call_keys, view.call_values, None, scaling).transpose(1, 2)
+        out = full_heads_attention(query, view.call_keys, view.call_values, None, scaling)
+        if layer.middle:
+            layer.keep_middle(query, view.call_keys, view.call_values, scaling)
+        return out.transpose(1, 2)
     g = hq // layer.n_kv_heads
     out = query.new_empty(b, hq, m, d)
     st = layer.streaming
@@ -175,20 +178,24 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
 
 
 def naive_sink_window_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float, sink: int, window: int,
-                                compensate: bool = False, whole_calls: list[tuple[int, int]] = ()) -> Tensor:
+                                compensate: bool = False, whole_calls: list[tuple[int, int]] = (),
+                                middle: tuple[int, ...] = ()) -> Tensor:
     """Reference: each query at position t (t = index, all keys given) in an explicit loop. [b, h, T, d].
 
     For tests: no chunking, no cache, no prefix sums. keys/values already expanded to the
     query heads. `whole_calls`: (start, end) of the multi-token calls of a whole-prompt
     prefill, whose queries see sinks, the `window` tokens before `start`, and the call itself.
+    `middle`: positions every query after the first call also sees (Policy.middle).
     """
     b, h, t, d = query.shape
     out = torch.zeros(b, h, t, d, dtype=torch.float64)
     q, k, v = query.double(), keys.double(), values.double()
+    first_end = whole_calls[0][1] if whole_calls else 0
     for i in range(t):
         start = next((s for s, e in whole_calls if s <= i < e), None)
         lo = i - window + 1 if start is None else start - window
-        keep = [j for j in range(i + 1) if j < sink or j >= lo]
+        kept = middle if i >= first_end else ()
+        keep = [j for j in range(i + 1) if j < sink or j >= lo or j in kept]
         dropped = [j for j in range(i + 1) if j not in keep]
         logits = torch.einsum("bhd,bhkd->bhk", q[:, :, i], k[:, :, keep]) * scaling
         vals = v[:, :, keep]

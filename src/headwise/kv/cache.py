@@ -8,7 +8,9 @@ Per layer:
 - a layer with streaming heads ("mixed") stores its full heads as above and, for each
   streaming head, only the first S tokens, a ring buffer of the last W tokens and, with
   `compensate`, RazorAttention's compensation token (running sums of the evicted keys and
-  values). Dropped tokens are freed, not masked: `nbytes()` is what is really allocated.
+  values), or, with `middle` (whole-prompt prefill only), M prompt tokens from between the
+  two chosen by SnapKV's vote. Dropped tokens are freed, not masked: `nbytes()` is what is
+  really allocated.
   Its `update` returns a `MixedView` (the same object as keys and values) instead of
   tensors; headwise's attention function sees it and lets kv.attention compute the layer.
 
@@ -175,14 +177,17 @@ class _Streaming:
 
     One buffer per tensor: slots [0, S) hold the sinks, slots [S, S + W) the ring. Until the
     ring wraps, what a decoded query sees is the buffer's prefix, handed over without a copy.
+    With middle tokens (`add_middle`, once, after a whole-prompt call) the buffer becomes
+    [S sinks | M middle | W ring].
     """
 
     def __init__(self, sink: int, window: int, compensate: bool):
         self.sink, self.window, self.compensate = sink, window, compensate
-        self.k: Tensor | None = None  # [batch, heads, S or S + W, dim]
+        self.k: Tensor | None = None  # [batch, heads, S (+ M) + W, dim]
         self.v: Tensor | None = None
         self.pos: Tensor | None = None  # position held by each slot (-1: empty)
         self.n_sinks = 0
+        self.n_middle = 0
         self.ring_len = 0
         self.ring_next = 0
         self.comp_k: Tensor | None = None  # float32 sums of evicted keys / values [batch, heads, dim]
@@ -190,12 +195,17 @@ class _Streaming:
         self.comp_count = 0
 
     @property
+    def ring_at(self) -> int:
+        """First slot of the ring."""
+        return self.sink + self.n_middle
+
+    @property
     def ring_k(self) -> Tensor | None:
-        return None if self.k is None or self.k.shape[2] == self.sink else self.k[:, :, self.sink:]
+        return None if self.k is None or self.k.shape[2] == self.ring_at else self.k[:, :, self.ring_at:]
 
     @property
     def ring_pos(self) -> Tensor | None:
-        return None if self.pos is None or self.pos.numel() == self.sink else self.pos[self.sink:]
+        return None if self.pos is None or self.pos.numel() == self.ring_at else self.pos[self.ring_at:]
 
     def _reserve(self, slots: int, like: Tensor) -> None:
         """Grow the buffer to `slots` (the sinks first; sinks + window once a token lands in the ring)."""
@@ -214,9 +224,9 @@ class _Streaming:
         if self.k is None:
             return None, None, None
         if self.ring_len < self.window or self.ring_next == 0 or not ordered:  # a prefix of the buffer, in order
-            n = self.n_sinks + self.ring_len
+            n = self.n_sinks + self.n_middle + self.ring_len
             return self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
-        s = self.sink
+        s = self.ring_at
         order = torch.cat([torch.arange(s), s + torch.arange(self.ring_next, self.window),
                            s + torch.arange(0, self.ring_next)]).to(self.k.device)
         return self.k[:, :, order], self.v[:, :, order], self.pos[order]
@@ -246,13 +256,13 @@ class _Streaming:
         if n == 0:
             return
         pos = torch.arange(start + n_sink, start + n_sink + n, device=k.device)
-        self._reserve(self.sink + self.window, k)
-        s, w = self.sink, self.window
+        self._reserve(self.ring_at + self.window, k)
+        s, w = self.ring_at, self.window
         ring_k, ring_v, ring_pos = self.k[:, :, s:], self.v[:, :, s:], self.pos[s:]
         if n >= w:  # the new tokens alone fill the window: everything older is evicted
             if self.ring_len:
                 old_k, old_v, _ = self.visible()
-                self._evict(old_k[:, :, self.n_sinks:], old_v[:, :, self.n_sinks:])
+                self._evict(old_k[:, :, self.ring_at:], old_v[:, :, self.ring_at:])
             self._evict(k[:, :, :n - w], v[:, :, :n - w])
             ring_k.copy_(k[:, :, n - w:])
             ring_v.copy_(v[:, :, n - w:])
@@ -277,6 +287,24 @@ class _Streaming:
             ring_pos[slots] = pos
         self.ring_len = min(w, self.ring_len + n)
         self.ring_next = (self.ring_next + n) % w
+
+    def add_middle(self, k: Tensor, v: Tensor) -> None:
+        """Insert M kept middle tokens [batch, heads, M, dim] between the sinks and the (full) ring.
+
+        Their slots get placeholder positions S .. S + M - 1: each head keeps other tokens, all of
+        them earlier than the ring and later than the sinks, and only that order is ever used
+        (every held key is visible to the queries after a whole-prompt call).
+        """
+        if self.n_middle or self.compensate or self.n_sinks < self.sink or self.ring_len < self.window:
+            raise HeadwiseError("middle tokens are added once, after a whole prompt longer than sinks + window, "
+                                "and not with the compensation token")
+        m = k.shape[2]
+        old_k, old_v, old_pos = self.visible()  # sinks, then the ring in order
+        s = self.sink
+        self.k = torch.cat([old_k[:, :, :s], k.to(old_k.dtype), old_k[:, :, s:]], 2)
+        self.v = torch.cat([old_v[:, :, :s], v.to(old_v.dtype), old_v[:, :, s:]], 2)
+        self.pos = torch.cat([old_pos[:s], torch.arange(s, s + m, device=old_pos.device), old_pos[s:]])
+        self.n_middle, self.ring_next = m, 0
 
     def per_head_bytes(self) -> float:
         total = 0.0
@@ -328,10 +356,11 @@ class MixedLayer(_HeadwiseLayer):
     """Some KV heads full, the others sinks + window (+ compensation token)."""
 
     def __init__(self, layer: int, full: np.ndarray, head_dim: int, sink: int, window: int, compensate: bool,
-                 reserve: int | None = None, whole_prefill: bool = False):
+                 reserve: int | None = None, whole_prefill: bool = False, middle: int = 0):
         super().__init__(layer, len(full), head_dim)
         # Multi-token calls: streaming heads attend to all they hold plus the call (Policy.prefill == "whole").
         self.whole_prefill = whole_prefill
+        self.middle = middle
         self.full_heads = torch.tensor(np.flatnonzero(full), dtype=torch.long)
         self.stream_heads = torch.tensor(np.flatnonzero(~full), dtype=torch.long)
         self.full = _Store(reserve)
@@ -380,6 +409,30 @@ class MixedLayer(_HeadwiseLayer):
         view = MixedView(self, full_k, full_v, stream, start, *call)
         return view, view
 
+    def keep_middle(self, query: Tensor, keys: Tensor, values: Tensor, scaling: float) -> None:
+        """After the prompt's one call: each streaming head also keeps the `middle` evicted prompt tokens
+        that its KV group's last prompt queries attend to most, by SnapKV's vote (summed over the
+        last 32 queries, averaged over the group, pooled with kernel 7).
+
+        query [b, hq, T, d]; keys/values: the call's [b, kv, T, d]. Candidates are the tokens between
+        the sinks and the ring; the observation queries lie inside the ring.
+        """
+        from .snapkv import KERNEL, OBSERVATION_WINDOW, snapkv_votes
+
+        st = self.streaming
+        t = keys.shape[2]
+        lo, hi = st.sink, t - st.window
+        if hi <= lo or not len(self.stream_heads):
+            return
+        w = min(OBSERVATION_WINDOW, st.window)
+        kv_idx = self.head_index(1, keys.device)[1]
+        q_idx = self.head_index(query.shape[1] // self.n_kv_heads, query.device)[1]
+        ks, vs = keys.index_select(1, kv_idx), values.index_select(1, kv_idx)
+        votes = snapkv_votes(query[:, q_idx, -w:], ks, scaling, KERNEL)[..., lo:hi]  # [b, n_stream, hi - lo]
+        top = votes.topk(min(self.middle, hi - lo), dim=-1).indices.sort(-1).values + lo
+        gather = top[..., None].expand(-1, -1, -1, ks.shape[-1])
+        st.add_middle(ks.gather(2, gather), vs.gather(2, gather))
+
     @staticmethod
     def _stored(st: _Streaming, like: Tensor, ordered: bool = True) -> StreamingKeys:
         # Decoding needs no order (every stored key is visible to the one query): no gather, no copy.
@@ -417,7 +470,8 @@ class HeadwiseCache(Cache):
                 layers.append(FullLayer(layer, g.n_kv_heads, g.head_dim, max_length))
             else:
                 layers.append(MixedLayer(layer, policy.full[layer], g.head_dim, policy.sink, policy.window,
-                                         policy.compensate, max_length, whole_prefill=policy.prefill == "whole"))
+                                         policy.compensate, max_length, whole_prefill=policy.prefill == "whole",
+                                         middle=policy.middle))
         super().__init__(layers=layers)
         self.policy = policy
 

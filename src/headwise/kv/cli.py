@@ -35,8 +35,9 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="full", help="policy spec (full, streaming@X, headwise:SCORE@F, razor@F, "
                                                     "random@F, duo:FILE@F, snapkv@X) or a policy .json; "
                                                     "@kvB for @F: the most full heads within B x the full cache's "
-                                                    "KV bytes; append +comp (compensation token) or +whole "
-                                                    "(whole-prompt prefill)")
+                                                    "KV bytes; append +comp (compensation token), +whole "
+                                                    "(whole-prompt prefill) or, after +whole, +midM (streaming "
+                                                    "heads also keep M prompt tokens chosen by SnapKV's vote)")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)

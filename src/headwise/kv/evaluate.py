@@ -15,7 +15,8 @@ Policy specs (`parse_policy`):
   FILE.json                     a saved Policy
 Append "+comp" to a head policy for RazorAttention's compensation token, "+whole" for a
 whole-prompt prefill (streaming heads attend to the whole prompt, then keep sinks + window;
-see kv/policy.py); both may be given.
+see kv/policy.py); both may be given. With "+whole", "+midM" lets streaming heads also keep M
+prompt tokens from between sinks and window, chosen by SnapKV's vote (not with "+comp").
 
 Tasks: passkey, needle, multi_needle (probes/needle.py), perplexity (probes/text.py), speed
 (one subprocess per policy, so each peak RSS is its own).
@@ -29,7 +30,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +86,23 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
                  sink: int = DEFAULT_SINK, window: int = DEFAULT_WINDOW) -> Policy | SnapKVPolicy:
     """Turn a policy spec (see module docstring) into a policy for a prompt of `context` tokens."""
     raw = spec.strip()
-    body, options = raw, set()
-    while body.endswith(("+comp", "+whole")):
-        body, _, option = body.rpartition("+")
-        options.add(option)
+    body, options, middle = raw, set(), 0
+    while True:
+        head, plus, option = body.rpartition("+")
+        if not plus or not (option in ("comp", "whole") or (option.startswith("mid") and option[3:].isdigit())):
+            break
+        body = head
+        if option.startswith("mid"):
+            middle = int(option[3:])
+        else:
+            options.add(option)
     compensate = "comp" in options
     prefill = "whole" if "whole" in options else "window"
-    shape = {"sink": sink, "window": window, "compensate": compensate, "prefill": prefill}
+    shape = {"sink": sink, "window": window, "compensate": compensate, "prefill": prefill, "middle": middle}
+    if middle:
+        options.add("mid")
     if options and (body == "full" or body.startswith("snapkv@")):
-        raise HeadwiseError(f"policy '{spec}': +comp and +whole apply to policies with streaming heads only")
+        raise HeadwiseError(f"policy '{spec}': +comp, +whole and +mid apply to policies with streaming heads only")
     if body == "full":
         policy: Policy | SnapKVPolicy = Policy.full_cache(geometry)
     elif body.startswith("streaming"):
@@ -108,7 +117,7 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
             else:
                 win = int(x)
         policy = Policy.streaming(geometry, sink=STREAMINGLLM_SINK, window=win, compensate=compensate,
-                                  prefill=prefill)
+                                  prefill=prefill, middle=middle)
     elif body.startswith(("headwise:", "razor@")):
         if atlas is None:
             raise HeadwiseError(f"policy '{spec}' needs an atlas (--atlas DIR from headwise profile)")
@@ -138,9 +147,9 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
         policy = SnapKVPolicy(geometry, budget=_fraction(body[len("snapkv@"):], spec))
     elif body.endswith(".json"):
         policy = Policy.load(body)
-        policy.compensate = policy.compensate or compensate  # the spec's options add to the file's
-        if "whole" in options:
-            policy.prefill = "whole"
+        # The spec's options add to the file's (replace() checks the combination again).
+        policy = replace(policy, compensate=policy.compensate or compensate,
+                         prefill="whole" if "whole" in options else policy.prefill, middle=middle or policy.middle)
     else:
         raise HeadwiseError(f"unknown policy '{spec}'; use full, streaming[@X], headwise:SCORE@F, razor@F, "
                             f"random@F, duo:FILE@F, snapkv@X or a policy .json file")
@@ -150,7 +159,7 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
 
 
 def _cases(loaded: Any, task: str, settings: EvalSettings, context: int) -> list[tuple[dict[str, Any], Any]]:
-    from ..probes.needle import multi_needle_case, needle_case, passkey_case
+    from ..probes.needle import bundled_needles, multi_needle_case, needle_case, passkey_case
 
     tok, max_pos = loaded.tokenizer, loaded.geometry.max_positions
     out = []
@@ -168,8 +177,9 @@ def _cases(loaded: Any, task: str, settings: EvalSettings, context: int) -> list
                     case = passkey_case(tok, context=context, depth=depth, seed=seed, filler=filler,
                                         text=settings.text, max_positions=max_pos)
                 else:
-                    case = needle_case(tok, context=context, depth=depth, needle=seed, filler=filler, seed=seed,
-                                       text=settings.text, max_positions=max_pos)
+                    # Seed s asks for bundled needle s (mod their number) and shuffles the haystack by s.
+                    case = needle_case(tok, context=context, depth=depth, needle=seed % len(bundled_needles()),
+                                       filler=filler, seed=seed, text=settings.text, max_positions=max_pos)
                 out.append(({"task": task, "context": context, "depth": depth, "filler": filler, "trial": trial},
                             case))
     return out

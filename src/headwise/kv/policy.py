@@ -8,7 +8,10 @@ streaming heads read a prompt (`prefill`):
 - "whole" (RazorAttention, SnapKV): streaming heads attend to the whole prompt, and each
   layer's cache is cut to sinks + window as soon as that layer has been computed. The first
   reply token comes from full attention; KV memory during the prefill is the compressed
-  cache plus one layer's keys, but attention work is the full cache's.
+  cache plus one layer's keys, but attention work is the full cache's. With `middle` = M,
+  streaming heads also keep the M prompt tokens between sinks and window that their last
+  prompt queries attend to most (SnapKV's vote), as Task-KV keeps "middle activations" for
+  its non-heterogeneous heads.
 The
 decision is per KV head: every query head of a GQA group reads the same stored keys. Layers
 the model itself windows (Gemma3's sliding layers) keep the model's own cache whatever the
@@ -60,6 +63,9 @@ class Policy:
     name: str = "custom"
     source: dict[str, Any] = field(default_factory=dict)
     prefill: str = "window"
+    # Streaming heads also keep this many prompt tokens from between sinks and window, picked by
+    # SnapKV's vote of the prompt's last queries (whole-prompt prefill only; cache.keep_middle).
+    middle: int = 0
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -73,6 +79,11 @@ class Policy:
                                 f"window={self.window})")
         if self.prefill not in PREFILL_MODES:
             raise HeadwiseError(f"prefill must be one of {', '.join(PREFILL_MODES)}, not '{self.prefill}'")
+        if self.middle < 0:
+            raise HeadwiseError(f"middle tokens must be >= 0, got {self.middle}")
+        if self.middle and (self.prefill != "whole" or self.compensate):
+            raise HeadwiseError("middle tokens are chosen from a whole-prompt prefill and do not combine with the "
+                                "compensation token: use +whole and drop +comp")
         # The model's own sliding layers are not ours to change: mark them full (their cache is the model's window).
         self.full[list(self.model_windowed_layers)] = True
 
@@ -122,7 +133,7 @@ class Policy:
                 if self.full[layer, h]:
                     total += per_tok * context
                 else:
-                    total += per_tok * min(context, self.sink + self.window)
+                    total += per_tok * min(context, self.sink + self.window + self.middle)
                     if self.compensate:  # float32 running sums of keys and values
                         total += 2 * g.head_dim * 4 * batch
         return total
@@ -140,6 +151,7 @@ class Policy:
     def describe(self) -> str:
         return (f"{self.name}: {self.n_full}/{self.n_selectable} KV heads full ({self.full_fraction:.0%}), others "
                 f"sink {self.sink} + window {self.window}" + (" + compensation token" if self.compensate else "")
+                + (f" + {self.middle} middle tokens" if self.middle else "")
                 + (", whole-prompt prefill" if self.prefill == "whole" else ""))
 
     # ---- builders ---------------------------------------------------------------------------
@@ -149,10 +161,11 @@ class Policy:
 
     @classmethod
     def streaming(cls, geometry: Geometry, sink: int = STREAMINGLLM_SINK, window: int = DEFAULT_WINDOW,
-                  compensate: bool = False, prefill: str = "window") -> Policy:
+                  compensate: bool = False, prefill: str = "window", middle: int = 0) -> Policy:
         """StreamingLLM: every (selectable) head keeps `sink` first tokens + `window` recent ones."""
         return cls(geometry, np.zeros((geometry.n_layers, geometry.n_kv_heads), bool), sink=sink, window=window,
-                   compensate=compensate, name="streaming", source={"method": "streamingllm"}, prefill=prefill)
+                   compensate=compensate, name="streaming", source={"method": "streamingllm"}, prefill=prefill,
+                   middle=middle)
 
     @classmethod
     def random(cls, geometry: Geometry, full_fraction: float | None = None, seed: int = 0, *,
@@ -238,7 +251,7 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": "headwise.kv-policy/1", "name": self.name, "geometry": self.geometry.to_dict(),
                 "full": self.full.astype(int).tolist(), "sink": self.sink, "window": self.window,
-                "compensate": self.compensate, "prefill": self.prefill, "source": self.source}
+                "compensate": self.compensate, "prefill": self.prefill, "middle": self.middle, "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
@@ -247,7 +260,8 @@ class Policy:
         try:
             return cls(Geometry.from_dict(d["geometry"]), np.array(d["full"], dtype=bool), sink=int(d["sink"]),
                        window=int(d["window"]), compensate=bool(d["compensate"]), name=str(d["name"]),
-                       source=dict(d.get("source", {})), prefill=str(d.get("prefill", "window")))
+                       source=dict(d.get("source", {})), prefill=str(d.get("prefill", "window")),
+                       middle=int(d.get("middle", 0)))
         except (KeyError, TypeError, ValueError) as e:
             raise HeadwiseError(f"KV policy file is incomplete or malformed ({e!r})") from None
 
@@ -288,13 +302,15 @@ def _fit_budget(proto: Policy, budget_bytes: int, context: int) -> int:
         full = proto.full.copy()
         idx = np.flatnonzero(proto.selectable.ravel())[:n_full]
         full.ravel()[idx] = True
-        trial = Policy(proto.geometry, full, sink=proto.sink, window=proto.window, compensate=proto.compensate)
+        trial = Policy(proto.geometry, full, sink=proto.sink, window=proto.window, compensate=proto.compensate,
+                       prefill=proto.prefill, middle=proto.middle)
         if trial.kv_bytes(context) <= budget_bytes:
             best = n_full
         else:
             break
     if best < 0:
-        floor = Policy(proto.geometry, proto.full, sink=proto.sink, window=proto.window).kv_bytes(context)
+        floor = Policy(proto.geometry, proto.full, sink=proto.sink, window=proto.window, prefill=proto.prefill,
+                       middle=proto.middle).kv_bytes(context)
         raise HeadwiseError(f"a KV budget of {budget_bytes} bytes is below even the all-streaming cache at {context} "
                             f"tokens ({floor} bytes)")
     return best

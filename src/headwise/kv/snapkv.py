@@ -67,8 +67,8 @@ class SnapKVPolicy:
         return f"{self.name}: every KV head keeps its top prompt tokens (window {self.window}, pool {self.kernel})"
 
 
-def snapkv_select(query_obs: Tensor, keys: Tensor, scaling: float, keep: int, window: int, kernel: int) -> Tensor:
-    """Indices [b, kv, keep] (sorted) of the tokens to keep.
+def snapkv_votes(query_obs: Tensor, keys: Tensor, scaling: float, kernel: int) -> Tensor:
+    """How much the last w prompt queries attend to each earlier token, pooled: [b, kv, T - w].
 
     query_obs: [b, hq, w, d] the last w prompt queries; keys: [b, kv, T, d].
     """
@@ -81,7 +81,14 @@ def snapkv_select(query_obs: Tensor, keys: Tensor, scaling: float, keep: int, wi
     qpos = torch.arange(t - w, t, device=keys.device)
     scores = scores.masked_fill(torch.arange(t, device=keys.device)[None, :] > qpos[:, None], float("-inf"))
     votes = torch.softmax(scores, -1)[..., :t - w].sum(-2).mean(2)  # [b, kv, T - w]
-    votes = F.avg_pool1d(votes, kernel_size=kernel, padding=kernel // 2, stride=1, count_include_pad=False)
+    return F.avg_pool1d(votes, kernel_size=kernel, padding=kernel // 2, stride=1, count_include_pad=False)
+
+
+def snapkv_select(query_obs: Tensor, keys: Tensor, scaling: float, keep: int, window: int, kernel: int) -> Tensor:
+    """Indices [b, kv, keep] (sorted) of the tokens to keep: the top voted plus the w observation tokens."""
+    b, n_kv, t = keys.shape[0], keys.shape[1], keys.shape[2]
+    w = query_obs.shape[2]
+    votes = snapkv_votes(query_obs, keys, scaling, kernel)
     top = votes.topk(keep - w, dim=-1).indices
     recent = torch.arange(t - w, t, device=keys.device).expand(b, n_kv, w)
     return torch.cat([top, recent], -1).sort(-1).values

@@ -203,8 +203,14 @@ def build_case(tokenizer: Any, needles: list[Needle], depths: list[float], *, co
 
 def needle_case(tokenizer: Any, *, context: int, depth: float, needle: Needle | int = 0, filler: str = "essay",
                 seed: int = 0, text: str | Path | None = None, max_positions: int | None = None) -> NeedleCase:
-    """One needle at `depth` (0 = start, 1 = end), asked for by its question."""
-    n = bundled_needles()[needle] if isinstance(needle, int) else needle
+    """One needle at `depth` (0 = start, 1 = end), asked for by its question; an int picks a bundled needle."""
+    if isinstance(needle, int):
+        bundled = bundled_needles()
+        if not 0 <= needle < len(bundled):
+            raise HeadwiseError(f"there are {len(bundled)} bundled needles (0-{len(bundled) - 1}), not {needle}; "
+                                f"pass a Needle for others")
+        needle = bundled[needle]
+    n = needle
     case = build_case(tokenizer, [n], [depth], context=context, question=n.question, filler=filler, seed=seed,
                       text=text, max_positions=max_positions)
     case.settings["task"] = "needle"
