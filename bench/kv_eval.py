@@ -6,6 +6,9 @@
     (8176 tokens: --contexts 8176 --trials 1; needle: --task needle)
     held-out prompts at a one-third byte budget (bench/results/kv_smollm2_passkey_heldout.json):
     --head-policy headwise:duo@kv0.3333+whole --extra headwise:duo@0.25+whole --seed 3 --trials 3
+    the controls of held-out set 3 (bench/results/kv_smollm2_passkey_heldout3_mid.json), whose full and
+    head-aware caches ran in `headwise eval`: --head-policy headwise:duo@kv0.3333+whole+mid64 --seed 10
+    --trials 3 --labels "streaming (same bytes),random heads (seed 0),snapkv (same bytes)" (and so on)
 
 At every context the baselines are sized against the head-aware policy measured there (a
 "@kvB" head policy is rebuilt for each context, so its head count follows the budget):
