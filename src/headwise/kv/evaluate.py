@@ -99,9 +99,7 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
     compensate = "comp" in options
     prefill = "whole" if "whole" in options else "window"
     shape = {"sink": sink, "window": window, "compensate": compensate, "prefill": prefill, "middle": middle}
-    if middle:
-        options.add("mid")
-    if options and (body == "full" or body.startswith("snapkv@")):
+    if (options or middle) and (body == "full" or body.startswith("snapkv@")):
         raise HeadwiseError(f"policy '{spec}': +comp, +whole and +mid apply to policies with streaming heads only")
     if body == "full":
         policy: Policy | SnapKVPolicy = Policy.full_cache(geometry)
@@ -162,6 +160,7 @@ def _cases(loaded: Any, task: str, settings: EvalSettings, context: int) -> list
     from ..probes.needle import bundled_needles, multi_needle_case, needle_case, passkey_case
 
     tok, max_pos = loaded.tokenizer, loaded.geometry.max_positions
+    needles = bundled_needles() if task == "needle" else []
     out = []
     for trial in range(settings.trials):
         seed = settings.seed + trial
@@ -178,7 +177,7 @@ def _cases(loaded: Any, task: str, settings: EvalSettings, context: int) -> list
                                         text=settings.text, max_positions=max_pos)
                 else:
                     # Seed s asks for bundled needle s (mod their number) and shuffles the haystack by s.
-                    case = needle_case(tok, context=context, depth=depth, needle=seed % len(bundled_needles()),
+                    case = needle_case(tok, context=context, depth=depth, needle=needles[seed % len(needles)],
                                        filler=filler, seed=seed, text=settings.text, max_positions=max_pos)
                 out.append(({"task": task, "context": context, "depth": depth, "filler": filler, "trial": trial},
                             case))

@@ -210,9 +210,8 @@ def needle_case(tokenizer: Any, *, context: int, depth: float, needle: Needle | 
             raise HeadwiseError(f"there are {len(bundled)} bundled needles (0-{len(bundled) - 1}), not {needle}; "
                                 f"pass a Needle for others")
         needle = bundled[needle]
-    n = needle
-    case = build_case(tokenizer, [n], [depth], context=context, question=n.question, filler=filler, seed=seed,
-                      text=text, max_positions=max_positions)
+    case = build_case(tokenizer, [needle], [depth], context=context, question=needle.question, filler=filler,
+                      seed=seed, text=text, max_positions=max_positions)
     case.settings["task"] = "needle"
     return case
 
