@@ -4,8 +4,11 @@ chunked, vectorised observers against."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+from torch import Tensor
 
 
 def eager_attentions(model, input_ids: torch.Tensor) -> list[np.ndarray]:
@@ -116,3 +119,35 @@ def mean_distance(a: np.ndarray) -> float:
 
 def entropy(a: np.ndarray) -> float:
     return float(np.mean([-sum(p * np.log(p) for p in a[i, : i + 1] if p > 0) for i in range(len(a))]))
+
+
+# --- the streaming heads of the KV cache ---------------------------------------------------
+def naive_sink_window_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float, sink: int, window: int,
+                                compensate: bool = False, whole_calls: list[tuple[int, int]] = (),
+                                middle: tuple[int, ...] = ()) -> Tensor:
+    """Reference: each query at position t (t = index, all keys given) in an explicit loop. [b, h, T, d].
+
+    For tests: no chunking, no cache, no prefix sums. keys/values already expanded to the
+    query heads. `whole_calls`: (start, end) of the multi-token calls of a whole-prompt
+    prefill, whose queries see sinks, the `window` tokens before `start`, and the call itself.
+    `middle`: positions every query after the first call also sees (Policy.middle).
+    """
+    b, h, t, d = query.shape
+    out = torch.zeros(b, h, t, d, dtype=torch.float64)
+    q, k, v = query.double(), keys.double(), values.double()
+    first_end = whole_calls[0][1] if whole_calls else 0
+    for i in range(t):
+        start = next((s for s, e in whole_calls if s <= i < e), None)
+        lo = i - window + 1 if start is None else start - window
+        kept = middle if i >= first_end else ()
+        keep = [j for j in range(i + 1) if j < sink or j >= lo or j in kept]
+        dropped = [j for j in range(i + 1) if j not in keep]
+        logits = torch.einsum("bhd,bhkd->bhk", q[:, :, i], k[:, :, keep]) * scaling
+        vals = v[:, :, keep]
+        if compensate and dropped:
+            k_hat, v_hat = k[:, :, dropped].mean(2), v[:, :, dropped].mean(2)
+            extra = torch.einsum("bhd,bhd->bh", q[:, :, i], k_hat) * scaling + math.log(len(dropped))
+            logits = torch.cat([logits, extra[..., None]], -1)
+            vals = torch.cat([vals, v_hat[:, :, None]], 2)
+        out[:, :, i] = torch.einsum("bhk,bhkd->bhd", torch.softmax(logits, -1), vals)
+    return out

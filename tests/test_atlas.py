@@ -8,7 +8,7 @@ import pytest
 import headwise
 from headwise import Atlas, ProfileSettings, profile
 from headwise.errors import HeadwiseError
-from headwise.roles import ROLE_RULES
+from headwise.scores import role_rules
 from tests.conftest import tiny_model, tiny_tokenizer
 
 SCORES = ["previous_token", "induction", "echo"]
@@ -49,7 +49,7 @@ def test_roles_follow_the_rules_written_in_the_atlas(saved):
     atlas = Atlas.load(saved)
     rules = {r["role"]: r for r in atlas.data["roles"]["rules"]}
     assert set(rules) == {"previous-token", "induction"}
-    for rule in ROLE_RULES:
+    for rule in role_rules():
         if rule.role in rules:
             expected = {(int(a), int(b)) for a, b in zip(*np.nonzero(rule.applies(atlas.score(rule.score))))}
             assert set(atlas.heads_with_role(rule.role)) == expected

@@ -5,7 +5,8 @@ Layout of atlas.json (schema "headwise.atlas/1"):
   geometry   layers, heads, KV heads, head dim, per-layer attention type and window
   settings   profile settings and seed; probes: each probe's own settings
   versions   headwise, torch, transformers, numpy, python
-  scores     name -> {family, probe, description, settings, heads [L][H], kv_max/kv_mean [L][KV]}
+  scores     name -> {family, probe, description, settings, needs_full ("high", "low" or null: which
+             end of the scale marks a head that needs the full KV cache), heads [L][H], kv_max/kv_mean [L][KV]}
   profiles   name -> {bins, values [L][H][bins], ...}  (e.g. the distance profile)
   roles      rules (the thresholds used) and labels [L][H] -> [role, ...]
   validation causal tests of the labels (written by `headwise validate`)
@@ -24,7 +25,7 @@ import numpy as np
 
 from .errors import HeadwiseError
 from .geometry import Geometry
-from .roles import ROLE_RULES, assign_roles, rules_in_use
+from .roles import RoleRule, assign_roles
 
 SCHEMA = "headwise.atlas/1"
 FILENAME = "atlas.json"
@@ -74,6 +75,8 @@ class Atlas:
         self.data = data
         self.geometry = Geometry.from_dict(data["geometry"])
         self.directory: Path | None = None  # where it was loaded from (the report finds its samples there)
+        # The role rules of the scores it holds, as they were when each score was set.
+        self._rules = [RoleRule.from_dict(r) for r in data["roles"].get("rules", [])]
 
     # ---- building -------------------------------------------------------------------------
     @classmethod
@@ -83,7 +86,12 @@ class Atlas:
                     "roles": {"rules": [], "labels": []}, "validation": {}})
 
     def set_score(self, name: str, values: np.ndarray, *, family: str, probe: str | None, description: str,
-                  settings: dict[str, Any] | None = None) -> None:
+                  settings: dict[str, Any] | None = None, needs_full: str | None = None,
+                  rule: RoleRule | None = None) -> None:
+        """Store a [layers, heads] score; `needs_full` says which end ("high"/"low") marks a head that
+        needs the full KV cache, `rule` the role label it gives (both None when the score says nothing)."""
+        if needs_full not in (None, "high", "low"):
+            raise HeadwiseError(f"score '{name}': needs_full must be 'high', 'low' or None, not {needs_full!r}")
         values = np.asarray(values, dtype=float)
         g = self.geometry
         if values.shape != (g.n_layers, g.n_heads):
@@ -91,8 +99,10 @@ class Atlas:
         grouped = values.reshape(g.n_layers, g.n_kv_heads, g.group_size)
         self.data["scores"][name] = {
             "family": family, "probe": probe, "description": description, "settings": settings or {},
-            "heads": _matrix(values), "kv_max": _matrix(grouped.max(-1)), "kv_mean": _matrix(grouped.mean(-1)),
+            "needs_full": needs_full, "heads": _matrix(values), "kv_max": _matrix(grouped.max(-1)),
+            "kv_mean": _matrix(grouped.mean(-1)),
         }
+        self._rules = [r for r in self._rules if r.score != name] + ([rule] if rule is not None else [])
         self._relabel()
 
     def set_profile(self, name: str, profile: dict[str, Any]) -> None:
@@ -107,8 +117,9 @@ class Atlas:
 
     def _relabel(self) -> None:
         scores = {name: self.score(name) for name in self.score_names}
-        self.data["roles"] = {"rules": [r.to_dict() for r in rules_in_use(scores)],
-                              "labels": assign_roles(scores) if scores else []}
+        rules = [r for r in self._rules if r.score in scores]
+        self.data["roles"] = {"rules": [r.to_dict() for r in rules],
+                              "labels": assign_roles(scores, rules) if scores else []}
 
     # ---- reading --------------------------------------------------------------------------
     @property
@@ -126,6 +137,12 @@ class Atlas:
                                 f"run headwise profile --scores {name}")
         values = self.data["scores"][name][aggregate]
         return np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+
+    def needs_full(self, name: str) -> str | None:
+        """"high" or "low": which end of the score marks a head that needs the full KV cache (None: not recorded)."""
+        self.score(name)  # a one-line error for a score the atlas lacks
+        value = self.data["scores"][name].get("needs_full")
+        return value if value in ("high", "low") else None
 
     def profile(self, name: str) -> dict[str, Any]:
         if name not in self.data["profiles"]:
@@ -153,21 +170,6 @@ class Atlas:
         flat = np.nan_to_num(values, nan=-np.inf if largest else np.inf).ravel()
         order = np.argsort(-flat if largest else flat, kind="stable")[:k]
         return [(int(i // values.shape[1]), int(i % values.shape[1]), float(values.flat[i])) for i in order]
-
-    def show(self, height: int = 900) -> Any:
-        """The interactive report inline in Jupyter (an IPython HTML object holding an iframe)."""
-        try:
-            from IPython.display import HTML
-        except ImportError:
-            raise HeadwiseError("Atlas.show() needs IPython (run it in Jupyter); outside it use "
-                                "headwise.report.write_report(atlas_dir) and open report.html") from None
-        import html
-
-        from .report.html import matching_samples, render_html
-
-        page = render_html(self.data, matching_samples(self.data, self.directory))
-        return HTML(f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
-                    f'border:0" title="headwise report"></iframe>')
 
     def check_model(self, model_info: Any, geometry: Geometry) -> None:
         """Refuse to apply this atlas to a model it was not made for."""
@@ -241,4 +243,4 @@ def _validate(data: Any, path: Path) -> None:
         fail("role labels do not match the geometry")
 
 
-__all__ = ["Atlas", "SCHEMA", "FILENAME", "ROLE_RULES", "versions"]
+__all__ = ["Atlas", "SCHEMA", "FILENAME", "versions"]

@@ -12,13 +12,13 @@ bare JSON string (a prompt). Metric:
 - "loss" (every example has a target): mean increase of the target tokens' cross-entropy
   (teacher-forced after the prompt) when the head is zeroed.
 Ablation zeroes the head's output (headwise's Session), exactly, many heads per forward pass
-(scores/ablation.py). Ships instead scales a head's attention scores; zeroing is the common
+(headwise/ablation.py). Ships instead scales a head's attention scores; zeroing is the common
 definition the other head scores here use. The result is an [L][H] score in the atlas under a
 name the user gives.
 
-Validation (`headwise validate`): this module registers the successor role's task (next-ordinal
-accuracy), and `register_attribution` makes an attribution testable like a role (its top-k
-heads zeroed against random heads, on the same data).
+Validation (`headwise validate`): `register_attribution` makes an attribution testable like a role
+(its top-k heads zeroed against random heads, on the same data); `attribute_to_atlas` registers
+the one it computes, and `register_atlas_attributions` those an atlas holds.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from ._jsonl import json_lines
+from .ablation import Readout, head_ablation_effects
 from .atlas import Atlas
 from .errors import HeadwiseError
 from .instrument import Session
 from .load import LoadedModel
-from .scores.ablation import Readout, head_ablation_effects
 from .validate import TaskOutcome, ValidationTask, register_task
 
 METRICS = ("auto", "kl", "loss")
@@ -198,50 +198,6 @@ def attribute_to_atlas(loaded: LoadedModel, data: str | Path, name: str, atlas: 
 
 
 # ---- validation tasks (`headwise validate`) --------------------------------------------------
-def _conditions_by_rows(loaded: LoadedModel, scales: torch.Tensor, ids: torch.Tensor, rows_per_pass: int,
-                        read: Any) -> torch.Tensor:
-    """Run every (condition, sequence) pair as one row under its head scales; `read(logits_last, seq)` -> [rows]."""
-    c, s = scales.shape[0], ids.shape[0]
-    pairs = [(cond, seq) for cond in range(c) for seq in range(s)]
-    values = torch.zeros(c, s, dtype=torch.float64)
-    device = loaded.device
-    with torch.inference_mode():
-        for start in range(0, len(pairs), rows_per_pass):
-            chunk = pairs[start:start + rows_per_pass]
-            cond = torch.tensor([p[0] for p in chunk])
-            seq = torch.tensor([p[1] for p in chunk])
-            with Session(loaded.geometry, head_scale=scales[cond].to(device)):
-                logits = loaded.model(input_ids=ids[seq].to(device), use_cache=False, logits_to_keep=1).logits[:, -1]
-            values[cond, seq] = read(logits.float(), seq).double().cpu()
-    return values
-
-
-class SuccessorTask(ValidationTask):
-    """Successor heads' job (Gould et al.): continue "Monday, Tuesday, Wednesday," with " Thursday".
-    Metric: top-1 accuracy of the next token over the ordinal prompts (probes/ordinal.py)."""
-
-    name = "ordinal_successor"
-    metric = "next-ordinal accuracy (top-1, comma-separated ordinal lists)"
-    higher_is_better = True
-
-    def __init__(self, span: int = 3, rows_per_pass: int = 64):
-        self.span, self.rows_per_pass = span, rows_per_pass
-
-    def settings(self) -> dict[str, Any]:
-        return {"span": self.span, "separator": ","}
-
-    def evaluate(self, loaded: Any, scales: torch.Tensor) -> TaskOutcome:
-        from .probes.ordinal import ordinal_prompts
-
-        prompts = ordinal_prompts(loaded.tokenizer, span=self.span)
-        targets = prompts.targets.to(loaded.device)
-        hits = _conditions_by_rows(loaded, scales, prompts.probe.input_ids, self.rows_per_pass,
-                                   lambda logits, seq: (logits.argmax(-1) == targets[seq.to(targets.device)]).float())
-        per_task = [{name: round(float(row[[i for i, t in enumerate(prompts.tasks) if t == name]].mean()), 4)
-                     for name in dict.fromkeys(prompts.tasks)} for row in hits]
-        return TaskOutcome(values=[float(v) for v in hits.mean(1)], details=per_task)
-
-
 class AttributionTask(ValidationTask):
     """The behaviour an attribution measured, under multi-head ablations: mean KL(unablated ||
     ablated) of the next token after each prompt, or mean target loss. Lower is better (less change)."""
@@ -299,5 +255,3 @@ def register_atlas_attributions(atlas: Atlas) -> list[str]:
             names.append(name)
     return names
 
-
-register_task("successor", SuccessorTask())

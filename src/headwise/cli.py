@@ -11,41 +11,30 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .errors import HeadwiseError
+from .kv.cli import KV_COMMANDS
 
 
 def _add_profile(p: argparse.ArgumentParser) -> None:
     from .load import DEFAULT_MODEL
-    from .profile import ProfileSettings
+    from .scores import all_settings
 
-    d = ProfileSettings()
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="bundled name (smollm2-135m, gemma3-270m), model directory, .gguf file, or cached hub id")
     p.add_argument("--out", default=None, help="output directory for atlas.json (default: atlas-<model>)")
     p.add_argument("--scores", default=None, help="comma-separated score names (default: the pattern battery)")
-    p.add_argument("--context", type=int, default=d.context, help="tokens per natural-text probe sequence")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--text", default=None, help="UTF-8 text file for the natural-text probe (default: bundled)")
-    p.add_argument("--text-sequences", type=int, default=d.text_sequences)
-    p.add_argument("--sink-tokens", type=int, default=d.sink_tokens, help="S of streamable_mass")
-    p.add_argument("--window", type=int, default=d.window, help="W of streamable_mass")
-    p.add_argument("--exclude-bos", action="store_true", help="TransformerLens detector option")
-    p.add_argument("--exclude-current-token", action="store_true", help="TransformerLens detector option")
-    p.add_argument("--grid", default=d.retrieval_grid, choices=["default", "full"],
-                   help="needle trials of the retrieval scores: default (minutes on CPU) or full (the paper's sweep)")
     p.add_argument("--validate", action="store_true",
                    help="then causally test every role label that has a task (headwise validate) and store the results")
-    p.add_argument("--importance-context", type=int, default=d.importance_context,
-                   help="tokens per text sequence of the importance_* scores")
-    p.add_argument("--importance-sequences", type=int, default=d.importance_sequences,
-                   help="text sequences of the importance_* scores")
-    p.add_argument("--duo-steps", type=int, default=d.duo_steps,
-                   help="training steps of the duo score (DuoAttention gates; the paper: 2000 on GPUs)")
-    p.add_argument("--duo-haystack", type=int, default=d.duo_haystack,
-                   help="prose tokens per duo training sample (plus the passkeys and questions)")
-    p.add_argument("--duo-passkeys", type=int, default=d.duo_passkeys,
-                   help="passkeys (32 words each) per duo training sample (the paper: 10)")
     p.add_argument("--no-report", action="store_true",
                    help="skip the attention samples and report.html written beside the atlas")
+    # One flag per setting the score families declare (headwise.scores.Setting).
+    group = p.add_argument_group("settings of the scores")
+    for setting in all_settings().values():
+        kwargs = {"dest": "setting_" + setting.name, "default": None,
+                  "help": f"{setting.help} (default: {setting.default})"}
+        if setting.type is bool:
+            group.add_argument(setting.cli_flag, action="store_true", **kwargs)
+        else:
+            group.add_argument(setting.cli_flag, type=setting.type, choices=setting.choices, **kwargs)
 
 
 def _run_profile(args: argparse.Namespace) -> None:
@@ -59,19 +48,10 @@ def _run_profile(args: argparse.Namespace) -> None:
     for name in scores or []:
         if name not in all_score_names():
             raise HeadwiseError(f"unknown score '{name}'; choose from {', '.join(all_score_names())}")
-    for flag in ("context", "text_sequences", "sink_tokens", "window", "importance_context", "importance_sequences",
-                 "duo_steps", "duo_haystack", "duo_passkeys"):
-        if getattr(args, flag) < 1:
-            raise HeadwiseError(f"--{flag.replace('_', '-')} must be a positive integer")
-    settings = ProfileSettings(seed=args.seed, context=args.context, text=args.text,
-                               text_sequences=args.text_sequences, sink_tokens=args.sink_tokens, window=args.window,
-                               exclude_bos=args.exclude_bos, exclude_current_token=args.exclude_current_token,
-                               importance_context=args.importance_context,
-                               importance_sequences=args.importance_sequences)
-    import dataclasses
-
-    settings = dataclasses.replace(settings, retrieval_grid=args.grid, duo_steps=args.duo_steps,
-                                   duo_haystack=args.duo_haystack, duo_passkeys=args.duo_passkeys)
+    # Flags left out are None (store_true ones False): the setting keeps its default.
+    given = {k[len("setting_"):]: v for k, v in vars(args).items()
+             if k.startswith("setting_") and v is not None and v is not False}
+    settings = ProfileSettings(**given)
     loaded = load(args.model)
     out = Path(args.out) if args.out else Path(f"atlas-{Path(args.model).stem}")
     atlas = profile(loaded, scores, settings)
@@ -198,28 +178,50 @@ def _run_validate(args: argparse.Namespace) -> None:
 COMMANDS["validate"] = ("zero a role's top-k heads and k random heads; report the role's task metric for each",
                         _add_validate, _run_validate)
 
-from .kv.cli import KV_COMMANDS  # noqa: E402  (headwise.kv: generate, eval)
-
 COMMANDS.update(KV_COMMANDS)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("headwise")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headwise", description="What every attention head does.")
+    parser.add_argument("--version", action="version", version=f"headwise {_version()}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for every command (on 2 shared cores, 1 is often fastest for "
+                             "decoding); default: torch's own choice")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise HeadwiseError("--threads must be a positive integer")
+    import torch
+
+    torch.set_num_threads(threads)  # headwise eval's speed runs pass it on to their subprocesses
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        _set_threads(args.threads)
         COMMANDS[args.command][2](args)
     except HeadwiseError as e:
         print(f"headwise: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("headwise: interrupted", file=sys.stderr)
+        print("headwise: interrupted; outputs are left as they were before this run", file=sys.stderr)
         return 130
     return 0
 

@@ -45,9 +45,6 @@ class Geometry:
     def n_total_heads(self) -> int:
         return self.n_layers * self.n_heads
 
-    def kv_head(self, head: int) -> int:
-        return head // self.group_size
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layer_types"] = list(self.layer_types)

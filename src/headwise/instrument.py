@@ -104,10 +104,6 @@ class Session:
 _ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar("headwise_session", default=None)
 
 
-def active_session() -> Session | None:
-    return _ACTIVE.get()
-
-
 def _repeat_kv(x: Tensor, groups: int) -> Tensor:
     if groups == 1:
         return x
@@ -234,7 +230,6 @@ def _register() -> None:
 
 
 _register()
-
 
 
 def attach(model: Any) -> Geometry:

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from ._progress import note  # noqa: E402
-from .errors import HeadwiseError  # noqa: E402
-from .geometry import Geometry  # noqa: E402
+from ._progress import note
+from .errors import HeadwiseError
+from .geometry import Geometry
+from .instrument import attach
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -300,7 +299,5 @@ def from_model(model: Any, tokenizer: Any, name: str = "in-memory") -> LoadedMod
 
 
 def _wrap(model: Any, tokenizer: Any, info: ModelInfo) -> LoadedModel:
-    from .instrument import attach
-
     geometry = attach(model)
     return LoadedModel(model=model, tokenizer=tokenizer, geometry=geometry, info=info)

@@ -1,61 +1,108 @@
 """Run probes, score every head, return an Atlas.
 
 Score families that share a probe share its forward passes: one pass of the natural-text
-probe feeds the sink, streaming and distance observers at once.
+probe feeds the sink, streaming and distance observers at once. Every family checks the
+probe and settings before anything runs, whichever family made the probe.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from ._progress import progress
 from .atlas import Atlas
 from .errors import HeadwiseError
-from .instrument import DEFAULT_CHUNK_BYTES, Session
+from .instrument import Session
 from .load import LoadedModel, load
-from .scores import DEFAULT_SCORES, family_of
-from .scores.base import ComputedScoreFamily, ScoreResult
+from .scores import (
+    ComputedScoreFamily,
+    ProbeScoreFamily,
+    ScoreFamily,
+    ScoreResult,
+    all_settings,
+    default_scores,
+    family_of,
+    score_info,
+)
 
 
-@dataclass(frozen=True)
-class ProfileSettings:
-    """Everything that determines the scores besides the model. Written into the atlas."""
+class ProfileSettings(Mapping[str, Any]):
+    """Everything that determines the scores besides the model, written into the atlas: the core
+    settings and those every registered score family declares (headwise.scores.Setting), each
+    checked against its bounds. Read them as attributes: `settings.context`."""
 
-    seed: int = 0
-    context: int = 2048  # tokens per natural-text sequence (sink, streaming, distance)
-    text: str | None = None  # a UTF-8 text file to use instead of the bundled public-domain prose
-    text_sequences: int = 2
-    block_len: int = 64  # random tokens per block of the repeated probes
-    repeated_sequences: int = 8  # sequences of the 2x repeated probe (TransformerLens scores)
-    razor_sequences: int = 4  # sequences of the 4x repeated probe (RazorAttention scores)
-    sink_tokens: int = 64  # S of the streaming cache behind streamable_mass
-    window: int = 256  # W of the streaming cache behind streamable_mass
-    exclude_bos: bool = False  # TransformerLens detector options (its defaults)
-    exclude_current_token: bool = False
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    importance_context: int = 128  # tokens per text sequence behind the importance_* scores
-    importance_sequences: int = 4  # sequences of that text set
-    importance_batch: int = 4  # sequences per forward/backward pass of importance_grad and importance_norm
-    ablation_tokens: int = 16384  # rows x tokens per batched-ablation pass (bounds its memory)
-    retrieval_grid: str = "default"  # needle trials behind retrieval scores: 'default' (minutes) or 'full' (paper)
-    duo_steps: int = 100  # DuoAttention gate training steps (the paper: 2000 on GPUs)
-    duo_haystack: int = 1024  # prose tokens per DuoAttention training sample (the paper: 1K-32K)
-    duo_passkeys: int = 10
-    duo_passkey_words: int = 32
-    duo_sink: int = 128
-    duo_window: int = 256
-    duo_lr: float = 0.02
-    duo_reg: float = 0.05
+    def __init__(self, **values: Any):
+        known = all_settings()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise HeadwiseError(f"unknown profile setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        coerced = {name: s.coerce(values.get(name, s.default)) for name, s in known.items()}
+        object.__setattr__(self, "_values", coerced)
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+    @classmethod
+    def from_dict(cls, saved: Mapping[str, Any]) -> ProfileSettings:
+        """The settings an atlas records (keys of families not registered here are ignored)."""
+        known = all_settings()
+        values = {k: v for k, v in saved.items() if k in known}
+        if values.get("text") == "bundled":
+            values["text"] = None
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ProfileSettings:
+        return ProfileSettings(**{**self._values, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self._values)
         d["text"] = "bundled" if self.text is None else str(self.text)
         return d
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(f"no profile setting {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("ProfileSettings is immutable; use .replace(...)")
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProfileSettings) and other._values == self._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, repr(v)) for k, v in self._values.items())))
+
+    def __repr__(self) -> str:
+        return "ProfileSettings(" + ", ".join(f"{k}={v!r}" for k, v in self._values.items()) + ")"
+
+
+def _plan(names: list[str], settings: ProfileSettings) -> tuple[dict[Any, list[ProbeScoreFamily]],
+                                                                  dict[ComputedScoreFamily, list[str]]]:
+    """Families grouped by the probe they share, and the computed families with their names."""
+    groups: dict[Any, list[ProbeScoreFamily]] = {}
+    computed: dict[ComputedScoreFamily, list[str]] = {}
+    for name in names:
+        family = family_of(name)
+        if isinstance(family, ComputedScoreFamily):
+            computed.setdefault(family, []).append(name)
+        elif isinstance(family, ProbeScoreFamily):
+            group = groups.setdefault(family.probe_key(settings), [])
+            if family not in group:
+                group.append(family)
+        else:
+            raise HeadwiseError(f"score family {family.family!r} is neither a probe nor a computed family")
+    return groups, computed
 
 
 def profile(model: LoadedModel | str, scores: Sequence[str] | None = None,
@@ -63,27 +110,26 @@ def profile(model: LoadedModel | str, scores: Sequence[str] | None = None,
     """Score every head of `model` (a LoadedModel or a spec for headwise.load)."""
     loaded = load(model) if isinstance(model, str) else model
     settings = settings or ProfileSettings()
-    names = list(dict.fromkeys(scores or DEFAULT_SCORES))
+    names = list(dict.fromkeys(scores or default_scores()))
     if not names:
         raise HeadwiseError("no scores requested")
     geometry = loaded.geometry
-    atlas = Atlas.new(loaded.info.to_dict(), geometry, {"scores": names, **settings.to_dict()})
-
-    groups: dict[object, list] = {}
-    computed: dict[ComputedScoreFamily, list[str]] = {}
-    for name in names:
-        family = family_of(name)
-        if isinstance(family, ComputedScoreFamily):
-            computed.setdefault(family, []).append(name)
-            continue
-        groups.setdefault(family.probe_key(settings), [])
-        if family not in groups[family.probe_key(settings)]:
-            groups[family.probe_key(settings)].append(family)
-
-    torch.manual_seed(settings.seed)
-    for families in groups.values():
+    groups, computed = _plan(names, settings)
+    # Build and check every probe, and let every computed family check its settings, before any work.
+    probes = {}
+    for key, families in groups.items():
         probe = families[0].make_probe(loaded.tokenizer, geometry, settings)
         geometry.check_context(probe.length)
+        for family in families:
+            family.check_probe(probe, settings)
+        probes[key] = probe
+    for family in computed:
+        family.check(geometry, settings)
+
+    atlas = Atlas.new(loaded.info.to_dict(), geometry, {"scores": names, **settings.to_dict()})
+    torch.manual_seed(settings.seed)
+    for key, families in groups.items():
+        probe = probes[key]
         observers = [f.observer(geometry, probe, settings) for f in families]
         batch_size = min(f.batch_size for f in families)
         label = ", ".join(n for f in families for n in f.names if n in names)
@@ -106,11 +152,13 @@ def profile(model: LoadedModel | str, scores: Sequence[str] | None = None,
     return atlas
 
 
-def _store(atlas: Atlas, family, result: ScoreResult, names: list[str], probe_name: str) -> None:
+def _store(atlas: Atlas, family: ScoreFamily, result: ScoreResult, names: list[str], probe_name: str) -> None:
     for name, values in result.scores.items():
         if name in names:
+            info = score_info(name)
             atlas.set_score(name, values, family=family.family, probe=probe_name,
-                            description=family.description[name], settings=result.settings)
+                            description=family.description[name], settings=result.settings,
+                            needs_full=info.needs_full if info else None, rule=info.role if info else None)
     for name, prof in result.profiles.items():
         atlas.set_profile(name, {**prof, "probe": probe_name})
 
@@ -130,7 +178,4 @@ def summary(atlas: Atlas, k: int = 5) -> str:
     return "\n".join(lines)
 
 
-def profile_to_dir(model: LoadedModel | str, out: str | Path, scores: Sequence[str] | None = None,
-                   settings: ProfileSettings | None = None) -> tuple[Atlas, Path]:
-    atlas = profile(model, scores, settings)
-    return atlas, atlas.save(out)
+__all__ = ["ProfileSettings", "profile", "summary"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headwise.kv.attention import naive_sink_window_attention, streaming_heads_attention
-from headwise.kv.cache import StreamingKeys
+from headwise.kv.streaming import StreamingKeys, streaming_heads_attention
+from tests.reference import naive_sink_window_attention
 
 
 @pytest.mark.parametrize("compensate", [False, True])

@@ -11,10 +11,10 @@ import torch
 import headwise
 from headwise.errors import HeadwiseError
 from headwise.instrument import headwise_attention
-from headwise.kv import HeadwiseCache, Policy
-from headwise.kv.attention import naive_sink_window_attention
-from headwise.kv.generate import greedy
+from headwise.kv import HeadPolicy, HeadwiseCache
+from headwise.kv.generate import generate
 from tests.conftest import tiny_model, tiny_tokenizer
+from tests.reference import naive_sink_window_attention
 
 
 def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -22,7 +22,7 @@ def _ids(n: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _reference_attention(policy: Policy, whole_calls: list[tuple[int, int]] = ()):
+def _reference_attention(policy: HeadPolicy, whole_calls: list[tuple[int, int]] = ()):
     """Swap headwise's attention for an explicit per-KV-head loop: full heads causal, others sink + window
     (with a whole-prompt prefill, the multi-token calls `whole_calls` see what naive_sink_window_attention says)."""
     from transformers import AttentionInterface
@@ -86,7 +86,7 @@ def _cached_logits(model, ids: torch.Tensor, cache: HeadwiseCache, chunks: list[
     return torch.cat(out, 1)
 
 
-def _assert_matches_reference(model, policies: list[Policy], ids: torch.Tensor, chunks: list[int],
+def _assert_matches_reference(model, policies: list[HeadPolicy], ids: torch.Tensor, chunks: list[int],
                               whole_calls: list[tuple[int, int]] = ()) -> None:
     """Each policy's logits, fed through its cache in `chunks`, equal the naive reference's; its bytes the
     prediction."""
@@ -104,11 +104,11 @@ def test_all_full_matches_default_cache(tiny, arch):
     model = tiny.model
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
-        cache = HeadwiseCache(Policy.full_cache(tiny.geometry))
+        cache = HeadwiseCache(HeadPolicy.full_cache(tiny.geometry))
         out = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12, cache=cache)
         assert torch.equal(ref, out)
         full_logits = model(input_ids=ref).logits
-    cached = _cached_logits(model, ref, HeadwiseCache(Policy.full_cache(tiny.geometry)), [20, 1, 1, 14])
+    cached = _cached_logits(model, ref, HeadwiseCache(HeadPolicy.full_cache(tiny.geometry)), [20, 1, 1, 14])
     torch.testing.assert_close(cached, full_logits, atol=1e-4, rtol=1e-4)
 
 
@@ -116,8 +116,8 @@ def test_all_full_matches_default_cache(tiny, arch):
 def test_streaming_and_mixed_match_naive_reference(tiny, arch, compensate):
     g = tiny.geometry
     rng = np.random.default_rng(1)
-    policies = [Policy.streaming(g, sink=3, window=5, compensate=compensate),
-                Policy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate)]
+    policies = [HeadPolicy.streaming(g, sink=3, window=5, compensate=compensate),
+                HeadPolicy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate)]
     _assert_matches_reference(tiny.model, policies, _ids(30, seed=2), [9, 1, 1, 7, 1, 11])
 
 
@@ -127,8 +127,8 @@ def test_whole_prompt_prefill_matches_naive_reference(tiny, arch, compensate):
     sees sinks, the window before it and itself."""
     g = tiny.geometry
     rng = np.random.default_rng(5)
-    policies = [Policy.streaming(g, sink=3, window=5, compensate=compensate, prefill="whole"),
-                Policy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate,
+    policies = [HeadPolicy.streaming(g, sink=3, window=5, compensate=compensate, prefill="whole"),
+                HeadPolicy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate,
                        prefill="whole")]
     ids = _ids(34, seed=6)
     # stored like the windowed prefill: sinks + window only (the bytes check)
@@ -136,7 +136,7 @@ def test_whole_prompt_prefill_matches_naive_reference(tiny, arch, compensate):
     # The first call is the model's own forward: identical logits to the full cache.
     streaming = policies[0]
     first = _cached_logits(tiny.model, ids[:, :16], HeadwiseCache(streaming), [16])
-    full = _cached_logits(tiny.model, ids[:, :16], HeadwiseCache(Policy.full_cache(g)), [16])
+    full = _cached_logits(tiny.model, ids[:, :16], HeadwiseCache(HeadPolicy.full_cache(g)), [16])
     torch.testing.assert_close(first, full, atol=1e-5, rtol=1e-5)
 
 
@@ -144,13 +144,14 @@ def test_middle_tokens_match_naive_reference(tiny, arch):
     """Streaming heads keep sinks, window and the prompt's `middle` most-voted tokens between them."""
     g = tiny.geometry
     rng = np.random.default_rng(8)
-    policies = [Policy.streaming(g, sink=2, window=6, prefill="whole", middle=4),
-                Policy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, prefill="whole", middle=3)]
+    policies = [HeadPolicy.streaming(g, sink=2, window=6, prefill="whole", middle=4),
+                HeadPolicy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, prefill="whole",
+                           middle=3)]
     ids = _ids(34, seed=9)
     chunks = [16, 1, 1, 9, 1, 6]
     _assert_matches_reference(tiny.model, policies, ids, chunks, [(0, 16), (18, 27), (28, 34)])
     # The kept tokens matter: without them the streaming heads' logits differ.
-    plain = _cached_logits(tiny.model, ids, HeadwiseCache(Policy.streaming(g, sink=2, window=6, prefill="whole")),
+    plain = _cached_logits(tiny.model, ids, HeadwiseCache(HeadPolicy.streaming(g, sink=2, window=6, prefill="whole")),
                            chunks)
     middle = _cached_logits(tiny.model, ids, HeadwiseCache(policies[0]), chunks)
     assert (plain[:, 16:] - middle[:, 16:]).abs().max() > 1e-3
@@ -159,22 +160,22 @@ def test_middle_tokens_match_naive_reference(tiny, arch):
 def test_middle_tokens_need_whole_prefill_and_no_compensation():
     g = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer()).geometry
     with pytest.raises(HeadwiseError, match="whole-prompt prefill"):
-        Policy.streaming(g, middle=8)
+        HeadPolicy.streaming(g, middle=8)
     with pytest.raises(HeadwiseError, match="compensation"):
-        Policy.streaming(g, middle=8, prefill="whole", compensate=True)
+        HeadPolicy.streaming(g, middle=8, prefill="whole", compensate=True)
     with pytest.raises(HeadwiseError, match=">= 0"):
-        Policy.streaming(g, middle=-1, prefill="whole")
+        HeadPolicy.streaming(g, middle=-1, prefill="whole")
 
 
 def test_whole_prefill_greedy_prefills_in_one_call_and_differs_after():
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
     ids = _ids(48, seed=7)
-    whole = Policy.streaming(lm.geometry, sink=2, window=4, prefill="whole")
-    windowed = Policy.streaming(lm.geometry, sink=2, window=4)
-    full = greedy(lm, ids, Policy.full_cache(lm.geometry), max_new_tokens=6, prefill_chunk=16, stop_at_eos=False,
+    whole = HeadPolicy.streaming(lm.geometry, sink=2, window=4, prefill="whole")
+    windowed = HeadPolicy.streaming(lm.geometry, sink=2, window=4)
+    full = generate(lm, ids, HeadPolicy.full_cache(lm.geometry), max_new_tokens=6, prefill_chunk=16, until="budget",
                   answer_ids=[5, 6, 7])
-    res = greedy(lm, ids, whole, max_new_tokens=6, prefill_chunk=16, stop_at_eos=False, answer_ids=[5, 6, 7])
-    win = greedy(lm, ids, windowed, max_new_tokens=6, prefill_chunk=16, stop_at_eos=False, answer_ids=[5, 6, 7])
+    res = generate(lm, ids, whole, max_new_tokens=6, prefill_chunk=16, until="budget", answer_ids=[5, 6, 7])
+    win = generate(lm, ids, windowed, max_new_tokens=6, prefill_chunk=16, until="budget", answer_ids=[5, 6, 7])
     # prefill_chunk is overridden: the first answer token is scored from the full-attention prompt.
     assert res.answer_logprobs[0] == pytest.approx(full.answer_logprobs[0], abs=1e-5)
     assert win.answer_logprobs[0] != pytest.approx(full.answer_logprobs[0], abs=1e-3)
@@ -187,8 +188,8 @@ def test_streaming_differs_from_full_cache():
     """The reference comparison above must be able to fail: dropping tokens changes the logits."""
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
     ids = _ids(40, seed=3)
-    full = _cached_logits(lm.model, ids, HeadwiseCache(Policy.full_cache(lm.geometry)), [40])
-    streamed = _cached_logits(lm.model, ids, HeadwiseCache(Policy.streaming(lm.geometry, sink=2, window=4)), [40])
+    full = _cached_logits(lm.model, ids, HeadwiseCache(HeadPolicy.full_cache(lm.geometry)), [40])
+    streamed = _cached_logits(lm.model, ids, HeadwiseCache(HeadPolicy.streaming(lm.geometry, sink=2, window=4)), [40])
     assert (full[:, -1] - streamed[:, -1]).abs().max() > 1e-3
     torch.testing.assert_close(full[:, :6], streamed[:, :6])  # within sink + window nothing is dropped
 
@@ -197,12 +198,12 @@ def test_bytes_really_shrink_and_match_prediction():
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
     g = lm.geometry
     ids = _ids(60, seed=4)
-    policy = Policy(g, np.array([[True, False]] * g.n_layers), sink=4, window=8, compensate=True)
-    full_cache = HeadwiseCache(Policy.full_cache(g), max_length=60)
+    policy = HeadPolicy(g, np.array([[True, False]] * g.n_layers), sink=4, window=8, compensate=True)
+    full_cache = HeadwiseCache(HeadPolicy.full_cache(g), max_length=60)
     cache = HeadwiseCache(policy, max_length=60)
     _cached_logits(lm.model, ids, full_cache, [30, 30])
     _cached_logits(lm.model, ids, cache, [30, 30])
-    assert full_cache.nbytes() == Policy.full_cache(g).kv_bytes(60)
+    assert full_cache.nbytes() == HeadPolicy.full_cache(g).kv_bytes(60)
     assert cache.nbytes() == policy.kv_bytes(60)
     by_head = cache.nbytes_by_head()
     per_token = 2 * g.head_dim * 4
@@ -215,7 +216,7 @@ def test_bytes_really_shrink_and_match_prediction():
 def test_gemma_sliding_layers_keep_model_window():
     lm = headwise.from_model(tiny_model("gemma3-sliding"), tiny_tokenizer())
     g = lm.geometry
-    policy = Policy.streaming(g, sink=2, window=4)
+    policy = HeadPolicy.streaming(g, sink=2, window=4)
     assert policy.model_windowed_layers == (0, 1) and policy.n_selectable == g.n_kv_heads
     cache = HeadwiseCache(policy)
     _cached_logits(lm.model, _ids(30), cache, [30])
@@ -227,7 +228,7 @@ def test_gemma_sliding_layers_keep_model_window():
 
 def test_batch_without_padding_matches_rows_and_padding_is_refused():
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
-    policy = Policy.streaming(lm.geometry, sink=2, window=5)
+    policy = HeadPolicy.streaming(lm.geometry, sink=2, window=5)
     ids = _ids(20, seed=5, batch=2)
     both = _cached_logits(lm.model, ids, HeadwiseCache(policy), [20])
     for row in range(2):
@@ -242,26 +243,26 @@ def test_batch_without_padding_matches_rows_and_padding_is_refused():
 def test_policy_for_another_model_is_refused():
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
     other = headwise.from_model(tiny_model("gpt2"), tiny_tokenizer())
-    policy = Policy.streaming(other.geometry, sink=2, window=4)
+    policy = HeadPolicy.streaming(other.geometry, sink=2, window=4)
     with pytest.raises(HeadwiseError, match="policy"):
-        greedy(lm, _ids(10), policy, max_new_tokens=2)
+        generate(lm, _ids(10), policy, max_new_tokens=2)
     with pytest.raises(HeadwiseError, match="KV heads"), torch.no_grad():
         lm.model(input_ids=_ids(10), cache=HeadwiseCache(policy), use_cache=True)
 
 
 def test_greedy_reports_bytes_and_speed():
     lm = headwise.from_model(tiny_model("qwen2"), tiny_tokenizer())
-    res = greedy(lm, _ids(30), Policy.streaming(lm.geometry, sink=2, window=4), max_new_tokens=5, stop_at_eos=False)
+    res = generate(lm, _ids(30), HeadPolicy.streaming(lm.geometry, sink=2, window=4), max_new_tokens=5, until="budget")
     assert len(res.tokens) == 5 and res.kv_bytes > 0 and res.decode_tokens_per_second > 0
     assert res.kv_report["total_bytes"] == res.kv_bytes
 
 
 def test_answer_logprob_is_teacher_forced_and_leaves_the_reply_alone():
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
-    policy = Policy.random(lm.geometry, 0.5, seed=1, sink=2, window=4)
+    policy = HeadPolicy.random(lm.geometry, 0.5, seed=1, sink=2, window=4)
     ids, answer = _ids(30), [5, 7, 9]
-    plain = greedy(lm, ids, policy, max_new_tokens=4, stop_at_eos=False)
-    scored = greedy(lm, ids, policy, max_new_tokens=4, stop_at_eos=False, answer_ids=answer)
+    plain = generate(lm, ids, policy, max_new_tokens=4, until="budget")
+    scored = generate(lm, ids, policy, max_new_tokens=4, until="budget", answer_ids=answer)
     assert scored.tokens == plain.tokens and plain.answer_logprob is None
     # reference: the prompt and the answer in one pass through a fresh cache
     whole = torch.cat([ids, torch.tensor([answer[:-1]])], dim=1)
@@ -272,4 +273,4 @@ def test_answer_logprob_is_teacher_forced_and_leaves_the_reply_alone():
     assert scored.answer_logprob == pytest.approx(float(want.mean()), abs=1e-4)
     assert scored.answer_argmax == (logp.argmax(-1) == torch.tensor(answer)).tolist()
     best = int(logp[0].argmax())  # the model's own first choice scores as the argmax
-    assert greedy(lm, ids, policy, max_new_tokens=1, answer_ids=[best]).answer_argmax == [True]
+    assert generate(lm, ids, policy, max_new_tokens=1, answer_ids=[best]).answer_argmax == [True]

@@ -8,8 +8,8 @@ import pytest
 from headwise.atlas import Atlas
 from headwise.errors import HeadwiseError
 from headwise.geometry import Geometry
-from headwise.kv import Policy, SnapKVPolicy
-from headwise.kv.evaluate import parse_policy
+from headwise.kv import HeadPolicy, SnapKVPolicy
+from headwise.kv.spec import parse_policy
 
 G = Geometry(model_type="llama", n_layers=4, n_heads=6, n_kv_heads=2, head_dim=8, layer_types=("full",) * 4,
              sliding_window=(None,) * 4, max_positions=4096, vocab_size=100)
@@ -30,7 +30,7 @@ def test_from_atlas_high_score_is_full_and_groups_take_max():
     s[1, 4] = 0.9  # one query head of KV group 1 in layer 1
     s[3, 0] = 0.5
     s[2, 2] = 0.1
-    p = Policy.from_atlas(_atlas(G, retrieval=s), "retrieval", full_fraction=2 / 8)
+    p = HeadPolicy.from_atlas(_atlas(G, retrieval=s), "retrieval", full_fraction=2 / 8)
     assert p.full.sum() == 2 and p.full[1, 1] and p.full[3, 0]
     assert p.source["full_when"] == "high"
 
@@ -40,53 +40,53 @@ def test_streamable_mass_low_is_full_with_min_over_group():
     s[0, 1] = 0.2  # group 0 of layer 0 has one head that reads the middle
     s[2, 5] = 0.4
     s[1, 2], s[3, 3] = 1.5, 1.2
-    p = Policy.from_atlas(_atlas(G, streamable_mass=s), "streamable_mass", full_fraction=0.25)
+    p = HeadPolicy.from_atlas(_atlas(G, streamable_mass=s), "streamable_mass", full_fraction=0.25)
     assert p.full.sum() == 2 and p.full[0, 0] and p.full[2, 1]
-    flipped = Policy.from_atlas(_atlas(G, streamable_mass=s), "streamable_mass", full_fraction=0.25,
+    flipped = HeadPolicy.from_atlas(_atlas(G, streamable_mass=s), "streamable_mass", full_fraction=0.25,
                                 higher_is_full=True)
     assert flipped.full[1, 0] and flipped.full[3, 1] and not flipped.full[0, 0]
 
 
 def test_budget_bytes_picks_most_heads_that_fit():
     s = np.arange(24, dtype=float).reshape(4, 6)
-    full = Policy.full_cache(G).kv_bytes(1000)
-    p = Policy.from_atlas(_atlas(G, retrieval=s), "retrieval", budget_bytes=full // 2, context=1000, sink=10,
+    full = HeadPolicy.full_cache(G).kv_bytes(1000)
+    p = HeadPolicy.from_atlas(_atlas(G, retrieval=s), "retrieval", budget_bytes=full // 2, context=1000, sink=10,
                           window=40)
     assert p.kv_bytes(1000) <= full // 2
-    more = Policy(G, p.full.copy(), sink=10, window=40)
+    more = HeadPolicy(G, p.full.copy(), sink=10, window=40)
     more.full.ravel()[np.flatnonzero(~p.full.ravel())[0]] = True
     assert more.kv_bytes(1000) > full // 2
     with pytest.raises(HeadwiseError, match="budget"):
-        Policy.from_atlas(_atlas(G, retrieval=s), "retrieval", budget_bytes=10, context=1000)
+        HeadPolicy.from_atlas(_atlas(G, retrieval=s), "retrieval", budget_bytes=10, context=1000)
 
 
 def test_random_is_seeded_and_same_size():
-    a, b, c = Policy.random(G, 0.25, seed=1), Policy.random(G, 0.25, seed=1), Policy.random(G, 0.25, seed=2)
+    a, b, c = HeadPolicy.random(G, 0.25, seed=1), HeadPolicy.random(G, 0.25, seed=1), HeadPolicy.random(G, 0.25, seed=2)
     assert a.n_full == 2 and np.array_equal(a.full, b.full)
-    assert any(not np.array_equal(a.full, Policy.random(G, 0.25, seed=s).full) for s in range(2, 8))
+    assert any(not np.array_equal(a.full, HeadPolicy.random(G, 0.25, seed=s).full) for s in range(2, 8))
     assert c.n_full == 2
 
 
 def test_sliding_layers_are_not_selectable():
-    p = Policy.streaming(GS, sink=2, window=4)
+    p = HeadPolicy.streaming(GS, sink=2, window=4)
     assert p.full[:2].all() and not p.full[2].any() and p.n_selectable == 1
     assert p.kind(0, 0) == "model-window" and p.kind(2, 0) == "streaming"
-    assert Policy.random(GS, 1.0).n_full == 1
+    assert HeadPolicy.random(GS, 1.0).n_full == 1
 
 
 def test_duo_file(tmp_path):
     gates = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.05], [0.7, 0.6]])
     path = tmp_path / "full_attention_heads.tsv"
     path.write_text("\n".join("\t".join(str(x) for x in row) for row in gates) + "\n")
-    p = Policy.from_duo_file(path, G, full_fraction=0.5)
+    p = HeadPolicy.from_duo_file(path, G, full_fraction=0.5)
     assert p.full.sum() == 4 and p.full[0, 1] and p.full[1, 0] and p.full[3, 0] and p.full[3, 1]
     bad = tmp_path / "bad.tsv"
     bad.write_text("0.1\t0.2\t0.3\n")
     with pytest.raises(HeadwiseError, match="gate matrix"):
-        Policy.from_duo_file(bad, G)
+        HeadPolicy.from_duo_file(bad, G)
     bad.write_text("a\tb\n")
     with pytest.raises(HeadwiseError, match="tab-separated"):
-        Policy.from_duo_file(bad, G)
+        HeadPolicy.from_duo_file(bad, G)
 
 
 def test_razor_takes_echo_then_induction():
@@ -94,20 +94,20 @@ def test_razor_takes_echo_then_induction():
     echo[0, 0] = 1.0
     induction = np.arange(24, dtype=float).reshape(4, 6)
     atlas = _atlas(G, echo=echo, razor_induction=induction)
-    p = Policy.from_atlas(atlas, "razor", full_fraction=1.0)
+    p = HeadPolicy.from_atlas(atlas, "razor", full_fraction=1.0)
     assert p.all_full
-    p = Policy.from_atlas(atlas, "razor", full_fraction=0.25)  # 2 heads < 8: no echo slot, top induction only
+    p = HeadPolicy.from_atlas(atlas, "razor", full_fraction=0.25)  # 2 heads < 8: no echo slot, top induction only
     assert p.full[3].all() and p.full.sum() == 2
 
 
 
 def test_kv_budget_spec_fits_the_most_heads_in_a_share_of_the_full_cache():
     atlas = _atlas(G, retrieval=np.arange(24, dtype=float).reshape(4, 6))
-    full = Policy.full_cache(G).kv_bytes(1000)
+    full = HeadPolicy.full_cache(G).kv_bytes(1000)
     for spec in ("headwise:retrieval@kv0.5", "random@kv0.5:4+whole"):
         p = parse_policy(spec, G, atlas=atlas, context=1000, sink=10, window=40)
         assert p.kv_bytes(1000) <= full // 2
-        more = Policy(G, p.full.copy(), sink=10, window=40)
+        more = HeadPolicy(G, p.full.copy(), sink=10, window=40)
         more.full.ravel()[np.flatnonzero(~p.full.ravel())[0]] = True
         assert more.kv_bytes(1000) > full // 2, spec
     # 8 KV heads; the streaming ones cost 50 of 1000 tokens: 4 full = 0.525 > 0.5, so 3
@@ -122,17 +122,17 @@ def test_kv_budget_spec_fits_the_most_heads_in_a_share_of_the_full_cache():
             parse_policy(bad, G, atlas=atlas, context=None if "context" in why else 1000)
 
 def test_round_trip_and_geometry_check(tmp_path):
-    p = Policy.random(G, 0.5, seed=3, sink=8, window=32, compensate=True)
-    q = Policy.load(p.save(tmp_path / "p.json"))
+    p = HeadPolicy.random(G, 0.5, seed=3, sink=8, window=32, compensate=True)
+    q = HeadPolicy.load(p.save(tmp_path / "p.json"))
     assert np.array_equal(p.full, q.full) and (q.sink, q.window, q.compensate) == (8, 32, True)
-    assert q.prefill == "window"
-    assert Policy.load(Policy.streaming(G, prefill="whole").save(tmp_path / "w.json")).prefill == "whole"
+    assert q.prefill == "bounded"
+    assert HeadPolicy.load(HeadPolicy.streaming(G, prefill="whole").save(tmp_path / "w.json")).prefill == "whole"
     with pytest.raises(HeadwiseError, match="prefill must be"):
-        Policy.streaming(G, prefill="all")
+        HeadPolicy.streaming(G, prefill="all")
     with pytest.raises(HeadwiseError, match="built for"):
         q.check(GS)
     with pytest.raises(HeadwiseError, match="matrix"):
-        Policy(G, np.ones((3, 2), bool))
+        HeadPolicy(G, np.ones((3, 2), bool))
 
 
 def test_parse_policy_specs():
@@ -143,7 +143,7 @@ def test_parse_policy_specs():
     h = parse_policy("headwise:streamable_mass@0.5+comp", G, atlas=atlas, window=64)
     assert h.n_full == 4 and h.compensate and h.window == 64 and h.name == "headwise:streamable_mass@0.5+comp"
     assert parse_policy("random@0.25:3", G).source["seed"] == 3
-    assert parse_policy("random@0.25:3", G).prefill == "window"
+    assert parse_policy("random@0.25:3", G).prefill == "bounded"
     w = parse_policy("headwise:streamable_mass@0.5+whole+comp", G, atlas=atlas)
     assert (w.prefill, w.compensate, w.n_full) == ("whole", True, 4)
     assert parse_policy("streaming@64+whole", G).prefill == "whole"
@@ -168,7 +168,7 @@ def test_middle_tokens_in_specs_bytes_budgets_and_files(tmp_path):
     # middle tokens come out of the same budget: 3 full heads + 5 x 50 fit in half of 8 x 1000, 3 + 5 x 250 do not
     assert parse_policy("random@kv0.5+whole", G, context=1000, sink=10, window=40).n_full == 3
     assert parse_policy("random@kv0.5+whole+mid200", G, context=1000, sink=10, window=40).n_full == 2
-    assert Policy.load(p.save(tmp_path / "m.json")).middle == 30
+    assert HeadPolicy.load(p.save(tmp_path / "m.json")).middle == 30
     assert parse_policy(str(tmp_path / "m.json"), G).middle == 30
     for bad, why in (("headwise:retrieval@0.25+mid30", "whole-prompt"), ("razor@0.25+whole+mid8", "compensation"),
                      ("full+mid8", "streaming heads only"), ("headwise:retrieval@0.25+whole+midx", "not a number")):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import headwise
 from headwise.kv import HeadwiseCache, SnapKVPolicy
-from headwise.kv.generate import greedy
+from headwise.kv.generate import generate
 from headwise.kv.snapkv import snapkv_select
 from tests.conftest import tiny_model, tiny_tokenizer
 
@@ -44,9 +44,9 @@ def test_selection_matches_explicit_loop():
 def test_snapkv_cache_evicts_for_real():
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
     g = lm.geometry
-    policy = SnapKVPolicy(g, budget=0.25, window=4, kernel=3)
+    policy = SnapKVPolicy(g, budget=0.25, observation=4, kernel=3)
     ids = torch.randint(3, 96, (1, 64), generator=torch.Generator().manual_seed(1))
-    res = greedy(lm, ids, policy, max_new_tokens=4, stop_at_eos=False, answer_ids=[5, 7, 9])
+    res = generate(lm, ids, policy, max_new_tokens=4, until="budget", answer_ids=[5, 7, 9])
     assert len(res.answer_logprobs) == 3  # the teacher-forced answer goes in token by token, on a copy
     per_token = 2 * g.head_dim * 4 * g.n_kv_heads * g.n_layers
     assert res.kv_bytes == per_token * (16 + 4)  # 16 kept prompt tokens + room for the 4 new ones (3 stored)

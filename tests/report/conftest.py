@@ -12,7 +12,7 @@ HOSTILE_IMG = "<img src=x onerror=alert(2)>"
 HOSTILE_CLOSE = "</script><script>alert(3)</script>"
 
 
-def profile_tiny(out, arch: str = "llama-gqa", name: str | None = None, context: int = 200):
+def profile_tiny(out, arch: str = "llama-gqa", name: str | None = None, context: int = 400):
     """Profile a tiny model quickly and collect its attention samples into `out`; returns (loaded, settings)."""
     import headwise
     from headwise.profile import ProfileSettings, profile
@@ -22,8 +22,10 @@ def profile_tiny(out, arch: str = "llama-gqa", name: str | None = None, context:
     loaded = headwise.from_model(tiny_model(arch), tiny_tokenizer(), name=name or f"tiny-{arch}")
     text = out.parent / f"{out.name}-text.txt"
     text.write_text(" ".join(f"t{(i * 7) % 90}" for i in range(3000)))
+    # A streaming cache smaller than the context, so that streamable_mass measures something.
+    small = {} if context > 64 + 256 else {"sink_tokens": 4, "window": context // 4}
     settings = ProfileSettings(context=context, text=str(text), text_sequences=1, repeated_sequences=2,
-                               razor_sequences=1, block_len=16)
+                               razor_sequences=1, block_len=16, **small)
     profile(loaded, None, settings).save(out)
     collect_samples(loaded, settings, out)
     return loaded, settings

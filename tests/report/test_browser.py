@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from headwise.report import write_report
+from headwise.report import show, write_report
 from tests.report.conftest import HOSTILE_CLOSE, HOSTILE_IMG, HOSTILE_SCRIPT
 
 CHROMIUM = os.environ.get("HEADWISE_CHROMIUM", "/usr/bin/chromium")
@@ -140,7 +140,7 @@ def test_atlas_show_renders_in_an_iframe(browser, hostile_atlas_dir, monkeypatch
     ipython.display = display
     monkeypatch.setitem(sys.modules, "IPython", ipython)
     monkeypatch.setitem(sys.modules, "IPython.display", display)
-    shown = Atlas.load(hostile_atlas_dir).show()
+    shown = show(Atlas.load(hostile_atlas_dir))
     assert shown.data.startswith("<iframe srcdoc=\"") and "<script" not in shown.data
     page_file = tmp_path / "notebook.html"
     page_file.write_text(f"<!DOCTYPE html><html><body>{shown.data}</body></html>", encoding="utf-8")
@@ -160,7 +160,7 @@ def test_show_without_ipython_is_a_clear_error(hostile_atlas_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "IPython", None)
     monkeypatch.setitem(sys.modules, "IPython.display", None)
     with pytest.raises(HeadwiseError, match="needs IPython"):
-        Atlas.load(hostile_atlas_dir).show()
+        show(Atlas.load(hostile_atlas_dir))
 
 
 def test_kv_preview_respects_sliding_layers(browser, tmp_path):
@@ -176,11 +176,15 @@ def test_kv_preview_respects_sliding_layers(browser, tmp_path):
     page.fill("#kv-window", "4")
     page.fill("#kv-sink", "2")
     per_token = 2 * g.head_dim * 2 * g.n_kv_heads
-    held = [min(100, win) if kind == "sliding" else 100 for kind, win in zip(g.layer_types, g.sliding_window)]
+    # The model's own sliding cache holds window - 1 tokens, whatever the policy; the other layers' heads S + W.
+    sliding = [kind == "sliding" for kind in g.layer_types]
+    held = [min(100, win - 1) if s else 100 for s, win in zip(sliding, g.sliding_window)]
     page.fill("#kv-fraction", "1")
     assert int(float(page.get_attribute("#kv-result", "data-full"))) == per_token * sum(held)
     page.fill("#kv-fraction", "0")
-    assert int(float(page.get_attribute("#kv-result", "data-aware"))) == per_token * sum(min(t, 6) for t in held)
+    assert int(float(page.get_attribute("#kv-result", "data-aware"))) == per_token * sum(
+        t if s else min(t, 6) for s, t in zip(sliding, held))
+    assert page.locator("#kv-panel rect[data-kind='model-window']").count() == sum(sliding) * g.n_kv_heads
     # One KV head per layer: no KV-group brackets, every head still drawn.
     assert page.locator("rect.cell").count() == g.n_layers * g.n_heads
     assert w.errors == [] and w.dialogs == []
@@ -218,3 +222,103 @@ def test_report_of_a_short_context_atlas_has_no_needle(browser, tmp_path):
     assert "Natural text (24 tokens" in detail and "Needle:" not in detail
     assert w.errors == [] and w.dialogs == []
     page.close()
+
+
+# ---- the KV preview against headwise.kv.HeadPolicy ----------------------------------------------------------------
+# Sets every control of the preview, point after point, in one page load; returns what the page computed.
+_DRIVE_KV = """points => {
+  const $ = id => document.getElementById(id);
+  const set = (id, value, type) => {
+    const e = $(id);
+    if (!e) return;  // a control this page does not have
+    e.value = String(value);
+    e.dispatchEvent(new Event(type || "input", { bubbles: true }));
+  };
+  return points.map(p => {
+    set("kv-score", p.score, "change");
+    const order = $("kv-order").value, note = $("kv-order-note") ? $("kv-order-note").textContent : "";
+    set("kv-order", p.dir, "change");
+    set("kv-fraction", p.f);
+    set("kv-context", p.T);
+    set("kv-sink", p.S);
+    set("kv-window", p.W);
+    set("kv-middle", p.M);
+    set("kv-bytes", p.b, "change");
+    const r = $("kv-result"), kinds = Array.from(document.querySelectorAll("#kv-panel rect[data-kind]"));
+    return { full: r.getAttribute("data-full"), aware: r.getAttribute("data-aware"), fraction: $("kv-fraction").value,
+             default_order: order, note: note, kinds: kinds.map(x => x.getAttribute("data-kind")) };
+  });
+}"""
+
+
+def _kv_atlas(geometry, seed):
+    """Scores on a coarse grid (exact after the page's 6-digit rounding, many ties), with NaNs, in both directions."""
+    import numpy as np
+
+    from headwise.atlas import Atlas
+
+    rng = np.random.default_rng(seed)
+    L, H, GS = geometry.n_layers, geometry.n_heads, geometry.group_size
+    atlas = Atlas.new({"spec": f"kv-{geometry.model_type}", "weights_sha256": "0" * 64}, geometry, {})
+    full_layers = [layer for layer, t in enumerate(geometry.layer_types) if t != "sliding"]
+    for name, needs_full in (("retrieval", "high"), ("streamable_mass", "low"), ("sink", "low"), ("induction", None)):
+        values = rng.integers(-3, 4, (L, H)) / 4
+        values[rng.random((L, H)) < 0.15] = np.nan
+        values[full_layers[-1], :GS] = np.nan  # a whole KV group without a value: its need is -inf
+        atlas.set_score(name, values, family="test", probe=None, description=name)
+        atlas.data["scores"][name]["needs_full"] = needs_full
+    return atlas
+
+
+def test_kv_preview_matches_policy_kv_bytes(browser, tmp_path):
+    """The page's KV preview is HeadPolicy.from_atlas(...).kv_bytes(...) and HeadPolicy.full_cache(...).kv_bytes(...),
+    head for head and byte for byte, over a grid of scores, directions, fractions, contexts and cache shapes."""
+    from headwise.geometry import Geometry
+    from headwise.kv import HeadPolicy
+    from headwise.report import render_html
+
+    gqa = Geometry("llama", 4, 6, 2, 8, ("full",) * 4, (None,) * 4, 4096, 100)
+    gemma = Geometry("gemma3_text", 6, 4, 2, 8, ("sliding", "sliding", "full", "sliding", "sliding", "full"),
+                     (16, 16, None, 16, 16, None), 4096, 100)
+    shapes = [(64, 256, 0, 2), (4, 8, 0, 1), (2, 5, 3, 4), (0, 1, 16, 2)]  # sink, window, middle, bytes per value
+    fractions, contexts = (0, 0.13, 0.25, 0.5, 1), (1, 10, 300, 5000)
+    problems: dict[str, list[str]] = {}
+    n_points = 0
+    for seed, g in enumerate((gqa, gemma)):
+        atlas = _kv_atlas(g, seed)
+        path = tmp_path / f"{g.model_type}.html"
+        path.write_text(render_html(atlas.data), encoding="utf-8")
+        w = Watched(browser)
+        page = w.open(path)
+        points, expected = [], []
+        for score, entry in atlas.data["scores"].items():
+            for direction in ("high", "low"):
+                for f in fractions:
+                    for S, W, M, b in shapes:
+                        policy = HeadPolicy.from_atlas(atlas, score, full_fraction=f,
+                                                       higher_is_full=direction == "high", sink=S, window=W, middle=M,
+                                                       prefill="whole" if M else "bounded")
+                        kinds = [policy.kind(layer, k) for layer in range(g.n_layers) for k in range(g.n_kv_heads)]
+                        for T in contexts:
+                            points.append({"score": score, "dir": direction, "f": f, "T": T, "S": S, "W": W, "M": M,
+                                           "b": b})
+                            expected.append((policy.kv_bytes(T, dtype_bytes=b),
+                                             HeadPolicy.full_cache(g).kv_bytes(T, dtype_bytes=b), kinds,
+                                             entry["needs_full"] or "high", entry["needs_full"] is None))
+        got = page.evaluate(_DRIVE_KV, points)
+        n_points += len(points)
+        for p, (aware, full, kinds, default, unsaid), r in zip(points, expected, got):
+            checks = {"fraction control": (float(r["fraction"]), p["f"]),
+                      "bytes (aware, full)": ((r["aware"], r["full"]), (str(aware), str(full))),
+                      "KV grid": (r["kinds"], kinds),
+                      "default 'keep whole'": (r["default_order"], default),
+                      "note that the score does not say": (bool(r["note"].strip()), unsaid)}
+            for what, (page_has, policy_has) in checks.items():
+                if page_has != policy_has:
+                    problems.setdefault(what, []).append(f"{g.model_type} {p}: page {page_has}, "
+                                                         f"HeadPolicy {policy_has}")
+        assert w.errors == [] and w.dialogs == []
+        page.close()
+    assert n_points == 2 * 4 * 2 * len(fractions) * len(shapes) * len(contexts)
+    assert not problems, "".join(f"\n{len(v)} of {n_points} points: {k} differs, e.g.\n  " + "\n  ".join(v[:3])
+                                 for k, v in problems.items())

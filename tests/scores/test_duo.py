@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 import headwise
 from headwise import Session
-from headwise.kv import HeadwiseCache, Policy
+from headwise.kv import HeadPolicy, HeadwiseCache
 from headwise.profile import ProfileSettings
 from headwise.scores.duo import gated_mix, train_gates
 from tests.conftest import tiny_model, tiny_tokenizer
@@ -27,7 +25,7 @@ def test_gate_ends_are_full_attention_and_the_streaming_cache(tiny, value):
     gates = torch.full((g.n_layers, g.n_kv_heads), value)
     with torch.no_grad(), Session(g, mix=gated_mix(g, gates, sink=3, window=6)):
         mixed = model(input_ids=ids, use_cache=False).logits
-    policy = Policy.full_cache(g) if value == 1.0 else Policy.streaming(g, sink=3, window=6)
+    policy = HeadPolicy.full_cache(g) if value == 1.0 else HeadPolicy.streaming(g, sink=3, window=6)
     with torch.no_grad():
         ref = model(input_ids=ids, cache=HeadwiseCache(policy), use_cache=True).logits
     torch.testing.assert_close(mixed, ref, atol=2e-4, rtol=2e-4)
@@ -41,7 +39,7 @@ def test_training_moves_gates_deterministically_and_leaves_the_model(word_file):
     for arch in ("llama-gqa", "gemma3-sliding"):
         lm = headwise.from_model(tiny_model(arch), tiny_tokenizer())
         before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-        settings = dataclasses.replace(ProfileSettings(text=str(word_file)), duo_steps=3, duo_haystack=60,
+        settings = ProfileSettings(text=str(word_file)).replace(duo_steps=3, duo_haystack=60,
                                        duo_passkeys=2, duo_passkey_words=4, duo_sink=2, duo_window=8)
         gates, history = train_gates(lm, settings)
         again, _ = train_gates(lm, settings)

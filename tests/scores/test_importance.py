@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from headwise import Session, ablation_scale
+from headwise.ablation import Readout, head_ablation_effects
 from headwise.probes import natural_text
 from headwise.profile import ProfileSettings, profile
-from headwise.scores.ablation import Readout, head_ablation_effects
 from headwise.scores.importance import ablation_importance, gradient_importance, norm_importance
 
 

@@ -12,12 +12,12 @@ from ..errors import HeadwiseError
 
 def _common(p: argparse.ArgumentParser) -> None:
     from ..load import DEFAULT_MODEL
-    from .policy import DEFAULT_SINK, DEFAULT_WINDOW
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, model directory, .gguf file or cached hub id")
     p.add_argument("--atlas", default=None, help="atlas directory or atlas.json (for headwise:SCORE@F and razor@F)")
-    p.add_argument("--sink", type=int, default=DEFAULT_SINK, help="sink tokens of streaming heads")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="recent-window tokens of streaming heads")
+    p.add_argument("--sink", type=int, default=None,
+                   help="sink tokens of streaming heads (default: 64 for head policies, 4 for streaming)")
+    p.add_argument("--window", type=int, default=None, help="recent-window tokens of streaming heads (default 256)")
 
 
 def _load_atlas(args: argparse.Namespace, loaded):
@@ -32,12 +32,12 @@ def _load_atlas(args: argparse.Namespace, loaded):
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--policy", default="full", help="policy spec (full, streaming@X, headwise:SCORE@F, razor@F, "
-                                                    "random@F, duo:FILE@F, snapkv@X) or a policy .json; "
-                                                    "@kvB for @F: the most full heads within B x the full cache's "
-                                                    "KV bytes; append +comp (compensation token), +whole "
-                                                    "(whole-prompt prefill) or, after +whole, +midM (streaming "
-                                                    "heads also keep M prompt tokens chosen by SnapKV's vote)")
+    p.add_argument("--policy", default="full", help="policy spec (full, streaming[@X], headwise:SCORE[:high|:low]@F, "
+                                                    "razor@F, random@F[:SEED], duo:FILE@F, snapkv@X) or a policy "
+                                                    ".json; @kvB for @F: the most full heads within B x the full "
+                                                    "cache's KV bytes; append +comp (compensation token), +whole "
+                                                    "(whole-prompt prefill) or, with +whole, +midM (streaming heads "
+                                                    "also keep M prompt tokens chosen by the token vote)")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -50,16 +50,20 @@ def _run_generate(args: argparse.Namespace) -> None:
     import torch
 
     from ..load import load
-    from .evaluate import parse_policy
-    from .generate import greedy
+    from .generate import generate
+    from .spec import parse_policy
 
     path = Path(args.prompt_file)
     try:
         prompt = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise HeadwiseError(f"cannot read prompt file {path}: {e}") from None
+    if not prompt.strip():
+        raise HeadwiseError(f"prompt file {path} is empty; write the prompt into it")
     if args.max_new_tokens < 1:
         raise HeadwiseError("--max-new-tokens must be a positive integer")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise HeadwiseError("--prefill-chunk must be a positive number of tokens")
     loaded = load(args.model)
     tok = loaded.tokenizer
     if args.chat:
@@ -70,10 +74,10 @@ def _run_generate(args: argparse.Namespace) -> None:
     ids = torch.tensor([tok(prompt).input_ids])
     policy = parse_policy(args.policy, loaded.geometry, atlas=_load_atlas(args, loaded), context=ids.shape[1],
                           sink=args.sink, window=args.window)
-    res = greedy(loaded, ids, policy, max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk)
-    from .policy import Policy
+    res = generate(loaded, ids, policy, max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk)
+    from .heads import HeadPolicy
 
-    full = Policy.full_cache(loaded.geometry).kv_bytes(res.prompt_tokens + len(res.tokens))
+    full = HeadPolicy.full_cache(loaded.geometry).kv_bytes(res.prompt_tokens + len(res.tokens))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(res.text)
     print(f"--- {policy.describe()}")

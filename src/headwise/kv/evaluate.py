@@ -1,25 +1,8 @@
 """Run the same prompts under several KV policies side by side: accuracy, KV bytes, speed, memory.
 
-Policy specs (`parse_policy`):
-  full                          every head keeps every token
-  streaming[@X]                 StreamingLLM, 4 sinks; X < 1: window sized so the cache is X of the
-                                full cache at the prompt's length; X >= 1: window of X tokens
-  headwise:SCORE[:high|:low]@F  the fraction F of KV heads an atlas score ranks highest (or lowest)
-                                get the full cache; others sinks + window (--sink/--window)
-  razor@F                       RazorAttention: echo + induction heads full, compensation token
-  random@F[:SEED]               the control: F of the KV heads, chosen at random
-  ...@kvB                       instead of F, for the three above: as many full heads as fit in a
-                                KV budget of B times the full cache's bytes at the prompt's length
-  duo:FILE@F                    a DuoAttention gate file, top F full
-  snapkv@X                      SnapKV eviction keeping X of the prompt (X < 1) or X tokens per head
-  FILE.json                     a saved Policy
-Append "+comp" to a head policy for RazorAttention's compensation token, "+whole" for a
-whole-prompt prefill (streaming heads attend to the whole prompt, then keep sinks + window;
-see kv/policy.py); both may be given. With "+whole", "+midM" lets streaming heads also keep M
-prompt tokens from between sinks and window, chosen by SnapKV's vote (not with "+comp").
-
-Tasks: passkey, needle, multi_needle (probes/needle.py), perplexity (probes/text.py), speed
-(one subprocess per policy, so each peak RSS is its own).
+Policies are specs (kv/spec.py). Tasks: passkey, needle, multi_needle (probes/needle.py),
+perplexity (probes/text.py), speed (one subprocess per policy, so each peak RSS is its own).
+Replies end by headwise.decode's rule for replies to a question.
 """
 
 from __future__ import annotations
@@ -30,15 +13,13 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .._progress import progress
 from ..errors import HeadwiseError
-from ..geometry import Geometry
-from .policy import DEFAULT_SINK, DEFAULT_WINDOW, STREAMINGLLM_SINK, Policy
-from .snapkv import SnapKVPolicy
+from .spec import parse_policy
 
 TASKS = ("passkey", "needle", "multi_needle", "perplexity", "speed")
 SCHEMA = "headwise.kv-eval/1"
@@ -52,8 +33,8 @@ class EvalSettings:
     trials: int = 2
     fillers: tuple[str, ...] = ("repeat",)
     max_new_tokens: int = 12
-    sink: int = DEFAULT_SINK
-    window: int = DEFAULT_WINDOW
+    sink: int | None = None  # streaming heads' sinks and window; None: each policy's own default
+    window: int | None = None
     seed: int = 0
     text: str | None = None
     perplexity_context: int = 2048
@@ -61,99 +42,6 @@ class EvalSettings:
     speed_new_tokens: int = 32
     speed_repeats: int = 1
     prefill_chunk: int | None = None
-
-
-def _fraction(text: str, spec: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise HeadwiseError(f"policy '{spec}': '{text}' is not a number") from None
-
-
-def _head_amount(amount: str, spec: str, geometry: Geometry, context: int | None) -> dict[str, Any]:
-    """'0.25' -> a full fraction; 'kv0.33' -> a byte budget, a third of the full cache at `context` tokens."""
-    if not amount.startswith("kv"):
-        return {"full_fraction": _fraction(amount, spec)}
-    share = _fraction(amount[2:], spec)
-    if not 0.0 < share <= 1.0:
-        raise HeadwiseError(f"policy '{spec}': a KV budget is a share of the full cache in (0, 1], not {share}")
-    if not context:
-        raise HeadwiseError(f"policy '{spec}' sizes its KV budget from the prompt length; give a context")
-    return {"budget_bytes": int(share * Policy.full_cache(geometry).kv_bytes(context)), "context": context}
-
-
-def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: int | None = None,
-                 sink: int = DEFAULT_SINK, window: int = DEFAULT_WINDOW) -> Policy | SnapKVPolicy:
-    """Turn a policy spec (see module docstring) into a policy for a prompt of `context` tokens."""
-    raw = spec.strip()
-    body, options, middle = raw, set(), 0
-    while True:
-        head, plus, option = body.rpartition("+")
-        if not plus or not (option in ("comp", "whole") or (option.startswith("mid") and option[3:].isdigit())):
-            break
-        body = head
-        if option.startswith("mid"):
-            middle = int(option[3:])
-        else:
-            options.add(option)
-    compensate = "comp" in options
-    prefill = "whole" if "whole" in options else "window"
-    shape = {"sink": sink, "window": window, "compensate": compensate, "prefill": prefill, "middle": middle}
-    if (options or middle) and (body == "full" or body.startswith("snapkv@")):
-        raise HeadwiseError(f"policy '{spec}': +comp, +whole and +mid apply to policies with streaming heads only")
-    if body == "full":
-        policy: Policy | SnapKVPolicy = Policy.full_cache(geometry)
-    elif body.startswith("streaming"):
-        amount = body.partition("@")[2]
-        win = window
-        if amount:
-            x = _fraction(amount, spec)
-            if x < 1:
-                if not context:
-                    raise HeadwiseError(f"policy '{spec}' sizes its window from the prompt length; give a context")
-                win = max(1, round(x * context) - STREAMINGLLM_SINK)
-            else:
-                win = int(x)
-        policy = Policy.streaming(geometry, sink=STREAMINGLLM_SINK, window=win, compensate=compensate,
-                                  prefill=prefill, middle=middle)
-    elif body.startswith(("headwise:", "razor@")):
-        if atlas is None:
-            raise HeadwiseError(f"policy '{spec}' needs an atlas (--atlas DIR from headwise profile)")
-        if body.startswith("razor@"):
-            score, direction, amount = "razor", None, body.partition("@")[2]
-            shape["compensate"] = True
-        else:
-            head, _, amount = body[len("headwise:"):].partition("@")
-            score, _, direction = head.partition(":")
-            if direction not in ("", "high", "low"):
-                raise HeadwiseError(f"policy '{spec}': direction must be 'high' or 'low', not '{direction}'")
-        if not amount:
-            raise HeadwiseError(f"policy '{spec}' needs a full fraction, e.g. headwise:{score}@0.25")
-        higher = None if not direction else direction == "high"
-        policy = Policy.from_atlas(atlas, score, **_head_amount(amount, spec, geometry, context),
-                                   higher_is_full=higher, **shape)
-    elif body.startswith("random@"):
-        amount, _, seed = body[len("random@"):].partition(":")
-        policy = Policy.random(geometry, **_head_amount(amount, spec, geometry, context), seed=int(seed or 0),
-                               **shape)
-    elif body.startswith("duo:"):
-        path, _, amount = body[len("duo:"):].rpartition("@")
-        if not path:
-            raise HeadwiseError(f"policy '{spec}' needs a fraction: duo:FILE@0.5")
-        policy = Policy.from_duo_file(path, geometry, full_fraction=_fraction(amount, spec), **shape)
-    elif body.startswith("snapkv@"):
-        policy = SnapKVPolicy(geometry, budget=_fraction(body[len("snapkv@"):], spec))
-    elif body.endswith(".json"):
-        policy = Policy.load(body)
-        # The spec's options add to the file's (replace() checks the combination again).
-        policy = replace(policy, compensate=policy.compensate or compensate,
-                         prefill="whole" if "whole" in options else policy.prefill, middle=middle or policy.middle)
-    else:
-        raise HeadwiseError(f"unknown policy '{spec}'; use full, streaming[@X], headwise:SCORE@F, razor@F, "
-                            f"random@F, duo:FILE@F, snapkv@X or a policy .json file")
-    policy.check(geometry)
-    policy.name = raw
-    return policy
 
 
 def _cases(loaded: Any, task: str, settings: EvalSettings, context: int) -> list[tuple[dict[str, Any], Any]]:
@@ -189,18 +77,16 @@ def _policies_for(specs: list[str], loaded: Any, atlas: Any, context: int, setti
                             window=settings.window) for s in specs}
 
 
-def _describe(policy: Any) -> dict[str, Any]:
-    d = {"description": policy.describe(), "source": policy.source}
-    if isinstance(policy, Policy):
-        d.update(full_fraction=policy.full_fraction, n_full=policy.n_full, sink=policy.sink, window=policy.window,
-                 compensate=policy.compensate, prefill=policy.prefill, full_heads=policy.full.astype(int).tolist())
-    return d
+def _describe(policy: Any, context: int) -> dict[str, Any]:
+    fields = {k: v for k, v in policy.to_dict().items() if k not in ("schema", "geometry", "name", "source")}
+    return {"description": policy.describe(), "source": policy.source, "context": context,
+            "kv_bytes": policy.kv_bytes(context), **fields}
 
 
 def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any = None) -> list[dict[str, Any]]:
     """Every retrieval case under every policy (policies innermost, so they see the same load)."""
     from ..probes.needle import answer_found
-    from .generate import greedy
+    from .generate import generate
 
     rows = []
     work = [(task, ctx) for task in settings.tasks if task in ("passkey", "needle", "multi_needle")
@@ -218,8 +104,8 @@ def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: 
                   f"{case.reply_budget} a reply restating the needle takes; replies may be cut short (use a shorter "
                   f"context)", file=sys.stderr)
         for spec, policy in policies.items():
-            res = greedy(loaded, case.input_ids, policy, max_new_tokens=budget, prefill_chunk=settings.prefill_chunk,
-                         answer_ids=case.answer_ids)
+            res = generate(loaded, case.input_ids, policy, max_new_tokens=budget,
+                           prefill_chunk=settings.prefill_chunk, until="line", answer_ids=case.answer_ids)
             rows.append({**meta, "policy": spec, "tokens": case.length, "answer": case.answer, "reply": res.text,
                          "new_tokens": len(res.tokens), "reply_budget": budget,
                          "correct": answer_found(res.text, case.answer),
@@ -272,8 +158,9 @@ def run_perplexity(loaded: Any, specs: list[str], settings: EvalSettings, atlas:
     out = {}
     for spec, policy in progress(list(_policies_for(specs, loaded, atlas, settings.perplexity_context,
                                                     settings).items()), desc="perplexity", unit="policy"):
-        if isinstance(policy, SnapKVPolicy):
-            out[spec] = {"skipped": "SnapKV evicts once at the end of a prompt; not defined over a stream"}
+        if not policy.accepts_chunks:
+            out[spec] = {"skipped": f"{policy.policy_type} evicts once at the end of a prompt; not defined over a "
+                                    f"stream"}
             continue
         out[spec] = perplexity(loaded, probe.input_ids, policy)
     return {"context": settings.perplexity_context, "probe": probe.settings, "policies": out}
@@ -286,7 +173,7 @@ def _speed_worker(args: dict[str, Any]) -> dict[str, Any]:
     from ..atlas import Atlas
     from ..load import load
     from ..probes.needle import passkey_case
-    from .generate import greedy
+    from .generate import generate
 
     if args.get("threads"):
         torch.set_num_threads(int(args["threads"]))
@@ -297,8 +184,8 @@ def _speed_worker(args: dict[str, Any]) -> dict[str, Any]:
     policy = parse_policy(args["policy"], loaded.geometry, atlas=atlas, context=args["context"], sink=args["sink"],
                           window=args["window"])
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    res = greedy(loaded, case.input_ids, policy, max_new_tokens=args["new_tokens"], stop_at_eos=False,
-                 prefill_chunk=args.get("prefill_chunk"))
+    res = generate(loaded, case.input_ids, policy, max_new_tokens=args["new_tokens"], until="budget",
+                   prefill_chunk=args.get("prefill_chunk"))
     return {"policy": args["policy"], "context": case.length, "prefill_s": res.prefill_seconds,
             "prefill_tok_s": res.prefill_tokens_per_second, "decode_tok_s": res.decode_tokens_per_second,
             "new_tokens": len(res.tokens), "kv_bytes": res.kv_bytes,
@@ -307,13 +194,16 @@ def _speed_worker(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_speed(model: str, specs: list[str], settings: EvalSettings, atlas_path: str | None = None) -> dict[str, Any]:
-    """One subprocess per policy and repeat, alternating policies; the best repeat of each is kept."""
+    """One subprocess per policy and repeat, alternating policies; the best repeat of each is kept.
+    Each runs with this process's torch thread count."""
+    import torch
+
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in specs}
     jobs = [s for _ in range(settings.speed_repeats) for s in specs]
     for spec in progress(jobs, desc=f"speed @ {settings.speed_context} tokens", unit="run"):
         args = {"model": model, "policy": spec, "context": settings.speed_context, "atlas": atlas_path,
                 "sink": settings.sink, "window": settings.window, "new_tokens": settings.speed_new_tokens,
-                "prefill_chunk": settings.prefill_chunk, "threads": os.environ.get("HEADWISE_THREADS")}
+                "prefill_chunk": settings.prefill_chunk, "threads": torch.get_num_threads()}
         proc = subprocess.run([sys.executable, "-m", "headwise.kv.evaluate", "--speed-worker", json.dumps(args)],
                               capture_output=True, text=True, env={**os.environ, "HEADWISE_QUIET": "1"})
         if proc.returncode != 0:
@@ -350,8 +240,8 @@ def evaluate(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any =
         specs = ["full", *specs]  # every ratio is against the full cache measured in the same run
     for ctx in settings.contexts:
         loaded.geometry.check_context(ctx + settings.max_new_tokens)
-    example = {s: _describe(p) for s, p in _policies_for(specs, loaded, atlas, max(settings.contexts),
-                                                         settings).items()}
+    longest = max(settings.contexts)
+    example = {s: _describe(p, longest) for s, p in _policies_for(specs, loaded, atlas, longest, settings).items()}
     t0 = time.perf_counter()
     result: dict[str, Any] = {"schema": SCHEMA, "model": loaded.info.to_dict(), "geometry": loaded.geometry.to_dict(),
                               "settings": asdict(settings), "versions": versions(), "policies": example,

@@ -1,26 +1,26 @@
 """Greedy generation and chunked scoring through a HeadwiseCache, timed.
 
 The prompt is prefilled in chunks (default 1024 tokens) so that streaming heads never hold
-more than sinks + window + one chunk of keys. SnapKV needs the whole prompt in one call (it
-scores the prompt tokens by its last queries), as its paper does, and so does a policy with a
-whole-prompt prefill (its streaming heads attend to the whole prompt).
+more than sinks + window + one chunk of keys. A policy with a whole-prompt prefill (SnapKV,
+`+whole`) takes the whole prompt in one call: its streaming heads attend to all of it.
+Decoding is headwise.decode's loop: until="eos" for free text, "line" for replies to a
+question (`headwise eval`), "budget" for timing runs.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..decode import Until, forward, greedy
 from ..errors import HeadwiseError
 from .cache import HeadwiseCache
-from .policy import Policy
-from .snapkv import SnapKVPolicy
+from .policy import CachePolicy
 
 PREFILL_CHUNK = 1024
 
@@ -54,65 +54,31 @@ class GenerationResult:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
 
 
-def check_policy(policy: Any, loaded: Any) -> None:
-    policy.check(loaded.geometry)
-
-
-def _forward(model: Any, ids: Tensor, cache: HeadwiseCache, keep_last: bool) -> Tensor:
-    kwargs = {"logits_to_keep": 1} if keep_last else {}
-    try:
-        return model(input_ids=ids, cache=cache, use_cache=True, **kwargs).logits
-    except TypeError:  # architectures without logits_to_keep (GPT-2)
-        return model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:] if keep_last else \
-            model(input_ids=ids, cache=cache, use_cache=True).logits
-
-
-def prefill(model: Any, ids: Tensor, cache: HeadwiseCache, chunk: int | None) -> Tensor:
-    """Run the prompt through the cache; returns the logits of its last position [b, vocab]."""
-    if chunk is None or cache.policy.prefill == "whole":  # SnapKVPolicy.prefill is "whole" too
-        chunk = ids.shape[1]
-    logits = None
-    for start in range(0, ids.shape[1], chunk):
-        logits = _forward(model, ids[:, start:start + chunk], cache, keep_last=True)
-    return logits[:, -1]
-
-
-@torch.no_grad()
-def greedy(loaded: Any, input_ids: Tensor, policy: Policy | SnapKVPolicy, max_new_tokens: int = 32,
-           prefill_chunk: int | None = PREFILL_CHUNK, stop_at_eos: bool = True,
-           answer_ids: list[int] | None = None) -> GenerationResult:
-    """Greedy decoding of one prompt [1, T] under `policy`.
+def generate(loaded: Any, input_ids: Tensor, policy: CachePolicy, max_new_tokens: int = 32,
+             prefill_chunk: int | None = PREFILL_CHUNK, until: Until = "eos",
+             answer_ids: list[int] | None = None) -> GenerationResult:
+    """Greedy decoding of one prompt [1, T] under `policy` (headwise.decode's loop and stop rule).
 
     With `answer_ids`, also scores that answer teacher-forced after the prompt, on a copy of the
     prefilled cache (outside the timings): a graded measure beside the all-or-nothing reply.
     """
-    check_policy(policy, loaded)
-    if input_ids.dim() != 2:
-        raise HeadwiseError("input_ids must be [batch, tokens]")
-    loaded.geometry.check_context(input_ids.shape[1] + max_new_tokens)
-    model = loaded.model
-    ids = input_ids.to(loaded.device)
-    cache = HeadwiseCache(policy, max_length=ids.shape[1] + max_new_tokens)
-    eos = loaded.tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    t0 = time.perf_counter()
-    logits = prefill(model, ids, cache, prefill_chunk)
-    t1 = time.perf_counter()
-    logprobs, argmax = _score_answer(model, logits, cache, answer_ids) if answer_ids else (None, None)
-    t_decode = time.perf_counter()
-    out: list[int] = []
-    nxt = logits.argmax(-1, keepdim=True)
-    for _ in range(max_new_tokens):
-        tok = int(nxt[0, 0])
-        out.append(tok)
-        if (stop_at_eos and tok in eos_ids) or len(out) == max_new_tokens:
-            break
-        nxt = _forward(model, nxt, cache, keep_last=True)[:, -1].argmax(-1, keepdim=True)
-    t2 = time.perf_counter()
-    text = loaded.tokenizer.decode(out, skip_special_tokens=True)
-    return GenerationResult(tokens=out, text=text, prompt_tokens=int(ids.shape[1]), prefill_seconds=t1 - t0,
-                            decode_seconds=t2 - t_decode, kv_bytes=cache.nbytes(), kv_report=cache.report(),
-                            answer_logprobs=logprobs, answer_argmax=argmax)
+    policy.check(loaded.geometry)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise HeadwiseError("input_ids must be one prompt, [1, tokens]")
+    cache = HeadwiseCache(policy, max_length=input_ids.shape[1] + max_new_tokens)
+    # A whole-prompt policy attends to the whole prompt in one call, then cuts (SnapKV, +whole).
+    chunk = None if policy.prefill == "whole" else prefill_chunk
+    scored: dict[str, Any] = {}
+
+    def score_answer(logits: Tensor, prefilled: Any) -> None:
+        scored["logprobs"], scored["argmax"] = _score_answer(loaded.model, logits, prefilled, answer_ids)
+
+    replies = greedy(loaded, input_ids, max_new_tokens, until=until, cache=cache, prefill_chunk=chunk,
+                     after_prefill=score_answer if answer_ids else None)
+    return GenerationResult(tokens=replies.tokens[0], text=replies.texts[0], prompt_tokens=int(input_ids.shape[1]),
+                            prefill_seconds=replies.prefill_seconds, decode_seconds=replies.decode_seconds,
+                            kv_bytes=cache.nbytes(), kv_report=cache.report(),
+                            answer_logprobs=scored.get("logprobs"), answer_argmax=scored.get("argmax"))
 
 
 def _score_answer(model: Any, last_logits: Tensor, cache: HeadwiseCache,
@@ -122,7 +88,7 @@ def _score_answer(model: Any, last_logits: Tensor, cache: HeadwiseCache,
     steps = [last_logits[:, None]]
     scratch = copy.deepcopy(cache) if len(answer_ids) > 1 else cache
     for tok in answer_ids[:-1]:  # one token per call, as decoding feeds them (SnapKV takes no multi-token update)
-        steps.append(_forward(model, torch.tensor([[tok]], device=last_logits.device), scratch, keep_last=True))
+        steps.append(forward(model, torch.tensor([[tok]], device=last_logits.device), scratch)[0])
     logits = torch.cat(steps, dim=1)
     logp = torch.log_softmax(logits[0].float(), dim=-1)
     target = torch.tensor(answer_ids, device=logp.device)
@@ -131,20 +97,24 @@ def _score_answer(model: Any, last_logits: Tensor, cache: HeadwiseCache,
 
 
 @torch.no_grad()
-def perplexity(loaded: Any, input_ids: Tensor, policy: Policy | SnapKVPolicy, chunk: int = 256) -> dict[str, Any]:
+def perplexity(loaded: Any, input_ids: Tensor, policy: CachePolicy, chunk: int = 256) -> dict[str, Any]:
     """Next-token perplexity of [1, T] read chunk by chunk through the cache (what decoding would see)."""
-    check_policy(policy, loaded)
-    if isinstance(policy, SnapKVPolicy):
-        raise HeadwiseError("SnapKV evicts once, at the end of a prompt; perplexity over a stream does not apply")
+    policy.check(loaded.geometry)
+    if not policy.accepts_chunks:
+        raise HeadwiseError(f"policy '{policy.name}' evicts once, at the end of a prompt; perplexity over a stream "
+                            f"does not apply")
     ids = input_ids.to(loaded.device)
     cache = HeadwiseCache(policy, max_length=ids.shape[1])
     nll, count = 0.0, 0
     for start in range(0, ids.shape[1] - 1, chunk):
         piece = ids[:, start:start + chunk]
-        logits = _forward(loaded.model, piece, cache, keep_last=False).float()
+        logits = forward(loaded.model, piece, cache, last_only=False)[0].float()
         target = ids[:, start + 1:start + 1 + piece.shape[1]]
         logits = logits[:, :target.shape[1]]
         nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                        reduction="sum"))
         count += target.numel()
     return {"perplexity": math.exp(nll / count), "tokens": count, "kv_bytes": cache.nbytes()}
+
+
+__all__ = ["GenerationResult", "PREFILL_CHUNK", "generate", "perplexity"]

@@ -1,7 +1,7 @@
 """SnapKV-style token eviction (Li et al., arXiv 2404.14469), in the same cache framework.
 
 At the end of the prompt (any forward call with more than one query), every KV head keeps
-the prompt tokens most attended by the last `window` (32) prompt queries: their attention
+the prompt tokens most attended by the last `observation` (32) prompt queries: their attention
 over the prefix, summed over those queries and averaged over the KV group's query heads
 (GQA, as kvpress does), smoothed with a 1-D average pool of `kernel` (7), top-k; plus the
 observation window itself. Decoded tokens are then appended to every head. Tokens not kept
@@ -11,84 +11,77 @@ The budget is `budget` x prompt tokens per head (a fraction < 1) or `budget` tok
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from transformers.cache_utils import CacheLayerMixin
 
 from ..errors import HeadwiseError
 from ..geometry import Geometry
-from .attention import check_no_padding, full_heads_attention
-from .cache import _HeadwiseLayer, _Store
-
-OBSERVATION_WINDOW = 32
-KERNEL = 7
+from .attention import KERNEL, OBSERVATION_WINDOW, check_no_padding, full_heads_attention, token_votes
+from .layers import HeadwiseLayer, Store
+from .policy import CachePolicy
 
 
 @dataclass
-class SnapKVPolicy:
+class SnapKVPolicy(CachePolicy):
+    policy_type: ClassVar[str] = "snapkv"
     geometry: Geometry
     budget: float
-    window: int = OBSERVATION_WINDOW
+    observation: int = OBSERVATION_WINDOW  # the last prompt queries whose attention votes
     kernel: int = KERNEL
     name: str = ""
     source: dict[str, Any] = field(default_factory=dict)
-    # The whole prompt is attended in full and evicted at its end, so it goes in one call (as Policy "whole").
+    # The whole prompt is attended in full and evicted at its end, so it goes in one call.
     prefill: ClassVar[str] = "whole"
+    accepts_chunks: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if self.budget <= 0:
+        if not math.isfinite(self.budget) or self.budget <= 0:
             raise HeadwiseError(f"SnapKV budget must be positive (a fraction of the prompt or a token count), got "
                                 f"{self.budget}")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise HeadwiseError(f"SnapKV pooling kernel must be odd and positive, got {self.kernel}")
+        if self.observation < 1:
+            raise HeadwiseError(f"SnapKV needs at least one observation query, got {self.observation}")
         self.name = self.name or f"snapkv@{self.budget:g}"
-        self.source = {"method": "snapkv", "budget": self.budget, "window": self.window, "kernel": self.kernel}
+        self.source = {"method": "snapkv", "budget": self.budget, "observation": self.observation,
+                       "kernel": self.kernel}
 
     def tokens_kept(self, prompt: int) -> int:
         k = round(self.budget * prompt) if self.budget < 1 else int(self.budget)
-        return min(prompt, max(k, self.window))
+        return min(prompt, max(k, self.observation))
 
-    def kv_bytes(self, context: int, batch: int = 1, dtype_bytes: int = 4) -> int:
+    def tokens_held(self, context: int) -> np.ndarray:
         g = self.geometry
-        per_tok = 2 * g.head_dim * dtype_bytes * batch * g.n_kv_heads
-        return sum(per_tok * (min(context, w - 1) if windowed else self.tokens_kept(context))
-                   for windowed, w in zip(g.windowed, g.sliding_window))
+        return np.full((g.n_layers, g.n_kv_heads), self.tokens_kept(context))
 
-    def check(self, geometry: Geometry) -> None:
-        if (geometry.n_layers, geometry.n_kv_heads, geometry.head_dim) != \
-                (self.geometry.n_layers, self.geometry.n_kv_heads, self.geometry.head_dim):
-            raise HeadwiseError("SnapKV policy was built for another model's geometry; build it for this model")
+    def make_layer(self, layer: int, max_length: int | None) -> CacheLayerMixin:
+        return SnapKVLayer(layer, self.geometry.n_kv_heads, self.geometry.head_dim, self, max_length)
 
     def describe(self) -> str:
-        return f"{self.name}: every KV head keeps its top prompt tokens (window {self.window}, pool {self.kernel})"
+        return (f"{self.name}: every KV head keeps its top prompt tokens (observation {self.observation}, "
+                f"pool {self.kernel})")
 
+    def fields(self) -> dict[str, Any]:
+        return {"budget": self.budget, "observation": self.observation, "kernel": self.kernel}
 
-def snapkv_votes(query_obs: Tensor, keys: Tensor, scaling: float, kernel: int) -> Tensor:
-    """How much the last w prompt queries attend to each earlier token, pooled: [b, kv, T - w].
-
-    query_obs: [b, hq, w, d] the last w prompt queries; keys: [b, kv, T, d].
-    """
-    b, hq, w, _ = query_obs.shape
-    n_kv, t = keys.shape[1], keys.shape[2]
-    g = hq // n_kv
-    k = keys[:, :, None].float()  # [b, kv, 1, T, d]
-    q = query_obs.float().reshape(b, n_kv, g, w, -1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [b, kv, g, w, T]
-    qpos = torch.arange(t - w, t, device=keys.device)
-    scores = scores.masked_fill(torch.arange(t, device=keys.device)[None, :] > qpos[:, None], float("-inf"))
-    votes = torch.softmax(scores, -1)[..., :t - w].sum(-2).mean(2)  # [b, kv, T - w]
-    return F.avg_pool1d(votes, kernel_size=kernel, padding=kernel // 2, stride=1, count_include_pad=False)
+    @classmethod
+    def from_fields(cls, geometry: Geometry, fields: dict[str, Any], name: str,
+                    source: dict[str, Any]) -> SnapKVPolicy:
+        return cls(geometry, float(fields["budget"]), observation=int(fields["observation"]),
+                   kernel=int(fields["kernel"]), name=name)
 
 
 def snapkv_select(query_obs: Tensor, keys: Tensor, scaling: float, keep: int, window: int, kernel: int) -> Tensor:
     """Indices [b, kv, keep] (sorted) of the tokens to keep: the top voted plus the w observation tokens."""
     b, n_kv, t = keys.shape[0], keys.shape[1], keys.shape[2]
     w = query_obs.shape[2]
-    votes = snapkv_votes(query_obs, keys, scaling, kernel)
+    votes = token_votes(query_obs, keys, scaling, kernel)
     top = votes.topk(keep - w, dim=-1).indices
     recent = torch.arange(t - w, t, device=keys.device).expand(b, n_kv, w)
     return torch.cat([top, recent], -1).sort(-1).values
@@ -108,7 +101,7 @@ class _SnapView:
         return out.transpose(1, 2)
 
 
-class SnapKVLayer(_HeadwiseLayer):
+class SnapKVLayer(HeadwiseLayer):
     """Full cache through the prompt, then the SnapKV selection; decoded tokens appended."""
 
     def __init__(self, layer: int, n_kv_heads: int, head_dim: int, policy: SnapKVPolicy,
@@ -116,7 +109,7 @@ class SnapKVLayer(_HeadwiseLayer):
         super().__init__(layer, n_kv_heads, head_dim)
         self.policy = policy
         self.max_length = max_length
-        self.store = _Store(max_length)
+        self.store = Store(max_length)
         self.compressed = False
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
@@ -139,7 +132,7 @@ class SnapKVLayer(_HeadwiseLayer):
         p = self.policy
         t = self.store.length
         keep = p.tokens_kept(t)
-        w = min(p.window, t)
+        w = min(p.observation, t)
         if keep >= t or t <= w:
             self.compressed = True
             return
@@ -150,3 +143,6 @@ class SnapKVLayer(_HeadwiseLayer):
 
     def head_bytes(self) -> np.ndarray:
         return np.full(self.n_kv_heads, self.store.per_head_bytes())
+
+
+__all__ = ["SnapKVPolicy", "snapkv_select"]

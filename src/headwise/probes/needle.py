@@ -89,18 +89,6 @@ def bundled_needles() -> list[Needle]:
     return [Needle(**n) for n in data["needles"]]
 
 
-def load_needles(path: str | Path | None = None) -> list[Needle]:
-    """Bundled needles, or a user's JSON list of {"text", "question", "answer"}."""
-    if path is None:
-        return bundled_needles()
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        raw = raw["needles"] if isinstance(raw, dict) else raw
-        return [Needle(text=str(n["text"]), question=str(n["question"]), answer=str(n["answer"])) for n in raw]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise HeadwiseError(f"{path} is not a needle file (a JSON list of {{text, question, answer}}): {e}") from None
-
-
 def normalize(text: str) -> str:
     text = text.lower().translate(str.maketrans("", "", string.punctuation.replace("-", "")))
     return re.sub(r"\s+", " ", text).strip()

@@ -1,6 +1,7 @@
 """The atlas as a visual analytics report: one self-contained HTML page, plus static figures.
 
     write_report(atlas_dir) -> Path      atlas_dir/report.html (offline, no CDN)
+    show(atlas)                          the same page inline in Jupyter
     collect_samples(loaded, settings, atlas_dir)   the downsampled attention the page shows
     plot(atlas_dir) -> list[Path]        PNG figures (matplotlib; pip install headwise[plot])
 """
@@ -10,28 +11,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .html import REPORT_FILE, render_html, write_report
+from ..atlas import Atlas
+from ..errors import HeadwiseError
+from ..profile import ProfileSettings
+from .html import REPORT_FILE, matching_samples, render_html, write_report
 from .samples import SAMPLES_JSON, SAMPLES_TENSORS, collect_samples, load_samples
 
 
-def settings_of(atlas: Any):
+def settings_of(atlas: Any) -> ProfileSettings:
     """The ProfileSettings an atlas was made with (what the attention samples should match)."""
-    import dataclasses
+    return ProfileSettings.from_dict(atlas.data.get("settings", {}))
 
-    from ..profile import ProfileSettings
 
-    saved = atlas.data.get("settings", {})
-    known = {f.name for f in dataclasses.fields(ProfileSettings)}
-    kwargs = {k: v for k, v in saved.items() if k in known}
-    if kwargs.get("text") == "bundled":
-        kwargs["text"] = None
-    return ProfileSettings(**kwargs)
+def show(atlas: Atlas, height: int = 900) -> Any:
+    """The interactive report inline in Jupyter (an IPython HTML object holding an iframe)."""
+    try:
+        from IPython.display import HTML
+    except ImportError:
+        raise HeadwiseError("show() needs IPython (run it in Jupyter); outside it use "
+                            "headwise.report.write_report(atlas_dir) and open report.html") from None
+    import html
+
+    page = render_html(atlas.data, matching_samples(atlas.data, atlas.directory))
+    return HTML(f'<iframe srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:{int(height)}px;'
+                f'border:0" title="headwise report"></iframe>')
 
 
 def collect_for_atlas(loaded: Any, atlas_dir: str | Path) -> Path:
     """Collect the attention samples for the atlas in atlas_dir, checking the model is the atlas's."""
-    from ..atlas import Atlas
-
     atlas = Atlas.load(atlas_dir)
     atlas.check_model(loaded.info, loaded.geometry)
     return collect_samples(loaded, settings_of(atlas), atlas.directory)
@@ -44,5 +51,5 @@ def plot(atlas_dir: str | Path, out_dir: str | Path | None = None, score: str | 
     return plot_atlas(atlas_dir, out_dir, score)
 
 
-__all__ = ["write_report", "render_html", "collect_samples", "collect_for_atlas", "load_samples", "plot", "settings_of",
-           "REPORT_FILE", "SAMPLES_JSON", "SAMPLES_TENSORS"]
+__all__ = ["REPORT_FILE", "SAMPLES_JSON", "SAMPLES_TENSORS", "collect_for_atlas", "collect_samples", "load_samples",
+           "plot", "render_html", "settings_of", "show", "write_report"]

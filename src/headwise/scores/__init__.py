@@ -1,9 +1,27 @@
-"""Score families, one per file, and the registry the profiler and CLI select from."""
+"""Score families, one per file, and the registry the profiler, the CLI, the KV cache and the
+report read every score's metadata from.
+
+A new family is one file plus `register(MyFamily())`; nothing else in headwise lists scores.
+"""
 
 from __future__ import annotations
 
 from ..errors import HeadwiseError
-from .base import ComputedScoreFamily, ScoreFamily, ScoreObserver, ScoreResult
+from ..roles import RoleRule
+from .base import (
+    CORE_SETTINGS,
+    ComputedScoreFamily,
+    NeedsFull,
+    PerSequence,
+    ProbeScoreFamily,
+    Score,
+    ScoreFamily,
+    ScoreObserver,
+    ScoreResult,
+    Setting,
+    mean_ratio,
+    weighted_sum,
+)
 from .distance import DistanceScores
 from .duo import DuoScores
 from .importance import ImportanceScores
@@ -14,15 +32,7 @@ from .sink import SinkScores
 from .streaming import StreamingScores
 from .successor import SuccessorScores
 
-FAMILIES: list[ScoreFamily] = [PatternScores(), RazorScores(), SinkScores(), StreamingScores(), DistanceScores()]
-FAMILIES.append(RetrievalScores())  # decodes needle trials: minutes, so not in DEFAULT_SCORES
-FAMILIES.append(ImportanceScores())  # gradients and 1 pass per few heads: opt-in via --scores
-FAMILIES.append(SuccessorScores())  # weights-based OV circuit on ordinal tokens: opt-in via --scores
-FAMILIES.append(DuoScores())  # trains DuoAttention's gates (backward passes): opt-in via --scores
-
-# The pattern battery `headwise profile` runs when --scores is not given.
-DEFAULT_SCORES: tuple[str, ...] = ("previous_token", "duplicate_token", "induction", "echo", "razor_induction",
-                                   "sink", "streamable_mass", "mean_distance", "entropy")
+FAMILIES: list[ScoreFamily] = []
 
 
 def all_score_names() -> list[str]:
@@ -36,13 +46,58 @@ def family_of(name: str) -> ScoreFamily:
     raise HeadwiseError(f"unknown score '{name}'; choose from {', '.join(all_score_names())}")
 
 
+def score_info(name: str) -> Score | None:
+    """The registered metadata of a score, or None for a score no family declares (an attribution)."""
+    for family in FAMILIES:
+        for score in family.scores:
+            if score.name == name:
+                return score
+    return None
+
+
+def default_scores() -> list[str]:
+    """The battery `headwise profile` runs without --scores, in registration order."""
+    return [s.name for family in FAMILIES for s in family.scores if s.default]
+
+
+def role_rules() -> list[RoleRule]:
+    return [s.role for family in FAMILIES for s in family.scores if s.role is not None]
+
+
+def all_settings() -> dict[str, Setting]:
+    """Every setting a profile can take: the core ones, then each family's, in registration order."""
+    out: dict[str, Setting] = {s.name: s for s in CORE_SETTINGS}
+    for family in FAMILIES:
+        for s in family.settings:
+            out.setdefault(s.name, s)
+    return out
+
+
 def register(family: ScoreFamily) -> None:
-    """Add a score family (later issues and plug-ins); names must be new."""
+    """Add a score family; its score names must be new, and a setting it shares with another family
+    (same name) must be the same setting."""
     clash = set(family.names) & set(all_score_names())
     if clash:
         raise HeadwiseError(f"score names already registered: {', '.join(sorted(clash))}")
+    if not family.names or len(set(family.names)) != len(family.names):
+        raise HeadwiseError(f"score family {family.family!r} must declare distinct score names")
+    known = all_settings()
+    for s in family.settings:
+        if s.name in known and known[s.name] != s:
+            raise HeadwiseError(f"score family {family.family!r} redefines setting {s.name!r} differently")
     FAMILIES.append(family)
 
 
-__all__ = ["FAMILIES", "DEFAULT_SCORES", "ComputedScoreFamily", "ScoreFamily", "ScoreObserver", "ScoreResult",
-           "all_score_names", "family_of", "register"]
+def unregister(family_name: str) -> None:
+    """Remove a registered family (plug-ins and tests)."""
+    FAMILIES[:] = [f for f in FAMILIES if f.family != family_name]
+
+
+for _family in (PatternScores(), RazorScores(), SinkScores(), StreamingScores(), DistanceScores(),
+                RetrievalScores(), ImportanceScores(), SuccessorScores(), DuoScores()):
+    register(_family)
+
+__all__ = ["CORE_SETTINGS", "FAMILIES", "ComputedScoreFamily", "NeedsFull", "PerSequence", "ProbeScoreFamily",
+           "Score", "ScoreFamily", "ScoreObserver", "ScoreResult", "Setting", "all_score_names", "all_settings",
+           "default_scores", "family_of", "mean_ratio", "register", "role_rules", "score_info", "unregister",
+           "weighted_sum"]

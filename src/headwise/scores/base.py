@@ -1,24 +1,114 @@
-"""The small base class every score family implements (one family, one file).
+"""The small base classes every score family implements (one family, one file), and what a
+family declares about itself.
 
-A family owns one probe and one observer. The observer sees each attention chunk of the
-probe's forward passes, accumulates per-head statistics, and finally returns [layers, heads]
-matrices (plus optional per-head profiles such as the distance histogram).
+A family declares
+- `scores`: each score it yields (`Score`): a one-line description, which end of its scale
+  marks a head that needs the full KV cache, whether `headwise profile` runs it by default,
+  and the role label it earns past a threshold;
+- `settings`: the knobs that change its numbers (`Setting`); `headwise profile` turns each
+  into a command-line flag, and the atlas records its value.
+It then either observes the forward passes of a probe it may share with other families
+(`ProbeScoreFamily`: a probe and an observer) or drives the model itself
+(`ComputedScoreFamily`: greedy decoding, gradients, ablations).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import HeadwiseError
 from ..geometry import Geometry
-from ..instrument import Observer
+from ..instrument import DEFAULT_CHUNK_BYTES, Observer
 from ..probes import Probe
+from ..roles import RoleRule
+
+NeedsFull = Literal["high", "low"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One knob of a score family: its default, its bounds, its command-line flag."""
+
+    name: str
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[Any, ...] | None = None
+    flag: str | None = None  # the command-line flag when it is not --name-with-dashes
+    kind: type | None = None  # int, float, str or bool; default: the default's type (str when it is None)
+
+    @property
+    def type(self) -> type:
+        return self.kind or (str if self.default is None else type(self.default))
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def coerce(self, value: Any) -> Any:
+        """The value as this setting's type, or a one-line error naming the setting."""
+        if value is None and self.default is None:
+            return None
+        kind = self.type
+        where = f"{self.cli_flag} (setting {self.name})"
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise HeadwiseError(f"{where} must be true or false, got {value!r}")
+            return value
+        if kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise HeadwiseError(f"{where} must be a finite number, got {value!r}")
+            if kind is int and float(value) != int(value):
+                raise HeadwiseError(f"{where} must be a whole number, got {value!r}")
+            value = kind(value)
+            if kind is int and self.minimum == 1 and value < 1:
+                raise HeadwiseError(f"{self.cli_flag} must be a positive integer (setting {self.name}), got {value}")
+            if self.minimum is not None and value < self.minimum:
+                raise HeadwiseError(f"{where} must be at least {self.minimum:g}, got {value:g}")
+            if self.maximum is not None and value > self.maximum:
+                raise HeadwiseError(f"{where} must be at most {self.maximum:g}, got {value:g}")
+        elif not isinstance(value, kind):
+            raise HeadwiseError(f"{where} must be a {kind.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise HeadwiseError(f"{where} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        return value
+
+
+# Settings every family may read: not owned by any one of them.
+CORE_SETTINGS: tuple[Setting, ...] = (
+    Setting("seed", 0, "seed of every probe and of the profile's random choices", minimum=0),
+    Setting("text", None, "UTF-8 text file (or JSONL) for the natural-text probes (default: the bundled prose)",
+            kind=str),
+    Setting("chunk_bytes", DEFAULT_CHUNK_BYTES, "bytes of one [batch, heads, chunk, keys] float32 block of "
+            "observed attention (bounds memory)", minimum=1024),
+)
+
+
+@dataclass(frozen=True)
+class Score:
+    """One score a family yields, and what it means for the rest of headwise."""
+
+    name: str
+    description: str
+    # Which end of the scale marks a head that needs the full KV cache (None: the score does not say).
+    needs_full: NeedsFull | None = None
+    default: bool = False  # in the battery `headwise profile` runs without --scores
+    role: RoleRule | None = None  # the label a head earns past a threshold
+
+    def __post_init__(self) -> None:
+        if self.needs_full not in (None, "high", "low"):
+            raise HeadwiseError(f"score {self.name}: needs_full must be 'high', 'low' or None")
+        if self.role is not None and self.role.score != self.name:
+            raise HeadwiseError(f"score {self.name}: its role rule reads score {self.role.score!r}")
 
 
 @dataclass
@@ -26,6 +116,22 @@ class ScoreResult:
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [layers, heads]
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {"values": [L][H][...], ...}
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+class ScoreFamily(ABC):
+    """One method: the scores it yields and the settings that change them."""
+
+    family: ClassVar[str]
+    scores: ClassVar[tuple[Score, ...]]
+    settings: ClassVar[tuple[Setting, ...]] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.scores)
+
+    @property
+    def description(self) -> dict[str, str]:
+        return {s.name: s.description for s in self.scores}
 
 
 class ScoreObserver(Observer):
@@ -45,39 +151,37 @@ class ScoreObserver(Observer):
     def result(self) -> ScoreResult: ...
 
 
-class ScoreFamily(ABC):
-    """One method: which probe it runs, what it observes, which scores it yields."""
+class ProbeScoreFamily(ScoreFamily):
+    """A family that watches the forward passes of a probe. Families whose `probe_key` is equal
+    share one probe and one set of forward passes."""
 
-    family: str
-    names: tuple[str, ...]
-    description: dict[str, str]
-    batch_size: int = 1
+    batch_size: ClassVar[int] = 1
 
     @abstractmethod
-    def probe_key(self, settings: Any) -> Hashable:
-        """Families with equal keys share one probe and one set of forward passes."""
+    def probe_key(self, settings: Any) -> Hashable: ...
 
     @abstractmethod
     def make_probe(self, tokenizer: Any, geometry: Geometry, settings: Any) -> Probe: ...
+
+    def check_probe(self, probe: Probe, settings: Any) -> None:
+        """Refuse (HeadwiseError) a probe this family cannot measure, whichever family made it."""
 
     @abstractmethod
     def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver: ...
 
 
-class ComputedScoreFamily(ABC):
-    """A method that drives the model itself (greedy decoding, gradients, ablations)
-    instead of observing the forward passes of one shared probe.
+class ComputedScoreFamily(ScoreFamily):
+    """A family that drives the model itself (greedy decoding, gradients, ablations).
 
     The profiler calls `compute` once with every requested name of the family.
     """
 
-    family: str
-    names: tuple[str, ...]
-    description: dict[str, str]
+    def check(self, geometry: Geometry, settings: Any) -> None:
+        """Refuse settings this family cannot run with, before any family spends time."""
 
     @abstractmethod
     def compute(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:
-        """loaded: a headwise.load.LoadedModel (already attached); settings: ProfileSettings."""
+        """loaded: a headwise.LoadedModel; settings: ProfileSettings."""
 
 
 class PerSequence:

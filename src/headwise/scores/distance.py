@@ -16,8 +16,8 @@ import torch
 from ..geometry import Geometry
 from ..instrument import AttentionChunk
 from ..probes import Probe
-from .base import PerSequence, ScoreFamily, ScoreObserver, ScoreResult, mean_ratio
-from .text_probe import make_text_probe, text_probe_key
+from .base import PerSequence, ProbeScoreFamily, Score, ScoreObserver, ScoreResult, mean_ratio
+from .shared_probes import TEXT_SETTINGS, make_text_probe, text_probe_key
 
 
 def distance_bins(max_distance: int) -> list[tuple[int, int]]:
@@ -72,13 +72,15 @@ class _DistanceObserver(ScoreObserver):
         )
 
 
-class DistanceScores(ScoreFamily):
+class DistanceScores(ProbeScoreFamily):
     family = "distance"
-    names = ("mean_distance", "entropy")
-    description = {
-        "mean_distance": "mean token distance of the attention (query position - key position)",
-        "entropy": "mean entropy of the attention distribution, nats",
-    }
+    # Heads that look far or spread their attention read the middle of the context: they need it whole.
+    scores = (
+        Score("mean_distance", "mean token distance of the attention (query position - key position)",
+              needs_full="high", default=True),
+        Score("entropy", "mean entropy of the attention distribution, nats", needs_full="high", default=True),
+    )
+    settings = TEXT_SETTINGS
 
     def probe_key(self, settings: Any) -> tuple:
         return text_probe_key(settings)

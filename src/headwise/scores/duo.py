@@ -36,9 +36,9 @@ from torch import Tensor
 from .._progress import progress
 from ..errors import HeadwiseError
 from ..instrument import Session, sink_window_mask
+from ..parts import final_hidden
 from ..probes.passkeys import MultiPasskeySamples
-from .ablation import final_hidden
-from .base import ComputedScoreFamily, ScoreResult
+from .base import ComputedScoreFamily, Score, ScoreResult, Setting
 
 
 def gated_mix(geometry: Any, gates: Tensor, sink: int, window: int) -> Callable[..., Tensor]:
@@ -109,10 +109,21 @@ def train_gates(loaded: Any, settings: Any) -> tuple[np.ndarray, list[dict[str, 
 
 class DuoScores(ComputedScoreFamily):
     family = "duo"
-    names = ("duo",)
-    description = {"duo": "DuoAttention gate of the head's KV group (Xiao et al. 2024), trained so that mixing full "
-                          "and sink+window attention keeps the last hidden states on multi-passkey recall; "
-                          "1 = needs the full KV cache, 0 = sinks + recent window suffice"}
+    scores = (Score("duo", "DuoAttention gate of the head's KV group (Xiao et al. 2024), trained so that mixing full "
+                           "and sink+window attention keeps the last hidden states on multi-passkey recall; "
+                           "1 = needs the full KV cache, 0 = sinks + recent window suffice", needs_full="high"),)
+    settings = (
+        Setting("duo_steps", 100, "training steps of the duo score (DuoAttention gates; the paper: 2000 on GPUs)",
+                minimum=1),
+        Setting("duo_haystack", 1024, "prose tokens per duo training sample (plus the passkeys and questions; the "
+                                      "paper: 1K-32K)", minimum=1),
+        Setting("duo_passkeys", 10, "passkeys per duo training sample (the paper: 10)", minimum=1, maximum=20),
+        Setting("duo_passkey_words", 32, "words per duo passkey (the paper: 32)", minimum=1),
+        Setting("duo_sink", 128, "sink tokens of the streaming side of the duo gates", minimum=0),
+        Setting("duo_window", 256, "recent tokens of the streaming side of the duo gates", minimum=1),
+        Setting("duo_lr", 0.02, "learning rate of the duo gates (AdamW)", minimum=0.0),
+        Setting("duo_reg", 0.05, "weight of the L1 penalty on the duo gates", minimum=0.0),
+    )
 
     def compute(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:
         gates, history = train_gates(loaded, settings)

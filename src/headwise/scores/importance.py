@@ -10,7 +10,7 @@
   contribution to the residual stream (its output through its slice of the output projection,
   bias excluded), averaged over the tokens and sequences of the text set.
 - importance_ablation: the exact increase of the mean LM loss when the head alone is zeroed,
-  by batched ablation (scores/ablation.py: many single-head masks per pass, layers below the
+  by batched ablation (headwise/ablation.py: many single-head masks per pass, layers below the
   ablated one replayed from the clean pass).
 
 Text set: `importance_sequences` windows of `importance_context` tokens of the bundled natural
@@ -25,19 +25,12 @@ import numpy as np
 import torch
 
 from .._progress import progress
+from ..ablation import Readout, head_ablation_effects, sequence_losses
 from ..geometry import Geometry
 from ..instrument import AttentionChunk, Observer, Session
+from ..parts import attention_modules, final_hidden, lm_logits, projection_matrix
 from ..probes import Probe, natural_text
-from .ablation import (
-    Readout,
-    attention_modules,
-    final_hidden,
-    head_ablation_effects,
-    lm_logits,
-    projection_matrix,
-    sequence_losses,
-)
-from .base import ComputedScoreFamily, ScoreResult
+from .base import ComputedScoreFamily, Score, ScoreResult, Setting
 
 PROBE = "importance_text"
 
@@ -123,12 +116,23 @@ def clean_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
 
 class ImportanceScores(ComputedScoreFamily):
     family = "importance"
-    names = ("importance_grad", "importance_norm", "importance_ablation")
-    description = {
-        "importance_grad": "mean |dL/dxi_h| of the LM loss w.r.t. a head mask (Michel et al. 2019)",
-        "importance_norm": "mean L1 norm of the head's output through its W_O slice (AMP, arXiv 2504.21174)",
-        "importance_ablation": "exact LM-loss increase when the head alone is zeroed (batched ablation)",
-    }
+    # Importance is about pruning, not about which tokens a head reads: no KV-cache direction.
+    scores = (
+        Score("importance_grad", "mean |dL/dxi_h| of the LM loss w.r.t. a head mask (Michel et al. 2019)"),
+        Score("importance_norm", "mean L1 norm of the head's output through its W_O slice (AMP, arXiv 2504.21174)"),
+        Score("importance_ablation", "exact LM-loss increase when the head alone is zeroed (batched ablation)"),
+    )
+    settings = (
+        Setting("importance_context", 128, "tokens per text sequence of the importance_* scores", minimum=2),
+        Setting("importance_sequences", 4, "text sequences of the importance_* scores", minimum=1),
+        Setting("importance_batch", 4, "sequences per forward/backward pass of importance_grad and importance_norm",
+                minimum=1),
+        Setting("ablation_tokens", 16384, "rows x tokens per batched-ablation pass (bounds its memory)",
+                minimum=1),
+    )
+
+    def check(self, geometry: Geometry, settings: Any) -> None:
+        geometry.check_context(settings.importance_context)
 
     def compute(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:
         probe = importance_text(loaded.tokenizer, loaded.geometry, settings)

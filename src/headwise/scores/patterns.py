@@ -17,17 +17,20 @@ from typing import Any
 
 import torch
 
+from ..errors import HeadwiseError
 from ..geometry import Geometry
 from ..instrument import AttentionChunk
 from ..probes import Probe, repeated_tokens
-from .base import PerSequence, ScoreFamily, ScoreObserver, ScoreResult, mean_ratio, weighted_sum
+from ..roles import RoleRule
+from .base import PerSequence, ProbeScoreFamily, Score, ScoreObserver, ScoreResult, Setting, mean_ratio, weighted_sum
+from .shared_probes import BLOCK_LEN
 
 
 class _PatternObserver(ScoreObserver):
     def __init__(self, geometry: Geometry, exclude_bos: bool, exclude_current_token: bool):
         self.exclude_bos, self.exclude_current = exclude_bos, exclude_current_token
         self.den = PerSequence(geometry)
-        self.num = {name: PerSequence(geometry) for name in PatternScores.names}
+        self.num = {name: PerSequence(geometry) for name in ("previous_token", "duplicate_token", "induction")}
 
     def observe(self, chunk: AttentionChunk) -> None:
         a = chunk.weights  # [b, h, q, k]
@@ -58,14 +61,29 @@ class _PatternObserver(ScoreObserver):
                                      "measure": "mul (TransformerLens head detector)"})
 
 
-class PatternScores(ScoreFamily):
+_TL_CUT = "TransformerLens detector score; 0.4 is the cut used with it in ARENA's induction-head exercises"
+
+
+class PatternScores(ProbeScoreFamily):
     family = "patterns"
-    names = ("previous_token", "duplicate_token", "induction")
-    description = {
-        "previous_token": "share of attention on the previous token (TransformerLens detector, mul)",
-        "duplicate_token": "share of attention on earlier copies of the current token (TransformerLens detector, mul)",
-        "induction": "share of attention on the token after an earlier copy of the current one (TransformerLens, mul)",
-    }
+    scores = (
+        Score("previous_token", "share of attention on the previous token (TransformerLens detector, mul)",
+              default=True, role=RoleRule("previous-token", "previous_token", ">", 0.4, _TL_CUT)),
+        Score("duplicate_token", "share of attention on earlier copies of the current token (TransformerLens "
+                                 "detector, mul)",
+              default=True, role=RoleRule("duplicate-token", "duplicate_token", ">", 0.4, "as previous-token")),
+        # Induction heads copy from anywhere in the context: RazorAttention keeps their whole cache.
+        Score("induction", "share of attention on the token after an earlier copy of the current one "
+                           "(TransformerLens, mul)",
+              needs_full="high", default=True, role=RoleRule("induction", "induction", ">", 0.4, "as previous-token")),
+    )
+    settings = (
+        BLOCK_LEN,
+        Setting("repeated_sequences", 8, "sequences of the 2x repeated probe (TransformerLens scores)", minimum=1),
+        Setting("exclude_bos", False, "TransformerLens detector option: zero the attention on the first token"),
+        Setting("exclude_current_token", False, "TransformerLens detector option: zero the attention on the "
+                                                "query's own token"),
+    )
     batch_size = 8
 
     def probe_key(self, settings: Any) -> tuple:
@@ -74,6 +92,10 @@ class PatternScores(ScoreFamily):
     def make_probe(self, tokenizer: Any, geometry: Geometry, settings: Any) -> Probe:
         return repeated_tokens(tokenizer, geometry.vocab_size, block_len=settings.block_len, repeats=2,
                                n_sequences=settings.repeated_sequences, seed=settings.seed, name="repeated")
+
+    def check_probe(self, probe: Probe, settings: Any) -> None:
+        if probe.settings.get("repeats", 0) < 2:
+            raise HeadwiseError("the pattern scores need a probe of repeated token blocks")
 
     def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver:
         return _PatternObserver(geometry, settings.exclude_bos, settings.exclude_current_token)

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from ..errors import HeadwiseError
 from ..geometry import Geometry
 from ..instrument import AttentionChunk
 from ..probes import Probe, repeated_tokens
-from .base import PerSequence, ScoreFamily, ScoreObserver, ScoreResult, mean_ratio, weighted_sum
+from .base import PerSequence, ProbeScoreFamily, Score, ScoreObserver, ScoreResult, Setting, mean_ratio, weighted_sum
+from .shared_probes import BLOCK_LEN
 
 
 class _RazorObserver(ScoreObserver):
@@ -47,13 +49,17 @@ class _RazorObserver(ScoreObserver):
                                    "razor_induction": mean_ratio(self.induction, self.count)})
 
 
-class RazorScores(ScoreFamily):
+class RazorScores(ProbeScoreFamily):
     family = "razor"
-    names = ("echo", "razor_induction")
-    description = {
-        "echo": "RazorAttention echo score: attention on earlier copies of the current token (4x repeated block)",
-        "razor_induction": "RazorAttention induction score: attention on the token after earlier copies",
-    }
+    # RazorAttention keeps the whole cache of its top echo and induction heads.
+    scores = (
+        Score("echo", "RazorAttention echo score: attention on earlier copies of the current token (4x repeated "
+                      "block)", needs_full="high", default=True),
+        Score("razor_induction", "RazorAttention induction score: attention on the token after earlier copies",
+              needs_full="high", default=True),
+    )
+    settings = (BLOCK_LEN, Setting("razor_sequences", 4, "sequences of the 4x repeated probe (RazorAttention "
+                                                         "scores)", minimum=1))
     batch_size = 4
 
     def probe_key(self, settings: Any) -> tuple:
@@ -62,6 +68,10 @@ class RazorScores(ScoreFamily):
     def make_probe(self, tokenizer: Any, geometry: Geometry, settings: Any) -> Probe:
         return repeated_tokens(tokenizer, geometry.vocab_size, block_len=settings.block_len, repeats=4,
                                n_sequences=settings.razor_sequences, seed=settings.seed, name="repeated_x4")
+
+    def check_probe(self, probe: Probe, settings: Any) -> None:
+        if probe.settings.get("repeats", 0) < 2:
+            raise HeadwiseError("the RazorAttention scores need a probe of repeated token blocks")
 
     def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver:
         return _RazorObserver(geometry)

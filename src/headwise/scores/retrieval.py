@@ -4,7 +4,7 @@ Needle-in-a-haystack trials over a grid of context lengths x needle depths x nee
 prompt is prefilled (plain SDPA, nothing observed), then the model decodes greedily with its
 KV cache; every decode step's single query row is watched through the instrument Session.
 As in the paper's code, the first observed step is the last prompt token, whose output is the
-first generated token.
+first generated token. Replies end by headwise.decode's rule for replies to a question.
 
 retrieval: at each step, a head "copies" when its top-1 attended key lies inside the needle
 span AND the prompt token there equals the token generated at that step; each copy adds
@@ -27,7 +27,6 @@ copied in it) so a user can see why a head scored.
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,11 +35,13 @@ import numpy as np
 import torch
 
 from .._progress import note, progress
+from ..decode import greedy
 from ..errors import HeadwiseError
 from ..geometry import Geometry
-from ..instrument import AttentionChunk, Observer, Session
+from ..instrument import AttentionChunk, Observer
 from ..probes.needle import REPLY_EXTRA_TOKENS, NeedleCase, answer_found, bundled_needles, needle_case, normalize
-from .base import ComputedScoreFamily, ScoreResult
+from ..roles import RoleRule
+from .base import ComputedScoreFamily, Score, ScoreResult, Setting
 
 # Contexts where smollm2-135m still retrieves (measured: needle accuracy 12/12 at 256, 9/12 at
 # 512, 6/12 at 1024, 0/12 at 2048 tokens): trials it fails are dropped anyway, so longer
@@ -130,63 +131,33 @@ def rouge1_recall(reference: str, reply: str) -> float:
     return sum(min(n, got[w]) for w, n in ref.items()) / total if total else 0.0
 
 
-def stop_ids(loaded: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (loaded.tokenizer.eos_token_id, getattr(getattr(loaded.model, "generation_config", None),
-                                                          "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(int(i) for i in source)
-    return ids
-
-
-def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    """The KV-cache argument under its current name (`cache` since transformers 5.2x, else `past_key_values`)."""
-    params = inspect.signature(model.forward).parameters
-    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
-
-
-def returned_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 def decode_trial(loaded: Any, case: NeedleCase, max_new_tokens: int | None = None) -> Trial:
-    """Greedy-decode one case with the KV cache, scoring every head at every decode step."""
-    geometry, model = loaded.geometry, loaded.model
+    """Greedy-decode one case with the KV cache (headwise.decode's stop rule for replies), scoring
+    every head at every decode step."""
+    geometry = loaded.geometry
     span = case.needle_spans[case.target]
-    if max_new_tokens is None:
-        max_new_tokens = case.reply_budget
     prompt = case.input_ids[0].tolist()
-    geometry.check_context(case.length + max_new_tokens)
-    stops = stop_ids(loaded)
-    device = loaded.device
     copies = np.zeros((geometry.n_layers, geometry.n_heads))
     mass = np.zeros((geometry.n_layers, geometry.n_heads))
     generated: list[int] = []
     top1_steps: list[np.ndarray] = []
-    with torch.inference_mode():
-        out = model(input_ids=case.input_ids[:, :-1].to(device), use_cache=True)
-        past, token = returned_cache(out), case.input_ids[:, -1:].to(device)
-        for _ in range(max_new_tokens):
-            observer = _DecodeStepObserver(geometry, span)
-            with Session(geometry, [observer]):
-                out = model(input_ids=token, use_cache=True, **cache_kwargs(model, past))
-            past = returned_cache(out)
-            nxt = int(out.logits[0, -1].argmax())
-            generated.append(nxt)
-            top1 = observer.top1.numpy().copy()
-            top1_steps.append(top1)
-            in_needle = (top1 >= span[0]) & (top1 < span[1])
-            # The token at the attended position must be the token being generated: a copy.
-            same = np.array([[prompt[p] == nxt if 0 <= p < len(prompt) else False for p in row] for row in top1])
-            copies += in_needle & same
-            mass += observer.mass.numpy()
-            if nxt in stops or "\n" in loaded.tokenizer.decode([nxt]):
-                break
-            token = torch.tensor([[nxt]], device=device)
-    reply = loaded.tokenizer.decode(generated, skip_special_tokens=True).strip()
+
+    def on_step(step: int, tokens: torch.Tensor, observers: Any) -> None:
+        nonlocal copies, mass
+        nxt = int(tokens[0])
+        generated.append(nxt)
+        top1 = observers[0].top1.numpy().copy()
+        top1_steps.append(top1)
+        in_needle = (top1 >= span[0]) & (top1 < span[1])
+        # The token at the attended position must be the token being generated: a copy.
+        same = np.array([[prompt[p] == nxt if 0 <= p < len(prompt) else False for p in row] for row in top1])
+        copies += in_needle & same
+        mass += observers[0].mass.numpy()
+
+    budget = case.reply_budget if max_new_tokens is None else max_new_tokens
+    replies = greedy(loaded, case.input_ids, budget, until="line",
+                     observe=lambda: [_DecodeStepObserver(geometry, span)], on_step=on_step)
+    reply = replies.texts[0]
     needle = case.needles[case.target]
     return Trial(case=case, generated=generated, reply=reply, recall=rouge1_recall(needle.text, reply),
                  answer_found=answer_found(reply, needle.answer), copies=copies, mass=mass, top1=top1_steps)
@@ -218,17 +189,27 @@ def grid(name: str, max_positions: int | None) -> tuple[list[int], list[float]]:
 
 class RetrievalScores(ComputedScoreFamily):
     family = "retrieval"
-    names = ("retrieval", "retrieval_mass")
-    description = {
-        "retrieval": "Wu et al. 2024: share of the needle a head copies while the model repeats it (top-1 attended "
-                     "key inside the needle and equal to the generated token; mean over trials recalling > 50% of "
-                     "the needle)",
-        "retrieval_mass": "HeadKV (Fu et al. 2024): per decode step, attention mass inside the needle among the "
-                          "head's top-k keys (k = needle length), no token match; mean over answered trials",
-    }
+    # Retrieval heads copy from anywhere in the context: they need the whole cache (Wu et al.; DuoAttention).
+    scores = (
+        Score("retrieval", "Wu et al. 2024: share of the needle a head copies while the model repeats it (top-1 "
+                           "attended key inside the needle and equal to the generated token; mean over trials "
+                           "recalling > 50% of the needle)",
+              needs_full="high",
+              role=RoleRule("retrieval", "retrieval", ">", 0.1,
+                            "Wu et al. 2024 (arXiv 2404.15574): retrieval score > 0.1")),
+        Score("retrieval_mass", "HeadKV (Fu et al. 2024): per decode step, attention mass inside the needle among "
+                                "the head's top-k keys (k = needle length), no token match; mean over answered "
+                                "trials", needs_full="high"),
+    )
+    settings = (Setting("retrieval_grid", "default", "needle trials of the retrieval scores: default (minutes on "
+                                                     "CPU) or full (the paper's sweep, hours)",
+                        choices=tuple(GRIDS), flag="--grid"),)
+
+    def check(self, geometry: Geometry, settings: Any) -> None:
+        grid(settings.retrieval_grid, geometry.max_positions)
 
     def compute(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:
-        grid_name = getattr(settings, "retrieval_grid", "default")
+        grid_name = settings.retrieval_grid
         contexts, depths = grid(grid_name, loaded.geometry.max_positions)
         needles = bundled_needles()
         cells = [(c, d, i) for c in contexts for d in depths for i in range(len(needles))]
@@ -260,4 +241,4 @@ class RetrievalScores(ComputedScoreFamily):
                            settings=result_settings)
 
 
-__all__ = ["GRIDS", "RetrievalScores", "Trial", "aggregate", "decode_trial", "grid", "rouge1_recall", "stop_ids"]
+__all__ = ["GRIDS", "RetrievalScores", "Trial", "aggregate", "decode_trial", "grid", "rouge1_recall"]

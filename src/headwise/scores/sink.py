@@ -1,6 +1,6 @@
 """sink: mean attention on the first token over all queries (Gu et al., arXiv 2410.10781).
 
-Heads above 0.3 are counted as sink heads there; the threshold lives in roles.py.
+Heads above 0.3 are counted as sink heads there (the role rule below).
 Scored on long natural text.
 """
 
@@ -13,8 +13,9 @@ import torch
 from ..geometry import Geometry
 from ..instrument import AttentionChunk
 from ..probes import Probe
-from .base import PerSequence, ScoreFamily, ScoreObserver, ScoreResult, mean_ratio
-from .text_probe import make_text_probe, text_probe_key
+from ..roles import RoleRule
+from .base import PerSequence, ProbeScoreFamily, Score, ScoreObserver, ScoreResult, mean_ratio
+from .shared_probes import TEXT_SETTINGS, make_text_probe, text_probe_key
 
 
 class _SinkObserver(ScoreObserver):
@@ -33,10 +34,14 @@ class _SinkObserver(ScoreObserver):
         return ScoreResult(scores={"sink": mean_ratio(self.mass, self.queries)})
 
 
-class SinkScores(ScoreFamily):
+class SinkScores(ProbeScoreFamily):
     family = "sink"
-    names = ("sink",)
-    description = {"sink": "mean attention on the first token (Gu et al.); sink heads > 0.3"}
+    scores = (Score("sink", "mean attention on the first token (Gu et al.); sink heads > 0.3",
+                    # A sink head parks its attention on the first token, which every cache keeps.
+                    needs_full="low", default=True,
+                    role=RoleRule("sink", "sink", ">", 0.3,
+                                  "Gu et al. 2024 (arXiv 2410.10781): sink heads put > 0.3 on the first token")),)
+    settings = TEXT_SETTINGS
 
     def probe_key(self, settings: Any) -> tuple:
         return text_probe_key(settings)

@@ -17,8 +17,9 @@ from ..errors import HeadwiseError
 from ..geometry import Geometry
 from ..instrument import AttentionChunk, sink_window_mask
 from ..probes import Probe
-from .base import PerSequence, ScoreFamily, ScoreObserver, ScoreResult, mean_ratio, weighted_sum
-from .text_probe import make_text_probe, text_probe_key
+from ..roles import RoleRule
+from .base import PerSequence, ProbeScoreFamily, Score, ScoreObserver, ScoreResult, Setting, mean_ratio, weighted_sum
+from .shared_probes import TEXT_SETTINGS, make_text_probe, text_probe_key
 
 
 class _StreamingObserver(ScoreObserver):
@@ -44,20 +45,31 @@ class _StreamingObserver(ScoreObserver):
                            settings={"sink_tokens": self.sink_tokens, "window": self.window})
 
 
-class StreamingScores(ScoreFamily):
+class StreamingScores(ProbeScoreFamily):
     family = "streaming"
-    names = ("streamable_mass",)
-    description = {"streamable_mass": "share of attention on the first S + last W tokens (what a streaming cache "
-                                      "keeps); low = needs the full cache"}
+    scores = (Score("streamable_mass", "share of attention on the first S + last W tokens (what a streaming cache "
+                                       "keeps); low = needs the full cache",
+                    needs_full="low", default=True,
+                    role=RoleRule("streaming", "streamable_mass", ">=", 0.95,
+                                  "headwise: a sink + recent-window cache keeps >= 95% of the head's attention "
+                                  "mass")),)
+    settings = TEXT_SETTINGS + (
+        Setting("sink_tokens", 64, "S of streamable_mass: the sink tokens a streaming cache keeps", minimum=1),
+        Setting("window", 256, "W of streamable_mass: the recent tokens a streaming cache keeps", minimum=1),
+    )
 
     def probe_key(self, settings: Any) -> tuple:
         return text_probe_key(settings)
 
     def make_probe(self, tokenizer: Any, geometry: Geometry, settings: Any) -> Probe:
-        if settings.context <= settings.sink_tokens + settings.window:
-            raise HeadwiseError(f"streamable_mass needs a context longer than sink + window "
-                                f"({settings.sink_tokens} + {settings.window}); raise --context")
         return make_text_probe(tokenizer, geometry, settings)
+
+    def check_probe(self, probe: Probe, settings: Any) -> None:
+        # Queries within the first S + W positions lose nothing to the cache: nothing would be measured.
+        if probe.length <= settings.sink_tokens + settings.window:
+            raise HeadwiseError(f"streamable_mass needs a context longer than sink + window "
+                                f"({settings.sink_tokens} + {settings.window}); raise --context or lower "
+                                f"--sink-tokens/--window")
 
     def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver:
         return _StreamingObserver(geometry, settings.sink_tokens, settings.window)

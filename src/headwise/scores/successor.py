@@ -24,7 +24,7 @@ Details, and why:
   without their additive biases, which favour the same token for every t and every head.
 - "Highest among the members of its sequence" is the paper's criterion: a successor head
   need not make succ(t) the top token of the whole vocabulary.
-Chance level is about 1/(members of the task) per succession; the role rule lives in roles.py.
+Chance level is about 1/(members of the task) per succession.
 """
 
 from __future__ import annotations
@@ -39,23 +39,14 @@ from torch import Tensor
 from .._progress import progress
 from ..errors import HeadwiseError
 from ..geometry import Geometry
+from ..parts import attention_modules, decoder_layers, final_norm, output_projection, projection_matrix
 from ..probes.ordinal import OrdinalTask, ordinal_tasks
-from .ablation import attention_modules, decoder_layers, output_projection, projection_matrix
-from .base import ComputedScoreFamily, ScoreResult
-
-_FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_norm")
+from ..roles import RoleRule
+from .base import ComputedScoreFamily, Score, ScoreResult
 
 
 class _Stop(Exception):
     pass
-
-
-def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
-    for name in _FINAL_NORMS:
-        module = getattr(model.base_model, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise HeadwiseError(f"could not find the final norm of {type(model).__name__}")
 
 
 def _run_until(model: torch.nn.Module, n: int) -> None:
@@ -139,7 +130,7 @@ def ov_outputs(model: torch.nn.Module, geometry: Geometry, layer: int, values: T
     dtype = next(model.parameters()).dtype
     if hasattr(block, "pre_feedforward_layernorm") and hasattr(block, "post_attention_layernorm"):
         out = block.post_attention_layernorm(out.to(dtype)).float()  # Gemma's sandwich norm on the attention output
-    norm = _final_norm(model)
+    norm = final_norm(model)
     return (norm(out.to(dtype)) - norm(torch.zeros_like(out[:1, :1]).to(dtype))).float()
 
 
@@ -171,9 +162,13 @@ def successor_scores(model: torch.nn.Module, geometry: Geometry,
 
 class SuccessorScores(ComputedScoreFamily):
     family = "successor"
-    names = ("successor",)
-    description = {"successor": "fraction of ordinal tokens whose successor the head's OV circuit ranks top among "
-                                "its sequence (Gould et al. 2023)"}
+    scores = (Score("successor", "fraction of ordinal tokens whose successor the head's OV circuit ranks top among "
+                                 "its sequence (Gould et al. 2023)",
+                    role=RoleRule("successor", "successor", ">", 0.5,
+                                  "Gould et al. 2023 (arXiv 2312.09230) report the succession score (fraction of "
+                                  "ordinal tokens whose successor the head's OV circuit ranks top in its sequence) "
+                                  "without a cut; headwise: the head increments most (> 50%) of the probe's ordinal "
+                                  "tokens")),)
 
     def compute(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:
         tasks = ordinal_tasks(loaded.tokenizer)

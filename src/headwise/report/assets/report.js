@@ -655,8 +655,14 @@
   }
 
   // ---------- 6. KV-cache preview ----------
+  // The same numbers as headwise.kv.Policy.from_atlas(atlas, score, full_fraction=f, higher_is_full=..., sink=S,
+  // window=W, middle=M).kv_bytes(context, dtype_bytes=b) and Policy.full_cache(geometry).kv_bytes(...)
+  // (tests/report/test_browser.py checks them against each other).
   var set = D.settings || {};
   var kvScore = pickDefault(["retrieval", "streamable_mass"].concat(SCORES.map(function (s) { return s.name; })));
+  // Layers the model itself windows (Gemma3's sliding layers) keep the model's own cache: never selectable.
+  var WINDOWED = G.layer_types.map(function (t) { return t === "sliding"; });
+  var N_SEL = WINDOWED.filter(function (w) { return !w; }).length * KV;
   var kvc = el("div", { "class": "controls" });
   function control(labelText, input) { var lb = el("label", null, labelText + " "); lb.appendChild(input); kvc.appendChild(lb); return input; }
   var kvSel = control("rank KV heads by", el("select", { id: "kv-score" }));
@@ -665,7 +671,15 @@
   var kvOrder = control("keep whole", el("select", { id: "kv-order" }));
   kvOrder.appendChild(el("option", { value: "high" }, "highest first"));
   kvOrder.appendChild(el("option", { value: "low" }, "lowest first"));
-  function defaultOrder(name) { return /streamable|streaming/.test(name || "") ? "low" : "high"; }
+  var kvOrderNote = el("span", { "class": "caption", id: "kv-order-note" });
+  kvc.appendChild(kvOrderNote);
+  // The atlas says, per score, which end needs the full cache ("high", "low", or nothing).
+  function needsFull(name) { var s = BY_NAME[name], n = s ? s.needs_full : null; return n === "high" || n === "low" ? n : null; }
+  function defaultOrder(name) {
+    var n = needsFull(name);
+    kvOrderNote.textContent = name && !n ? "(" + name + " does not say which end needs the full cache)" : "";
+    return n || "high";
+  }
   kvOrder.value = defaultOrder(kvScore);
   var kvFrac = control("fraction kept whole", el("input", { type: "range", min: 0, max: 1, step: 0.01, value: 0.25, id: "kv-fraction" }));
   var kvFracOut = el("span", { "class": "big" });
@@ -673,7 +687,8 @@
   var kvCtx = control("context", el("input", { type: "number", min: 1, value: Math.min(32768, G.max_positions || 32768), id: "kv-context" }));
   // S and W default to the streaming cache the atlas's streamable_mass was scored with (64 + 256).
   var kvS = control("sink S", el("input", { type: "number", min: 0, value: set.sink_tokens || 64, id: "kv-sink" }));
-  var kvW = control("window W", el("input", { type: "number", min: 0, value: set.window || 256, id: "kv-window" }));
+  var kvW = control("window W", el("input", { type: "number", min: 1, value: set.window || 256, id: "kv-window" }));
+  var kvM = control("middle M", el("input", { type: "number", min: 0, value: 0, id: "kv-middle" }));
   var kvB = control("bytes/value", el("select", { id: "kv-bytes" }));
   [["2", "2 (bf16/fp16)"], ["1", "1 (fp8/int8)"], ["4", "4 (fp32)"]].forEach(function (o) { kvB.appendChild(el("option", { value: o[0] }, o[1])); });
   kvP.appendChild(kvc);
@@ -682,35 +697,48 @@
   var kvGridBox = el("div");
   kvP.appendChild(kvGridBox);
   kvP.appendChild(el("div", { "class": "caption" }, "Full cache: 2 (K and V) \u00d7 layers \u00d7 KV heads \u00d7 head dim \u00d7 tokens \u00d7 bytes. " +
-    "Head-aware: the chosen fraction of KV heads (ranked by the score, a KV head taking the max over its query heads, " +
-    "or the min when lowest first) keeps every token; the rest keep S + W tokens (sinks + recent window). " +
-    "Sliding-window layers never hold more than their window."));
+    "Head-aware: the chosen fraction of the selectable KV heads keeps every token, ranked by their need for the full cache " +
+    "(the score, or minus the score when lowest first; a KV head takes the max over its query heads; heads without a value rank last); " +
+    "the rest keep S + W + M tokens (sinks, recent window, middle tokens). " +
+    "The model's own sliding-window layers are not selectable: in both caches each of their KV heads keeps at most its window minus one token."));
+  function count(input, lo) { var x = Math.floor(+input.value); return isFinite(x) ? Math.max(lo, x) : lo; }
   function kvUpdate() {
-    var name = kvSel.value, v = vals(name), f = +kvFrac.value, ctx = Math.max(1, +kvCtx.value || 1);
-    var sw = Math.max(0, +kvS.value || 0) + Math.max(0, +kvW.value || 0), bpe = +kvB.value, low = kvOrder.value === "low";
+    var name = kvSel.value, v = vals(name), f = Math.min(1, Math.max(0, +kvFrac.value || 0)), ctx = count(kvCtx, 1);
+    var stream = count(kvS, 0) + count(kvW, 1) + count(kvM, 0), bpe = +kvB.value, high = kvOrder.value !== "low";
     kvFracOut.textContent = pct(f);
-    var agg = [];
+    // Need per KV head (layer-major, l * KV + k): max over its query heads; missing values and sliding layers -Infinity.
+    var need = [], idx = [];
     for (var l = 0; l < L; l++) for (var k = 0; k < KV; k++) {
-      var a = null;
-      for (var h = k * GS; h < (k + 1) * GS; h++) {
+      var a = -Infinity;
+      if (!WINDOWED[l]) for (var h = k * GS; h < (k + 1) * GS; h++) {
         var x = v ? v[l * H + h] : null;
-        if (finite(x)) a = a === null ? x : low ? Math.min(a, x) : Math.max(a, x);
+        if (finite(x) && (high ? x : -x) > a) a = high ? x : -x;
       }
-      agg.push({ l: l, k: k, v: a });
+      idx.push(need.length);
+      need.push(a);
     }
-    var order = agg.slice().sort(function (p, q) {
-      if (p.v === null) return q.v === null ? 0 : 1;
-      if (q.v === null) return -1;
-      return low ? p.v - q.v : q.v - p.v;
+    // Selectable heads first (a head without a value still comes before a layer the model windows), then the
+    // highest need; ties keep index order (numpy's stable lexsort, as kv/heads.py ranks them).
+    idx.sort(function (i, j) {
+      var wi = WINDOWED[Math.floor(i / KV)] ? 1 : 0, wj = WINDOWED[Math.floor(j / KV)] ? 1 : 0;
+      if (wi !== wj) return wi - wj;
+      return need[i] === need[j] ? i - j : need[i] > need[j] ? -1 : 1;
     });
-    var nKeep = Math.round(f * L * KV), kept = {};
-    for (var j = 0; j < nKeep; j++) kept[order[j].l * KV + order[j].k] = true;
-    var per = 2 * G.head_dim * bpe, full = 0, aware = 0;
-    for (var l2 = 0; l2 < L; l2++) {
-      var tokens = G.layer_types[l2] === "sliding" && G.sliding_window[l2] ? Math.min(ctx, G.sliding_window[l2]) : ctx;
-      for (var k2 = 0; k2 < KV; k2++) {
-        full += per * tokens;
-        aware += per * (kept[l2 * KV + k2] ? tokens : Math.min(tokens, sw));
+    var nKeep = Math.min(N_SEL, Math.max(0, Math.floor(f * N_SEL + 0.5))), kept = {};
+    for (var j = 0; j < nKeep; j++) kept[idx[j]] = true;
+    var per = 2 * G.head_dim * bpe, full = 0, aware = 0, nWhole = 0, kind = [];
+    for (var l2 = 0; l2 < L; l2++) for (var k2 = 0; k2 < KV; k2++) {
+      var i2 = l2 * KV + k2;
+      if (WINDOWED[l2]) {
+        var held = G.sliding_window[l2] ? Math.min(ctx, G.sliding_window[l2] - 1) : ctx;
+        full += per * held;
+        aware += per * held;
+        kind.push("model-window");
+      } else {
+        full += per * ctx;
+        aware += per * (kept[i2] ? ctx : Math.min(ctx, stream));
+        kind.push(kept[i2] ? "full" : "streaming");
+        if (kept[i2]) nWhole++;
       }
     }
     clear(kvOut);
@@ -723,19 +751,22 @@
     kvOut.setAttribute("data-full", full);
     kvOut.setAttribute("data-aware", aware);
     clear(kvGridBox);
-    var c = Math.max(4, Math.min(14, Math.floor(300 / Math.max(L, KV)))), g = sv("svg", { width: Math.max(330, 40 + L * c), height: KV * c + 16 });
+    var c = Math.max(4, Math.min(14, Math.floor(300 / Math.max(L, KV)))), g = sv("svg", { width: Math.max(60, 40 + L * c), height: KV * c + 2 });
+    var what = { full: "whole", streaming: "S + W + M tokens", "model-window": "the model's sliding window (not selectable)" };
     for (var l3 = 0; l3 < L; l3++) for (var k3 = 0; k3 < KV; k3++) {
-      var r = sv("rect", { x: 40 + l3 * c, y: k3 * c, width: c - 1, height: c - 1,
-        fill: kept[l3 * KV + k3] ? "#364fc7" : G.layer_types[l3] === "sliding" ? "#e9ecef" : "#ced4da" });
-      r.appendChild(sv("title", null, "layer " + l3 + ", KV head " + k3 + ": " + (kept[l3 * KV + k3] ? "whole" : "S + W")));
+      var kd = kind[l3 * KV + k3];
+      var r = sv("rect", { x: 40 + l3 * c, y: k3 * c, width: c - 1, height: c - 1, "data-kind": kd,
+        fill: kd === "full" ? "#364fc7" : kd === "model-window" ? "#e9ecef" : "#ced4da" });
+      r.appendChild(sv("title", null, "layer " + l3 + ", KV head " + k3 + ": " + what[kd]));
       g.appendChild(r);
     }
     g.appendChild(sv("text", { x: 0, y: c * 0.9 }, "KV 0"));
-    g.appendChild(sv("text", { x: 40, y: KV * c + 12 }, nKeep + " of " + L * KV + " KV heads whole (blue); columns are layers"));
     kvGridBox.appendChild(g);
+    kvGridBox.appendChild(el("div", { "class": "caption" }, nWhole + " of " + N_SEL + " selectable KV heads whole (blue)" +
+      (N_SEL < L * KV ? ", pale: the model's own sliding-window layers" : "") + "; columns are layers"));
   }
   kvSel.addEventListener("change", function () { kvOrder.value = defaultOrder(kvSel.value); kvUpdate(); });
-  [kvOrder, kvFrac, kvCtx, kvS, kvW, kvB].forEach(function (x) { x.addEventListener("input", kvUpdate); x.addEventListener("change", kvUpdate); });
+  [kvOrder, kvFrac, kvCtx, kvS, kvW, kvM, kvB].forEach(function (x) { x.addEventListener("input", kvUpdate); x.addEventListener("change", kvUpdate); });
 
   // ---------- linking ----------
   function select(i, from) {

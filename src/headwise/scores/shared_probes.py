@@ -1,4 +1,5 @@
-"""The natural-text probe shared by the sink, streaming and distance families."""
+"""Probes and settings that several families share: natural text (sink, streaming, distance) and the
+repeated random-token block (patterns, razor)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ from typing import Any
 
 from ..geometry import Geometry
 from ..probes import Probe, natural_text
+from .base import Setting
+
+TEXT_SETTINGS: tuple[Setting, ...] = (
+    Setting("context", 2048, "tokens per natural-text probe sequence (sink, streaming, distance)", minimum=1),
+    Setting("text_sequences", 2, "natural-text probe sequences", minimum=1),
+)
+BLOCK_LEN = Setting("block_len", 64, "random tokens per block of the repeated-token probes", minimum=2)
 
 
 def text_probe_key(settings: Any) -> tuple:

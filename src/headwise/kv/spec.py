@@ -1,0 +1,302 @@
+"""Policy specs: the one grammar the CLI, `headwise eval` and bench/ turn strings into policies with.
+
+    NAME[:ARG][@AMOUNT][+OPTION...]   or   FILE.json[+OPTION...]
+
+Registered names (`register_policy` adds more, one call each):
+  full                          every head keeps every token
+  streaming[@X]                 StreamingLLM, 4 sinks (or --sink); X < 1: window sized so the cache is
+                                X of the full cache at the prompt's length; X >= 1: a window of X tokens
+  headwise:SCORE[:high|:low]@F  the fraction F of KV heads an atlas score says need it most keep every
+                                token (which end of the score: the atlas's record, or :high / :low)
+  razor@F                       RazorAttention: echo + induction heads full, compensation token
+  random@F[:SEED]               the control: F of the KV heads, chosen at random
+  duo:FILE@F                    a DuoAttention gate file, top F full
+  snapkv@X                      SnapKV eviction keeping X of the prompt (X < 1) or X tokens per head
+  FILE.json                     a saved policy
+For the head policies, @kvB instead of @F keeps as many heads whole as fit in B times the full
+cache's KV bytes at the prompt's length. Options: +comp (RazorAttention's compensation token),
++whole (whole-prompt prefill: streaming heads attend to the whole prompt, then keep sinks +
+window), +midM (with +whole: streaming heads also keep M prompt tokens between sinks and window,
+chosen by the token vote; not with +comp).
+
+Every number is checked here: finite, in range, seeds whole numbers, sizes the model can hold.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import HeadwiseError
+from ..geometry import Geometry
+from .heads import DEFAULT_SINK, DEFAULT_WINDOW, STREAMINGLLM_SINK, HeadPolicy
+from .policy import CachePolicy
+from .snapkv import SnapKVPolicy
+
+OPTIONS = ("comp", "whole", "mid")
+# Beyond any model's positions, sink/window/middle sizes are typos that would allocate gigabytes.
+MAX_TOKENS = 1 << 21
+
+
+@dataclass(frozen=True)
+class PolicyRequest:
+    """A parsed spec with everything a builder needs; its helpers check every number."""
+
+    spec: str
+    name: str
+    arg: str | None
+    amount: str | None
+    options: dict[str, Any]  # comp: bool, whole: bool, mid: int
+    geometry: Geometry
+    atlas: Any
+    context: int | None
+    sink: int | None  # None: the policy's own default
+    window: int | None
+
+    def fail(self, why: str) -> HeadwiseError:
+        return HeadwiseError(f"policy '{self.spec}': {why}")
+
+    def number(self, text: str | None, what: str = "amount") -> float:
+        try:
+            x = float(text or "")
+        except ValueError:
+            raise self.fail(f"{what} '{text}' is not a number") from None
+        if not math.isfinite(x):
+            raise self.fail(f"{what} must be a finite number, not {text}")
+        return x
+
+    def seed(self, text: str) -> int:
+        if not re.fullmatch(r"\d+", text):
+            raise self.fail(f"the seed '{text}' must be a whole number >= 0")
+        return int(text)
+
+    def need_context(self, why: str) -> int:
+        if not self.context:
+            raise self.fail(f"{why} from the prompt length; give a context")
+        return self.context
+
+    def head_amount(self, amount: str | None = None) -> dict[str, Any]:
+        """'@F' -> a fraction of the KV heads in [0, 1]; '@kvB' -> a byte budget, B of the full cache."""
+        amount = self.amount if amount is None else amount
+        if not amount:
+            raise self.fail(f"needs an amount, e.g. {self.name}{':' + self.arg if self.arg else ''}@0.25")
+        if amount.startswith("kv"):
+            share = self.number(amount[2:], "KV budget")
+            if not 0.0 < share <= 1.0:
+                raise self.fail(f"a KV budget is a share of the full cache in (0, 1], not {share:g}")
+            context = self.need_context("a KV budget is sized")
+            full = HeadPolicy.full_cache(self.geometry).kv_bytes(context)
+            return {"budget_bytes": int(share * full), "context": context}
+        fraction = self.number(amount, "fraction")
+        if not 0.0 <= fraction <= 1.0:
+            raise self.fail(f"the fraction of KV heads must be in [0, 1], not {fraction:g}")
+        return {"full_fraction": fraction}
+
+    def shape(self, sink: int = DEFAULT_SINK) -> dict[str, Any]:
+        """The streaming heads' shape: sinks, window, compensation, prefill mode, middle tokens."""
+        return {"sink": self.sink if self.sink is not None else sink,
+                "window": self.window if self.window is not None else DEFAULT_WINDOW,
+                "compensate": self.options["comp"], "prefill": "whole" if self.options["whole"] else "bounded",
+                "middle": self.options["mid"]}
+
+
+@dataclass(frozen=True)
+class PolicyKind:
+    name: str
+    build: Callable[[PolicyRequest], CachePolicy]
+    syntax: str
+    options: frozenset[str]
+
+
+_KINDS: dict[str, PolicyKind] = {}
+
+
+def register_policy(name: str, build: Callable[[PolicyRequest], CachePolicy], *, syntax: str | None = None,
+                    options: tuple[str, ...] = (), replace_existing: bool = False) -> None:
+    """Make `NAME[:ARG][@AMOUNT][+OPTION...]` specs build a policy with `build(request)`.
+
+    `options`: which of +comp, +whole, +midM the policy accepts (others are refused).
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+        raise HeadwiseError(f"policy name {name!r} must be lower-case letters, digits, '_' or '-'")
+    if name in _KINDS and not replace_existing:
+        raise HeadwiseError(f"policy '{name}' is already registered; pass replace_existing=True to swap it")
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise HeadwiseError(f"unknown policy option(s) {', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
+    _KINDS[name] = PolicyKind(name, build, syntax or name, frozenset(options))
+
+
+def registered_policies() -> list[str]:
+    return [k.syntax for k in _KINDS.values()] + ["FILE.json"]
+
+
+def _split_options(body: str, spec: str) -> tuple[str, dict[str, Any]]:
+    """Strip +comp / +whole / +midM from the right; refuse an unknown or repeated option."""
+    options: dict[str, Any] = {"comp": False, "whole": False, "mid": 0}
+    seen: set[str] = set()
+    while True:
+        head, plus, option = body.rpartition("+")
+        if not plus:
+            return body, options
+        if re.fullmatch(r"mid\D.*|mid", option):
+            raise HeadwiseError(f"policy '{spec}': +mid takes a number of tokens, e.g. +mid64; "
+                                f"'{option[3:]}' is not a number")
+        match = re.fullmatch(r"(comp|whole|mid(\d+))", option)
+        if match is None:
+            if re.fullmatch(r"[A-Za-z]+\d*", option):
+                raise HeadwiseError(f"policy '{spec}': unknown option '+{option}'; options: +comp, +whole, +midM")
+            return body, options
+        key = "mid" if option.startswith("mid") else option
+        if key in seen:
+            raise HeadwiseError(f"policy '{spec}': option +{key} given twice")
+        seen.add(key)
+        if key == "mid":
+            options["mid"] = int(match.group(2))
+            if not 1 <= options["mid"] <= MAX_TOKENS:
+                raise HeadwiseError(f"policy '{spec}': +midM needs 1 <= M <= {MAX_TOKENS}")
+        else:
+            options[key] = True
+        body = head
+
+
+def _check_sizes(spec: str, geometry: Geometry, sink: int | None, window: int | None, context: int | None) -> None:
+    limit = min(MAX_TOKENS, geometry.max_positions or MAX_TOKENS)
+    for what, value, low in (("--sink", sink, 0), ("--window", window, 1)):
+        if value is not None and not (isinstance(value, int) and low <= value <= limit):
+            raise HeadwiseError(f"policy '{spec}': {what} must be a whole number in [{low}, {limit}] (the model's "
+                                f"positions), got {value}")
+    if context is not None and not (isinstance(context, int) and context >= 1):
+        raise HeadwiseError(f"policy '{spec}': the context must be a positive number of tokens, got {context}")
+
+
+def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: int | None = None,
+                 sink: int | None = None, window: int | None = None) -> CachePolicy:
+    """Turn a policy spec (see the module docstring) into a policy for a prompt of `context` tokens.
+
+    sink / window: the streaming heads' shape when not the policy's own default (64 + 256 for the
+    head policies, 4 sinks for StreamingLLM).
+    """
+    raw = spec.strip()
+    if not raw:
+        raise HeadwiseError("empty policy spec; use one of " + ", ".join(registered_policies()))
+    _check_sizes(raw, geometry, sink, window, context)
+    body, options = _split_options(raw, raw)
+    if body.endswith(".json"):
+        policy = _from_file(raw, body, options)
+    else:
+        name, sep, rest = re.match(r"([^:@]*)([:@]?)(.*)", body).groups()
+        if name not in _KINDS:
+            raise HeadwiseError(f"unknown policy '{raw}'; use one of {', '.join(registered_policies())}")
+        kind = _KINDS[name]
+        given = {k for k, v in options.items() if v}
+        if given and not kind.options:
+            raise HeadwiseError(f"policy '{raw}': {name} has no streaming heads; +comp, +whole and +mid apply to "
+                                f"policies with streaming heads only")
+        if given - kind.options:
+            allowed = ", ".join("+" + o + ("M" if o == "mid" else "") for o in sorted(kind.options)) or "none"
+            raise HeadwiseError(f"policy '{raw}': {name} takes no option "
+                                f"{', '.join('+' + o for o in sorted(given - kind.options))} (options: {allowed})")
+        arg, amount = None, None
+        if sep == ":":
+            arg, at, amount = rest.rpartition("@") if "@" in rest else (rest, "", None)
+        elif sep == "@":
+            amount = rest
+        request = PolicyRequest(raw, name, arg or None, amount, options, geometry, atlas, context, sink, window)
+        policy = kind.build(request)
+    policy.check(geometry)
+    policy.name = raw
+    return policy
+
+
+def _from_file(raw: str, path: str, options: dict[str, Any]) -> CachePolicy:
+    policy = CachePolicy.load(path)
+    if not any(options.values()):
+        return policy
+    if not isinstance(policy, HeadPolicy):
+        raise HeadwiseError(f"policy '{raw}': options apply to head policies only, not to a {policy.policy_type} file")
+    # The spec's options add to the file's (replace() checks the combination again).
+    return replace(policy, compensate=policy.compensate or options["comp"],
+                   prefill="whole" if options["whole"] else policy.prefill, middle=options["mid"] or policy.middle)
+
+
+# ---- the built-in policies --------------------------------------------------------------------
+def _full(r: PolicyRequest) -> CachePolicy:
+    if r.arg or r.amount:
+        raise r.fail("full takes no argument")
+    return HeadPolicy.full_cache(r.geometry)
+
+
+def _streaming(r: PolicyRequest) -> CachePolicy:
+    if r.arg:
+        raise r.fail("streaming takes no ':' argument; use streaming or streaming@X")
+    shape = r.shape(sink=STREAMINGLLM_SINK)
+    if r.amount is not None:
+        x = r.number(r.amount)
+        if x <= 0:
+            raise r.fail("X must be above 0: a share of the full cache (< 1) or a window in tokens (>= 1)")
+        if x < 1:
+            context = r.need_context("a share sizes the window")
+            window = round(x * context) - shape["sink"]
+            if window < 1:
+                raise r.fail(f"{x:g} of {context} tokens leaves no room for a window after {shape['sink']} sinks")
+            shape["window"] = window
+        elif x != int(x) or x > MAX_TOKENS:
+            raise r.fail(f"a window is a whole number of tokens up to {MAX_TOKENS}, not {r.amount}")
+        else:
+            shape["window"] = int(x)
+    return HeadPolicy.streaming(r.geometry, **shape)
+
+
+def _headwise(r: PolicyRequest) -> CachePolicy:
+    if r.atlas is None:
+        raise r.fail("needs an atlas (--atlas DIR from headwise profile)")
+    if not r.arg:
+        raise r.fail("needs a score: headwise:SCORE@F")
+    score, _, direction = r.arg.partition(":")
+    if direction not in ("", "high", "low"):
+        raise r.fail(f"direction must be 'high' or 'low', not '{direction}'")
+    higher = None if not direction else direction == "high"
+    return HeadPolicy.from_atlas(r.atlas, score, **r.head_amount(), higher_is_full=higher, **r.shape())
+
+
+def _razor(r: PolicyRequest) -> CachePolicy:
+    if r.atlas is None:
+        raise r.fail("needs an atlas (--atlas DIR from headwise profile)")
+    shape = {**r.shape(), "compensate": True}  # RazorAttention's compensation token is part of the method
+    return HeadPolicy.from_atlas(r.atlas, "razor", **r.head_amount(), **shape)
+
+
+def _random(r: PolicyRequest) -> CachePolicy:
+    amount, _, seed = (r.amount or "").partition(":")
+    return HeadPolicy.random(r.geometry, **r.head_amount(amount), seed=r.seed(seed) if seed else 0, **r.shape())
+
+
+def _duo(r: PolicyRequest) -> CachePolicy:
+    if not r.arg or r.amount is None:
+        raise r.fail("needs a file and a fraction: duo:FILE@0.5")
+    return HeadPolicy.from_duo_file(r.arg, r.geometry, **r.head_amount(), **r.shape())
+
+
+def _snapkv(r: PolicyRequest) -> CachePolicy:
+    if r.arg:
+        raise r.fail("snapkv takes no ':' argument; use snapkv@X")
+    x = r.number(r.amount)
+    if x <= 0 or (x >= 1 and (x != int(x) or x > MAX_TOKENS)):
+        raise r.fail("X must be a share of the prompt in (0, 1) or a whole number of tokens per head")
+    return SnapKVPolicy(r.geometry, budget=x)
+
+
+_HEAD_OPTIONS = ("comp", "whole", "mid")
+register_policy("full", _full)
+register_policy("streaming", _streaming, syntax="streaming[@X]", options=_HEAD_OPTIONS)
+register_policy("headwise", _headwise, syntax="headwise:SCORE[:high|:low]@F", options=_HEAD_OPTIONS)
+register_policy("razor", _razor, syntax="razor@F", options=_HEAD_OPTIONS)
+register_policy("random", _random, syntax="random@F[:SEED]", options=_HEAD_OPTIONS)
+register_policy("duo", _duo, syntax="duo:FILE@F", options=_HEAD_OPTIONS)
+register_policy("snapkv", _snapkv, syntax="snapkv@X")
+
+__all__ = ["OPTIONS", "PolicyRequest", "parse_policy", "register_policy", "registered_policies"]
