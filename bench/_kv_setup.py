@@ -14,13 +14,12 @@ def load_model_and_atlas(model: str, atlas_path: str) -> tuple[Any, Any]:
     import torch
 
     import headwise
-    from headwise.atlas import Atlas
 
     threads = os.environ.get("HEADWISE_THREADS")
     if threads:  # two single-thread runs side by side on the 2 cores
         torch.set_num_threads(int(threads))
     loaded = headwise.load(model)
-    atlas = Atlas.load(atlas_path)
+    atlas = headwise.Atlas.load(atlas_path)
     atlas.check_model(loaded.info, loaded.geometry)
     return loaded, atlas
 

@@ -46,8 +46,8 @@ def main() -> None:
 
     import headwise
     from headwise import Session, ablation_scale
+    from headwise.ablation import Readout, head_ablation_effects
     from headwise.profile import ProfileSettings
-    from headwise.scores.ablation import Readout, head_ablation_effects
     from headwise.scores.importance import gradient_importance, importance_text, norm_importance
 
     d = ProfileSettings()

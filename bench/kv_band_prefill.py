@@ -3,7 +3,7 @@
     python bench/kv_band_prefill.py --out bench/results/kv_band_prefill.json
 
 One chunk of 1024 queries of smollm2-135m's shape (2 KV heads x 3 query heads, head dim 64)
-at position 7000, sinks 64 + window 256, through kv.attention.streaming_heads_attention; the
+at position 7000, sinks 64 + window 256, through kv.streaming.streaming_heads_attention; the
 baseline is the same band computed as matmul + masked softmax + matmul (what headwise did before
 the SDPA path). Both are timed alternately in one process; the ratio of medians is reported.
 """
@@ -28,8 +28,7 @@ def main() -> None:
 
     from headwise.atlas import versions
     from headwise.instrument import sink_window_mask
-    from headwise.kv.attention import streaming_heads_attention
-    from headwise.kv.cache import StreamingKeys
+    from headwise.kv.streaming import StreamingKeys, streaming_heads_attention
 
     torch.set_num_threads(args.threads)
     b, n_kv, g, d, m, sink, window, q0 = 1, 2, 3, 64, 1024, 64, 256, 7000

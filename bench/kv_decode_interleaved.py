@@ -35,8 +35,8 @@ def main() -> None:
     import torch
 
     from headwise.atlas import versions
-    from headwise.kv import HeadwiseCache
-    from headwise.kv.evaluate import parse_policy
+    from headwise.decode import forward
+    from headwise.kv import HeadwiseCache, parse_policy
     from headwise.probes.needle import passkey_case
 
     loaded, atlas = load_model_and_atlas(args.model, args.atlas)
@@ -50,7 +50,7 @@ def main() -> None:
         for name, policy in policies.items():
             cache = HeadwiseCache(policy, max_length=case.length + n_new)
             t0 = time.perf_counter()
-            logits = loaded.model(input_ids=case.input_ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+            logits = forward(loaded.model, case.input_ids, cache)[0]
             state[name] = {"cache": cache, "next": logits[:, -1:].argmax(-1), "prefill_s": time.perf_counter() - t0,
                            "rounds": []}
         names = list(state)
@@ -59,8 +59,7 @@ def main() -> None:
                 s = state[name]
                 t0 = time.perf_counter()
                 for _ in range(args.burst):
-                    s["next"] = loaded.model(input_ids=s["next"], cache=s["cache"], use_cache=True,
-                                             logits_to_keep=1).logits[:, -1:].argmax(-1)
+                    s["next"] = forward(loaded.model, s["next"], s["cache"])[0][:, -1:].argmax(-1)
                 s["rounds"].append(args.burst / (time.perf_counter() - t0))
     out = {"model": loaded.info.to_dict(), "versions": versions(), "args": vars(args),
            "torch_threads": torch.get_num_threads(), "context": case.length, "policies": {}}

@@ -52,8 +52,9 @@ def main() -> None:
     ap.add_argument("--snapkv-max-context", type=int, default=1 << 30, help="SnapKV only up to this context (its "
                                                                             "prefill costs as much as the full "
                                                                             "cache's)")
-    ap.add_argument("--sink", type=int, default=64)
-    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--sink", type=int, default=None, help="streaming heads' sinks (default: 64 for head policies, "
+                                                          "4 for StreamingLLM)")
+    ap.add_argument("--window", type=int, default=None, help="streaming heads' window (default 256)")
     ap.add_argument("--speed-context", type=int, default=8192)
     ap.add_argument("--speed-new-tokens", type=int, default=32)
     ap.add_argument("--speed-repeats", type=int, default=1)
@@ -70,11 +71,12 @@ def main() -> None:
                                                           "(run the parts separately) instead of replacing it")
     args = ap.parse_args()
 
+    import numpy as np
     import torch
 
     from headwise.atlas import versions
-    from headwise.kv.evaluate import EvalSettings, parse_policy, run_perplexity, run_retrieval, run_speed, summarize
-    from headwise.kv.policy import Policy
+    from headwise.kv import HeadPolicy, parse_policy
+    from headwise.kv.evaluate import EvalSettings, run_perplexity, run_retrieval, run_speed, summarize
 
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     loaded, atlas = load_model_and_atlas(args.model, args.atlas)
@@ -87,17 +89,16 @@ def main() -> None:
     head = head_at[max(contexts + [args.speed_context])]
     # The controls read the prompt as the head-aware policy does (windowed or whole-prompt prefill).
     whole = "+whole" if head.prefill == "whole" else ""
-    suffix = ("+comp" if head.compensate else "") + whole + (f"+mid{head.middle}" if head.middle else "")
+    suffix = head.option_suffix()
     random_seeds = [int(x) for x in args.random_seeds.split(",") if x.strip()]
     long_depths = args.long_depths or args.depths
     longest_depths = args.longest_depths or long_depths
 
     def specs_at(ctx: int) -> dict[str, str]:
         # Same bytes on the heads a policy can touch: the model's own sliding layers cost the same under every policy.
-        fixed = sum(2 * g.head_dim * 4 * g.n_kv_heads * min(ctx, w - 1)
-                    for t, w in zip(g.layer_types, g.sliding_window) if t == "sliding")
         here = head_at[ctx]
-        ratio = (here.kv_bytes(ctx) - fixed) / (Policy.full_cache(g).kv_bytes(ctx) - fixed)
+        mine = ~np.array(g.windowed)
+        ratio = here.kv_bytes_by_head(ctx)[mine].sum() / HeadPolicy.full_cache(g).kv_bytes_by_head(ctx)[mine].sum()
         specs = {"full": "full", "headwise": args.head_policy,
                  "streaming (same bytes)": f"streaming@{ratio:.4f}{whole}"}
         for seed in random_seeds:

@@ -29,8 +29,7 @@ def swap_policies(args: argparse.Namespace, g, atlas) -> tuple:
     """(head policy, {label: policy}) for the swaps described in the module docstring."""
     import numpy as np
 
-    from headwise.kv.evaluate import parse_policy
-    from headwise.kv.policy import Policy
+    from headwise.kv import HeadPolicy, parse_policy
 
     layer, kv = (int(x) for x in args.head.split("."))
     name = f"L{layer}.K{kv}"
@@ -40,25 +39,25 @@ def swap_policies(args: argparse.Namespace, g, atlas) -> tuple:
     out = {}
     variants = set(args.variants.split(","))
     for seed in seed_range(args.draws) if "draws" in variants else ():
-        full = Policy.random(g, full_fraction=n / head.n_selectable, seed=seed, **shape).full.copy()
+        full = HeadPolicy.random(g, full_fraction=n / head.n_selectable, seed=seed, **shape).full.copy()
         rng = np.random.default_rng(10_000 + seed)  # the swap partner is drawn, not picked
         has = bool(full[layer, kv])
         partner = tuple(int(x) for x in rng.choice(np.argwhere((full != has) & head.selectable)))
         full[layer, kv], full[partner] = not has, has
         label = f"random (seed {seed}) {'without' if has else 'with'} {name}"
-        out[label] = Policy(g, full, name=label, source={"random_seed": seed, "partner": partner}, **shape)
+        out[label] = HeadPolicy(g, full, name=label, source={"random_seed": seed, "partner": partner}, **shape)
     if head.full[layer, kv] and "policy" in variants:
         # The next head of the policy's own ranking: the one a budget one head larger would add.
-        wider = Policy.from_atlas(atlas, head.source["score"], full_fraction=(n + 1) / head.n_selectable, **shape)
+        wider = HeadPolicy.from_atlas(atlas, head.source["score"], full_fraction=(n + 1) / head.n_selectable, **shape)
         partner = tuple(int(x) for x in np.argwhere(wider.full & ~head.full)[0])
         full = head.full.copy()
         full[layer, kv], full[partner] = False, True
         label = f"head policy without {name}"
-        out[label] = Policy(g, full, name=label, source={"partner": partner}, **shape)
+        out[label] = HeadPolicy(g, full, name=label, source={"partner": partner}, **shape)
     if "alone" in variants:
         alone = np.zeros_like(head.full)
         alone[layer, kv] = True
-        out[f"{name} alone"] = Policy(g, alone, name=f"{name} alone", **shape)
+        out[f"{name} alone"] = HeadPolicy(g, alone, name=f"{name} alone", **shape)
     return head, out
 
 

@@ -37,8 +37,7 @@ def main() -> None:
     import torch
 
     from headwise.atlas import versions
-    from headwise.kv.evaluate import parse_policy
-    from headwise.kv.generate import greedy
+    from headwise.kv import generate, parse_policy
     from headwise.probes.needle import passkey_case
 
     loaded, atlas = load_model_and_atlas(args.model, args.atlas)
@@ -54,8 +53,8 @@ def main() -> None:
             raise SystemExit(f"the opening {args.opening!r} tokenizes differently before the key; choose another")
         for spec in args.policies.split(","):
             policy = parse_policy(spec, loaded.geometry, atlas=atlas, context=case.length)
-            res = greedy(loaded, case.input_ids, policy, max_new_tokens=12, prefill_chunk=None,  # as headwise eval
-                         answer_ids=ids)
+            res = generate(loaded, case.input_ids, policy, max_new_tokens=12, prefill_chunk=None,  # as headwise eval
+                           until="line", answer_ids=ids)
             digits = [i for i in range(len(opening), len(ids)) if tok.decode([ids[i]]).strip()]
             rows.append({"seed": seed, "policy": spec, "answer": case.answer, "reply": res.text,
                          "tokens": [tok.decode([t]) for t in ids],

@@ -23,8 +23,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     ap.add_argument("--trials", type=int, default=1)
-    ap.add_argument("--sink", type=int, default=64)
-    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--sink", type=int, default=None, help="default: 64 for head policies, 4 for StreamingLLM")
+    ap.add_argument("--window", type=int, default=None, help="default 256")
     ap.add_argument("--policies", required=True)
     ap.add_argument("--exactness", action="store_true",
                     help="also: max |logit difference| from the full cache at the prompt's end for mixed and "
@@ -59,20 +59,23 @@ def main() -> None:
 def _exactness(loaded, context: int) -> dict[str, float]:
     import torch
 
-    from headwise.kv import HeadwiseCache, Policy
-    from headwise.kv.generate import prefill
+    from headwise.decode import forward
+    from headwise.kv import HeadPolicy, HeadwiseCache
     from headwise.probes.needle import passkey_case
 
     g = loaded.geometry
     case = passkey_case(loaded.tokenizer, context=context, depth=0.5, seed=0)
     long = context + 1000
-    policies = {"full": Policy.full_cache(g), f"random@0.5 (sink 64, window {long})":
-                Policy.random(g, 0.5, seed=0, sink=64, window=long),
-                f"streaming (sink 4, window {long})": Policy.streaming(g, sink=4, window=long)}
+    policies = {"full": HeadPolicy.full_cache(g), f"random@0.5 (sink 64, window {long})":
+                HeadPolicy.random(g, 0.5, seed=0, sink=64, window=long),
+                f"streaming (sink 4, window {long})": HeadPolicy.streaming(g, sink=4, window=long)}
     logits = {}
     with torch.no_grad():
         for name, policy in policies.items():
-            logits[name] = prefill(loaded.model, case.input_ids, HeadwiseCache(policy, max_length=case.length), 1024)
+            cache = HeadwiseCache(policy, max_length=case.length)
+            for start in range(0, case.length, 1024):  # the prompt in 1024-token calls
+                last = forward(loaded.model, case.input_ids[:, start:start + 1024], cache)[0]
+            logits[name] = last[:, -1]
     return {name: float((x - logits["full"]).abs().max()) for name, x in logits.items() if name != "full"}
 
 

@@ -24,17 +24,11 @@ MODEL = "smollm2-135m"
 
 
 def plain_greedy(loaded, case, n_tokens: int) -> float:
-    import torch
-
-    from headwise.scores.retrieval import cache_kwargs, returned_cache
+    """The same number of greedy tokens through SDPA, nothing observed."""
+    from headwise.decode import greedy
 
     t = time.perf_counter()
-    with torch.inference_mode():
-        out = loaded.model(input_ids=case.input_ids, use_cache=True, logits_to_keep=1)
-        for _ in range(n_tokens - 1):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            out = loaded.model(input_ids=nxt, use_cache=True, logits_to_keep=1,
-                               **cache_kwargs(loaded.model, returned_cache(out)))
+    greedy(loaded, case.input_ids, n_tokens, until="budget")
     return time.perf_counter() - t
 
 

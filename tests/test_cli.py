@@ -25,3 +25,22 @@ def test_bad_arguments_are_one_line_errors(model_dir, capsys):
     assert "unknown score 'bogus'" in capsys.readouterr().err
     assert main(["profile", "--model", str(model_dir), "--context", "0"]) == 2
     assert "--context must be a positive integer" in capsys.readouterr().err
+
+
+def test_version_and_threads(model_dir, tmp_path, capsys):
+    import pytest
+    import torch
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("headwise ")
+    before = torch.get_num_threads()
+    try:
+        out = tmp_path / "one-thread"
+        assert main(["--threads", "1", "profile", "--model", str(model_dir), "--scores", "previous_token",
+                     "--out", str(out), "--block-len", "8", "--repeated-sequences", "1", "--no-report"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["--threads", "0", "profile", "--model", str(model_dir)]) == 2
+        assert "--threads must be a positive integer" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -102,6 +102,31 @@ def check_output_file(path: str | Path, *, what: str, need_bytes: int | None = N
     return path
 
 
+@contextmanager
+def output_location(path: str | Path, *, what: str, file: bool = False,
+                    need_bytes: int | None = None) -> Iterator[Path]:
+    """check_output_dir (or, with file=True, check_output_file) for a run, undone if the run fails.
+
+    The directories the check had to create are removed again when the block raises (a refused
+    input, Ctrl-C) while still empty, so a run that wrote nothing leaves nothing behind.
+    """
+    path = Path(path)
+    directory = path.parent if file else path
+    made = []  # deepest first
+    for d in [directory, *directory.parents]:
+        if d.exists() or d == d.parent:
+            break
+        made.append(d)
+    try:
+        (check_output_file if file else check_output_dir)(path, what=what, need_bytes=need_bytes)
+        yield path
+    except BaseException:
+        for d in made:
+            with suppress(OSError):
+                d.rmdir()  # only an empty directory goes
+        raise
+
+
 # ---- one file ------------------------------------------------------------------------------------
 def _fsync_dir(directory: Path) -> None:
     """Make a rename durable (best effort: not every system lets a directory be opened)."""
@@ -224,6 +249,23 @@ class Stage:
         self._removed.discard(name)
         self._kept[name] = _digest(self.directory / name)
 
+    def old_files(self) -> list[str]:
+        """The files the directory's last unit holds, by its manifest ([] without one)."""
+        manifest = read_manifest(self.directory)
+        names = []
+        for name in manifest["files"] if manifest else []:
+            with suppress(ValueError):  # a name pointing outside the directory is not the unit's
+                names.append(_unit_name(name))
+        return sorted(names)
+
+    def keep_others(self) -> None:
+        """Keep every file of the last unit this stage has not written, removed or kept, so that a command
+        adding files to a directory another command wrote leaves that unit whole."""
+        touched = self._staged | self._removed | set(self._kept)
+        for name in self.old_files():
+            if name not in touched:
+                self.keep(name)
+
 
 def _in_use(area: Path) -> bool:
     """Whether a live process holds this staging directory (a killed one's lock died with it)."""
@@ -328,5 +370,5 @@ def verify_unit(directory: str | Path, names: list[str]) -> None:
                         f"edited file; {fix}")
 
 
-__all__ = ["MANIFEST", "Stage", "check_output_dir", "check_output_file", "deferred_interrupt", "read_manifest",
-           "staged_outputs", "verify_unit", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["MANIFEST", "Stage", "check_output_dir", "check_output_file", "deferred_interrupt", "output_location",
+           "read_manifest", "staged_outputs", "verify_unit", "write_bytes_atomic", "write_text_atomic"]

@@ -63,7 +63,9 @@ def _list(items: dict[str, Any], n: int | None = None, *, max_items: int = MAX_E
 
 
 def _matrix(rows: int, cols: int, cell: dict[str, Any]) -> dict[str, Any]:
-    return _list(_list(cell, cols), rows)
+    # The descriptions end a wrong size's message: "... (got 2), so it is not a 3 x 4 matrix".
+    row = {**_list(cell, cols), "description": f"a row of a {rows} x {cols} matrix"}
+    return {**_list(row, rows), "description": f"a {rows} x {cols} matrix"}
 
 
 def _obj(props: dict[str, Any] | None = None, required: list[str] | tuple[str, ...] = (), *,
@@ -178,7 +180,11 @@ def samples_meta_schema() -> dict[str, Any]:
                 ["length", "side", "row_bins", "regions", "window", "needle_span", "tokens"])
     props = {"schema": {"const": SAMPLES}, "model": model_schema(), "geometry": geometry_schema(),
              "short": short, "long": long}
-    return _obj(props, list(props))
+    # What binds the samples to their atlas (optional here: older files lack them, and the report
+    # refuses those with its own message): the sha256 of the .safetensors file they describe and
+    # the profile settings they depend on.
+    bound = {"tensors_sha256": {**_str(64), "minLength": 64}, "profile": _obj()}
+    return _obj({**props, **bound}, list(props))
 
 
 def manifest_schema() -> dict[str, Any]:
@@ -312,7 +318,8 @@ def _check_list(x: list, s: dict[str, Any], path: tuple[str | int, ...]) -> None
     lo, hi = s.get("minItems", 0), s.get("maxItems", len(x))
     if not lo <= len(x) <= hi:  # before the items: a huge list is refused without walking it
         need = f"exactly {lo}" if lo == hi else f"at least {lo}" if len(x) < lo else f"at most {hi}"
-        raise _Invalid(path, f"must have {need} items (got {len(x)})")
+        shape = f", so it is not {s['description']}" if "description" in s and "anyOf" not in s else ""
+        raise _Invalid(path, f"must have {need} items (got {len(x)}){shape}")
     item = s.get("items")
     if item is not None:
         fast = _fast_type_test(item)
@@ -391,8 +398,19 @@ def validate_json(doc: Any, schema: dict[str, Any], *, source: str, fix: str) ->
         raise _error(e.path, e.what, source, fix) from None
 
 
-def load_json_file(path: str | Path, *, what: str, fix: str, max_bytes: int = 512 * 2**20) -> Any:
-    """Parse a JSON file, or raise a one-line HeadwiseError saying why it cannot be read."""
+def _depth(doc: Any) -> int:
+    """How deeply lists and objects nest in `doc` (without recursion: the point is to refuse deep files)."""
+    deepest, level = 0, [doc]
+    while level:
+        deepest += 1
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list))]
+    return deepest if isinstance(doc, (dict, list)) else 0
+
+
+def load_json_file(path: str | Path, *, what: str, fix: str, max_bytes: int = 512 * 2**20, max_depth: int = 64) -> Any:
+    """Parse a JSON file, or raise a one-line HeadwiseError saying why it cannot be read.
+
+    Nesting is bounded too, so code that walks the document recursively (the report) cannot overflow."""
     path = Path(path)
 
     def fail(why: str) -> HeadwiseError:
@@ -418,7 +436,7 @@ def load_json_file(path: str | Path, *, what: str, fix: str, max_bytes: int = 51
         raise _NotJSON(f"{path} holds {name}, which JSON does not allow (a missing number is written null)")
 
     try:
-        return json.loads(text, parse_constant=refuse)
+        doc = json.loads(text, parse_constant=refuse)
     except json.JSONDecodeError as e:
         raise fail(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): it is corrupt or "
                    f"truncated") from None
@@ -428,6 +446,9 @@ def load_json_file(path: str | Path, *, what: str, fix: str, max_bytes: int = 51
         raise fail(f"{path} is nested too deeply to be {what}") from None
     except ValueError:  # Python refuses to parse integers of more than 4300 digits
         raise fail(f"{path} holds a number with too many digits") from None
+    if _depth(doc) > max_depth:
+        raise fail(f"{path} is nested too deeply to be {what} (more than {max_depth} levels)")
+    return doc
 
 
 class _NotJSON(ValueError):

@@ -10,7 +10,9 @@ Layout of atlas.json (schema "headwise.atlas/1"):
   profiles   name -> {bins, values [L][H][bins], ...}  (e.g. the distance profile)
   roles      rules (the thresholds used) and labels [L][H] -> [role, ...]
   validation causal tests of the labels (written by `headwise validate`)
-No timestamps: the same model, settings and seed give a byte-identical file.
+No timestamps: the same model, settings and seed give a byte-identical file. Checked on load
+against its schema (headwise._schema.validate_atlas: types, shapes against the geometry, bounds),
+so a damaged file fails there in one line, not later in the report, a plot or a KV policy.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from typing import Any
 
 import numpy as np
 
+from ._io import check_output_file, staged_outputs, write_text_atomic
+from ._schema import load_json_file, validate_atlas
 from .errors import HeadwiseError
 from .geometry import Geometry
 from .roles import RoleRule, assign_roles
 
 SCHEMA = "headwise.atlas/1"
 FILENAME = "atlas.json"
+# What an atlas directory holds besides atlas.json (headwise.report writes them): the attention
+# samples, bound to the atlas by its model and settings, and the views of the atlas, stale once it changes.
+SAMPLES_FILES = ("attention_samples.safetensors", "attention_samples.json")
+VIEW_FILES = ("report.html",)
 
 
 def versions() -> dict[str, str]:
@@ -183,64 +191,48 @@ class Atlas:
                                 f"{model_info.weights_sha256[:12]}); profile this model first")
 
     # ---- files ----------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return _dumps(self.data) + "\n"
+
     def save(self, path: str | Path) -> Path:
+        """Write DIR/atlas.json (path: DIR or DIR/atlas.json), atomically and as one unit with the files
+        beside it: the attention samples stay (the report checks they belong to this atlas), views of
+        the old atlas (report.html) are removed; `headwise report DIR` renders a new one
+        (headwise.report.write_unit does both at once). Any other name ending in .json is written alone."""
         path = Path(path)
-        if path.suffix != ".json":
-            path.mkdir(parents=True, exist_ok=True)
-            path = path / FILENAME
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(_dumps(self.data) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        self.directory = path.parent
-        return path
+        if path.suffix == ".json" and path.name != FILENAME:
+            check_output_file(path, what="the atlas")
+            write_text_atomic(path, self.to_json())
+            self.directory = path.parent
+            return path
+        directory = path.parent if path.suffix == ".json" else path
+        with staged_outputs(directory, what="the atlas") as stage:
+            stage.write_text(FILENAME, self.to_json())
+            whole = all((directory / name).is_file() for name in SAMPLES_FILES)
+            for name in SAMPLES_FILES:
+                try:
+                    stage.keep(name) if whole else stage.remove(name)
+                except HeadwiseError:  # edited, or from an interrupted run: not to be trusted beside the atlas
+                    stage.remove(name)
+            for name in {*stage.old_files(), *VIEW_FILES} - {FILENAME, *SAMPLES_FILES}:
+                stage.remove(name)
+        self.directory = directory
+        return directory / FILENAME
 
     @classmethod
     def load(cls, path: str | Path) -> Atlas:
+        """Read and check an atlas: any fault is one line naming the field (schema _schema.validate_atlas)."""
         path = Path(path)
         if path.is_dir():
             path = path / FILENAME
         if not path.is_file():
             raise HeadwiseError(f"no atlas at {path}; run `headwise profile --out {path.parent}` first")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise HeadwiseError(f"{path} is not a text file; pass the atlas.json written by headwise profile") from None
-        except json.JSONDecodeError as e:
-            raise HeadwiseError(f"{path} is corrupt or truncated (invalid JSON at line {e.lineno}); re-run headwise "
-                                f"profile") from None
-        _validate(data, path)
+        fix = "re-run headwise profile"
+        data = load_json_file(path, what="a headwise atlas", fix=fix)
+        validate_atlas(data, source=str(path), fix=fix)
         atlas = cls(data)
         atlas.directory = path.parent
         return atlas
 
 
-def _validate(data: Any, path: Path) -> None:
-    def fail(why: str) -> None:
-        raise HeadwiseError(f"{path} is not a valid headwise atlas: {why}; re-run headwise profile")
-
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        fail(f"schema is {found!r}, expected {SCHEMA!r}")
-    for key in ("model", "geometry", "settings", "versions", "scores", "profiles", "roles", "validation"):
-        if key not in data:
-            fail(f"section '{key}' is missing")
-    g = Geometry.from_dict(data["geometry"])
-    if not isinstance(data["scores"], dict):
-        fail("'scores' is not a mapping")
-    for name, entry in data["scores"].items():
-        for aggregate, shape in (("heads", (g.n_layers, g.n_heads)), ("kv_max", (g.n_layers, g.n_kv_heads)),
-                                 ("kv_mean", (g.n_layers, g.n_kv_heads))):
-            values = entry.get(aggregate) if isinstance(entry, dict) else None
-            if not isinstance(values, list) or len(values) != shape[0] or any(
-                    not isinstance(row, list) or len(row) != shape[1] for row in values):
-                fail(f"score '{name}' {aggregate} is not a {shape[0]} x {shape[1]} matrix")
-            if any(v is not None and not isinstance(v, (int, float)) for row in values for v in row):
-                fail(f"score '{name}' {aggregate} holds non-numbers")
-    labels = data["roles"].get("labels") if isinstance(data["roles"], dict) else None
-    if labels and (len(labels) != g.n_layers or any(len(row) != g.n_heads for row in labels)):
-        fail("role labels do not match the geometry")
-
-
-__all__ = ["Atlas", "SCHEMA", "FILENAME", "versions"]
+__all__ = ["Atlas", "SCHEMA", "FILENAME", "SAMPLES_FILES", "VIEW_FILES", "versions"]

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._io import check_output_dir
 from ._jsonl import json_lines
 from .ablation import Readout, head_ablation_effects
 from .atlas import Atlas
@@ -170,8 +171,10 @@ def attribute_to_atlas(loaded: LoadedModel, data: str | Path, name: str, atlas: 
         raise HeadwiseError(f"attribution name {name!r} must be letters, digits, '_', '-', '.', ':' (e.g. safety)")
     if name in all_score_names():
         raise HeadwiseError(f"'{name}' is a built-in score name; choose another name for this attribution")
+    examples = load_examples(data)
     out = Path(atlas) if atlas is not None else Path(f"atlas-{Path(loaded.info.spec).stem}")
     existing = (out / "atlas.json") if out.suffix != ".json" else out
+    check_output_dir(existing.parent, what="the atlas")  # before the ablations, not after
     if existing.is_file():
         result_atlas = Atlas.load(existing)
         result_atlas.check_model(loaded.info, loaded.geometry)
@@ -181,7 +184,6 @@ def attribute_to_atlas(loaded: LoadedModel, data: str | Path, name: str, atlas: 
                                 f"another name")
     else:
         result_atlas = Atlas.new(loaded.info.to_dict(), loaded.geometry, {"scores": []})
-    examples = load_examples(data)
     result = attribute(loaded, examples, metric=metric, chat=chat, max_tokens=max_tokens)
     settings = {**result.settings, "data": str(data), "data_sha256": _data_sha256(Path(data))}
     what = "KL(clean || ablated) of the next token" if result.settings["metric"] == "kl" else \
@@ -194,7 +196,13 @@ def attribute_to_atlas(loaded: LoadedModel, data: str | Path, name: str, atlas: 
     if isinstance(names, list) and name not in names:
         names.append(name)
     register_attribution(name, data, result.settings["metric"], chat)
-    return result_atlas, result_atlas.save(out)
+    if out.suffix == ".json" and out.name != "atlas.json":
+        return result_atlas, result_atlas.save(out)
+    from .report import write_unit
+
+    # One unit: the directory's samples stay (they belong to its model and settings), its report is re-rendered.
+    write_unit(existing.parent, result_atlas, what="the atlas")
+    return result_atlas, existing
 
 
 # ---- validation tasks (`headwise validate`) --------------------------------------------------
@@ -255,3 +263,7 @@ def register_atlas_attributions(atlas: Atlas) -> list[str]:
             names.append(name)
     return names
 
+
+
+__all__ = ["METRICS", "Attribution", "AttributionTask", "Example", "attribute", "attribute_to_atlas", "load_examples",
+           "register_atlas_attributions", "register_attribution"]

@@ -1,7 +1,9 @@
 """`headwise` command line: a thin layer over the Python API.
 
 Each subcommand has an `_add_<name>` (arguments) and a `_run_<name>` (work) function.
-User errors print one line and exit 2; nothing prints a traceback for bad input.
+User errors print one line and exit 2; nothing prints a traceback for bad input. Ctrl-C prints
+one line and exits 130. Every command that writes files checks where before any work
+(headwise._io) and writes them whole: an atlas directory as one unit (headwise.report.write_unit).
 """
 
 from __future__ import annotations
@@ -29,47 +31,57 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     # One flag per setting the score families declare (headwise.scores.Setting).
     group = p.add_argument_group("settings of the scores")
     for setting in all_settings().values():
-        kwargs = {"dest": "setting_" + setting.name, "default": None,
-                  "help": f"{setting.help} (default: {setting.default})"}
+        default = "" if setting.default is None else f" (default: {setting.default})"
+        kwargs = {"dest": "setting_" + setting.name, "default": None, "help": setting.help + default}
         if setting.type is bool:
             group.add_argument(setting.cli_flag, action="store_true", **kwargs)
         else:
-            group.add_argument(setting.cli_flag, type=setting.type, choices=setting.choices, **kwargs)
+            group.add_argument(setting.cli_flag, type=setting.type, choices=setting.choices,
+                               metavar=None if setting.choices else setting.name.upper(), **kwargs)
 
 
 def _run_profile(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from ._io import check_output_dir, output_location
     from .load import load
     from .profile import ProfileSettings, profile, summary
+    from .report import REPORT_FILE, sample_attention, unit_bytes, write_unit
     from .scores import all_score_names
 
     scores = [s.strip() for s in args.scores.split(",") if s.strip()] if args.scores else None
     for name in scores or []:
         if name not in all_score_names():
             raise HeadwiseError(f"unknown score '{name}'; choose from {', '.join(all_score_names())}")
+    if args.scores is not None and not scores:
+        raise HeadwiseError(f"--scores is empty; name at least one score, e.g. --scores {all_score_names()[0]}")
     # Flags left out are None (store_true ones False): the setting keeps its default.
     given = {k[len("setting_"):]: v for k, v in vars(args).items()
              if k.startswith("setting_") and v is not None and v is not False}
     settings = ProfileSettings(**given)
-    loaded = load(args.model)
     out = Path(args.out) if args.out else Path(f"atlas-{Path(args.model).stem}")
-    atlas = profile(loaded, scores, settings)
-    path = atlas.save(out)
+    report = not args.no_report
+    # Checked before the model loads; a refused run removes the directory it made.
+    with output_location(out, what="the atlas"):
+        loaded = load(args.model)
+        need = unit_bytes(loaded.geometry, len(scores or all_score_names()), settings.context, report)
+        check_output_dir(out, what="the atlas", need_bytes=need)
+        atlas = profile(loaded, scores, settings)  # every probe and setting is checked before any pass
+        samples = sample_attention(loaded, settings) if report else None
+        # One unit: the atlas with its samples and report, or (--no-report) alone, an older run's removed.
+        write_unit(out, atlas, samples=samples, report=report, what="the atlas")
     print(summary(atlas))
-    print(f"atlas written to {path}")
+    print(f"atlas written to {out / 'atlas.json'}")
+    if report:
+        print(f"report written to {out / REPORT_FILE}")
     if args.validate:
         from .validate import format_validation, validate_labelled_roles
 
         for result in validate_labelled_roles(loaded, atlas):
             print(format_validation(result))
-        atlas.save(path)
-        print(f"validation results written to {path}")
-    if not args.no_report:
-        from .report import collect_samples, write_report
-
-        collect_samples(loaded, settings, path.parent)
-        print(f"report written to {write_report(path.parent)}")
+        # A second unit: the profile above stays whole if validation is interrupted.
+        write_unit(out, atlas, what="the atlas")
+        print(f"validation results written to {out / 'atlas.json'}")
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
@@ -80,13 +92,26 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> None:
-    from .report import collect_for_atlas, write_report
+    from ._io import check_output_dir
+    from .atlas import Atlas
+    from .report import REPORT_FILE, unit_bytes, write_report
 
+    atlas = Atlas.load(args.atlas)
+    context = atlas.data["settings"].get("context")
+    need = unit_bytes(atlas.geometry, len(atlas.score_names), context if isinstance(context, int) else 2048, True)
+    # Before the model loads and the samples run; the old unit stays until the new one is whole, so both fit.
+    check_output_dir(atlas.directory, what="report.html", need_bytes=need)
     if args.model:
         from .load import load
+        from .report import sample_attention, settings_of, write_unit
 
-        collect_for_atlas(load(args.model), args.atlas)
-    path = write_report(args.atlas)
+        loaded = load(args.model)
+        atlas.check_model(loaded.info, loaded.geometry)
+        samples = sample_attention(loaded, settings_of(atlas))
+        write_unit(atlas.directory, atlas, keep_atlas=True, samples=samples, report=True, what="the report")
+    else:
+        write_report(atlas.directory)
+    path = atlas.directory / REPORT_FILE
     print(f"report written to {path} ({path.stat().st_size / 2**20:.1f} MB)")
 
 
@@ -120,13 +145,19 @@ def _add_attribute(p: argparse.ArgumentParser) -> None:
 
 
 def _run_attribute(args: argparse.Namespace) -> None:
-    from .attribute import attribute_to_atlas
+    from pathlib import Path
+
+    from ._io import output_location
+    from .attribute import attribute_to_atlas, load_examples
     from .load import load
 
     if args.top < 0:
         raise HeadwiseError("--top must be >= 0")
-    loaded = load(args.model)
-    atlas, path = attribute_to_atlas(loaded, args.data, args.name, args.atlas, metric=args.metric, chat=args.chat)
+    load_examples(args.data)  # a bad data file is refused before the model loads
+    out = Path(args.atlas) if args.atlas else Path(f"atlas-{Path(args.model).stem}")
+    with output_location(out.parent if out.suffix == ".json" else out, what="the atlas"):
+        loaded = load(args.model)
+        atlas, path = attribute_to_atlas(loaded, args.data, args.name, out, metric=args.metric, chat=args.chat)
     metric = atlas.data["scores"][args.name]["settings"]["metric"]
     print(f"{args.name} ({metric}): top heads by the behaviour change when zeroed alone")
     for layer, head, value in atlas.top(args.name, args.top):
@@ -155,10 +186,13 @@ def _add_validate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_validate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ._io import check_output_dir
     from .atlas import Atlas
     from .attribute import register_atlas_attributions
     from .load import load
-    from .validate import RetrievalTask, format_validation, validate_and_store
+    from .validate import MIN_DRAWS, RetrievalTask, format_validation, validate_and_store
 
     task = None
     if args.context is not None:
@@ -167,12 +201,26 @@ def _run_validate(args: argparse.Namespace) -> None:
         if args.context < 64:
             raise HeadwiseError("--context must be at least 64 tokens")
         task = RetrievalTask(context=args.context)
+    if args.draws < MIN_DRAWS:
+        raise HeadwiseError(f"--draws must be at least {MIN_DRAWS} (the random control needs them); got {args.draws}")
+    if args.k is not None and args.k < 1:
+        raise HeadwiseError(f"--k must be a positive number of heads; got {args.k}")
+    if args.seed < 0:
+        raise HeadwiseError(f"--seed must be a whole number >= 0; got {args.seed}")
     atlas = Atlas.load(args.atlas)
+    check_output_dir(atlas.directory, what="the validation results")  # before the model loads
     register_atlas_attributions(atlas)  # so `--role NAME` works for a `headwise attribute --name NAME` result
     loaded = load(args.model or atlas.model["spec"])
     result = validate_and_store(loaded, atlas, args.role, k=args.k, draws=args.draws, seed=args.seed, task=task)
     print(format_validation(result))
-    print(f"validation results written to {atlas.save(args.atlas)}")
+    if Path(args.atlas).suffix == ".json" and Path(args.atlas).name != "atlas.json":
+        path = atlas.save(args.atlas)
+    else:  # one unit: its samples kept, its report (if any) re-rendered with the results
+        from .report import write_unit
+
+        write_unit(atlas.directory, atlas, what="the atlas")
+        path = atlas.directory / "atlas.json"
+    print(f"validation results written to {path}")
 
 
 COMMANDS["validate"] = ("zero a role's top-k heads and k random heads; report the role's task metric for each",
@@ -190,8 +238,15 @@ def _version() -> str:
         return "unknown"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line like every other error (not the usage block, not SystemExit)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise HeadwiseError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="headwise", description="What every attention head does.")
+    parser = _Parser(prog="headwise", description="What every attention head does.")
     parser.add_argument("--version", action="version", version=f"headwise {_version()}")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for every command (on 2 shared cores, 1 is often fastest for "
@@ -221,10 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"headwise: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("headwise: interrupted; outputs are left as they were before this run", file=sys.stderr)
+        print("headwise: interrupted; every output is whole: the one from before this run, or what this run "
+              "had finished", file=sys.stderr)
         return 130
     return 0
 
+
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,3 +8,6 @@ it. The CLI prints that line instead of a traceback.
 
 class HeadwiseError(Exception):
     """A problem with the user's input, explained in one line."""
+
+
+__all__ = ["HeadwiseError"]

@@ -94,3 +94,6 @@ class Geometry:
                 f"context of {n_tokens} tokens is longer than this model allows ({self.max_positions}); "
                 f"pass a shorter --context"
             )
+
+
+__all__ = ["Geometry"]

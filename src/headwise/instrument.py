@@ -309,3 +309,7 @@ def single_head_ablation_scales(geometry: Geometry, heads: Sequence[tuple[int, i
     """[len(heads), layers, heads]: row i ablates heads[i] only, for one batched forward pass."""
     return torch.stack([ablation_scale(geometry, [h], value) for h in heads]) if heads else \
         torch.ones(0, geometry.n_layers, geometry.n_heads)
+
+
+__all__ = ["AttentionChunk", "DEFAULT_CHUNK_BYTES", "IMPLEMENTATION", "Observer", "Session", "ablation_scale",
+           "attach", "headwise_attention", "single_head_ablation_scales", "sink_window_mask"]

@@ -301,3 +301,6 @@ def from_model(model: Any, tokenizer: Any, name: str = "in-memory") -> LoadedMod
 def _wrap(model: Any, tokenizer: Any, info: ModelInfo) -> LoadedModel:
     geometry = attach(model)
     return LoadedModel(model=model, tokenizer=tokenizer, geometry=geometry, info=info)
+
+
+__all__ = ["BUNDLED", "DEFAULT_MODEL", "LoadedModel", "ModelInfo", "from_model", "load"]

@@ -55,3 +55,6 @@ def assign_roles(scores: dict[str, np.ndarray], rules: Sequence[RoleRule]) -> li
 
 def rules_in_use(scores: dict[str, np.ndarray], rules: Sequence[RoleRule]) -> list[RoleRule]:
     return [r for r in rules if r.score in scores]
+
+
+__all__ = ["RoleRule", "assign_roles", "rules_in_use"]

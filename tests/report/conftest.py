@@ -46,14 +46,17 @@ def hostile_atlas_dir(tmp_path_factory):
     atlas_path = out / "atlas.json"
     atlas = json.loads(atlas_path.read_text())
     L, H = atlas["geometry"]["n_layers"], atlas["geometry"]["n_heads"]
-    atlas["validation"] = {"note": HOSTILE_CLOSE,
+    # Every validation entry is an object, as the atlas schema requires (and headwise validate writes).
+    atlas["validation"] = {"notes": {"note": HOSTILE_CLOSE,
+                                     "heads": [{"layer": 1, "head": 2, "verdict": HOSTILE_SCRIPT}]},
                            "ablation": {"loss_increase": [[0.01 * (layer * H + h) for h in range(H)]
                                                           for layer in range(L)]},
-                           "heads": [{"layer": 1, "head": 2, "verdict": HOSTILE_SCRIPT}],
                            # the shape headwise validate writes
                            "induction@k2": {"role": "induction", "verdict": "FAILS: " + HOSTILE_IMG, "passes": False,
                                             "targeted_heads": [[1, 2, 0.5], [0, 0, 0.25]], "baseline": 1.5}}
     atlas_path.write_text(json.dumps(atlas))
+    # Edited by hand after headwise wrote them: drop the manifest that would (rightly) refuse the edit.
+    (out / "headwise-manifest.json").unlink()
     return out
 
 

@@ -57,8 +57,9 @@ def test_validation_is_shown_generically(hostile_atlas_dir):
     assert "ablation.loss_increase" in v["matrices"]
     L, H = data["geometry"]["n_layers"], data["geometry"]["n_heads"]
     assert v["matrices"]["ablation.loss_increase"][H + 2] == pytest.approx(0.01 * (H + 2))
-    assert v["records"] == [{"path": "heads[0]", "layer": 1, "head": 2, "fields": [["verdict", HOSTILE_SCRIPT]]}]
-    assert ["note", HOSTILE_CLOSE] in v["summary"] and ["induction@k2.baseline", "1.5"] in v["summary"]
+    assert v["records"] == [{"path": "notes.heads[0]", "layer": 1, "head": 2,
+                             "fields": [["verdict", HOSTILE_SCRIPT]]}]
+    assert ["notes.note", HOSTILE_CLOSE] in v["summary"] and ["induction@k2.baseline", "1.5"] in v["summary"]
     assert v["head_lists"] == {"induction@k2.targeted_heads": [[1, 2], [0, 0]]}
     assert v["verdicts"] == [["induction@k2", "FAILS: " + HOSTILE_IMG, False]]
     assert len(v["matrices"]["ablation.loss_increase"]) == L * H

@@ -1,4 +1,9 @@
-"""`headwise generate` and `headwise eval`: the KV policies from the command line."""
+"""`headwise generate` and `headwise eval`: the KV policies from the command line.
+
+Every argument is checked before the model loads (kv/spec.py for policies and sizes,
+EvalSettings.check for eval's), and again against the model once it has loaded. `eval --out`
+is checked first and rewritten after every case, so an interrupted run keeps its finished cases.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ def _run_generate(args: argparse.Namespace) -> None:
 
     from ..load import load
     from .generate import generate
-    from .spec import parse_policy
+    from .spec import check_sink_window, parse_policy
 
     path = Path(args.prompt_file)
     try:
@@ -64,6 +69,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         raise HeadwiseError("--max-new-tokens must be a positive integer")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise HeadwiseError("--prefill-chunk must be a positive number of tokens")
+    check_sink_window(args.sink, args.window)
     loaded = load(args.model)
     tok = loaded.tokenizer
     if args.chat:
@@ -72,6 +78,10 @@ def _run_generate(args: argparse.Namespace) -> None:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     ids = torch.tensor([tok(prompt).input_ids])
+    limit = loaded.geometry.max_positions
+    if limit is not None and ids.shape[1] + args.max_new_tokens > limit:
+        raise HeadwiseError(f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {args.max_new_tokens} exceed "
+                            f"this model's {limit} positions; shorten {path} or lower --max-new-tokens")
     policy = parse_policy(args.policy, loaded.geometry, atlas=_load_atlas(args, loaded), context=ids.shape[1],
                           sink=args.sink, window=args.window)
     res = generate(loaded, ids, policy, max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk)
@@ -113,7 +123,18 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="kv-eval.json", help="JSON results; the plot goes next to it (.png)")
 
 
+def _write_json(path: Path, result: dict) -> None:
+    from .._io import write_text_atomic
+
+    try:
+        write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+    except OSError as e:
+        raise HeadwiseError(f"could not write the eval results to {path} ({e.strerror or e}); free some space or "
+                            f"choose another --out") from None
+
+
 def _run_eval(args: argparse.Namespace) -> None:
+    from .._io import output_location
     from ..load import load
     from .evaluate import EvalSettings, evaluate, plot
 
@@ -121,20 +142,35 @@ def _run_eval(args: argparse.Namespace) -> None:
         depths = tuple(float(x) for x in args.depths.split(",") if x.strip())
     except ValueError:
         raise HeadwiseError(f"--depths takes comma-separated numbers, got '{args.depths}'") from None
-    if args.trials < 1:
-        raise HeadwiseError("--trials must be a positive integer")
     settings = EvalSettings(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
                             contexts=_ints(args.contexts, "--contexts"), depths=depths, trials=args.trials,
                             fillers=tuple(f.strip() for f in args.fillers.split(",") if f.strip()), sink=args.sink,
                             window=args.window, seed=args.seed, text=args.text, speed_context=args.speed_context,
                             perplexity_context=args.perplexity_context)
-    loaded = load(args.model)
-    atlas = _load_atlas(args, loaded)
+    settings.check()  # every setting before the model loads; the sizes again with it
     specs = [s.strip() for s in args.policies.split(",") if s.strip()]
-    result = evaluate(loaded, specs, settings, atlas=atlas, atlas_path=args.atlas, model_spec=args.model)
+    if not specs:
+        raise HeadwiseError("--policies is empty; give at least one policy spec, e.g. --policies streaming")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    png = out.with_suffix(".png")
+    if png == out:
+        raise HeadwiseError(f"--out {out} names the plot's file; give the results a .json name")
+    with output_location(out, what="the eval results", file=True):
+        loaded = load(args.model)
+        settings.check(loaded.geometry)
+        atlas = _load_atlas(args, loaded)
+        first = [True]
+
+        def checkpoint(partial: dict) -> None:
+            # The cases done so far replace an older result; the older result's plot goes with it.
+            _write_json(out, partial)
+            if first[0]:
+                png.unlink(missing_ok=True)
+                first[0] = False
+
+        result = evaluate(loaded, specs, settings, atlas=atlas, atlas_path=args.atlas, model_spec=args.model,
+                          checkpoint=checkpoint)
+        _write_json(out, result)
     for task, by_ctx in result["summary"].items():
         for ctx, cells in by_ctx.items():
             line = "  ".join(f"{p}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%} KV)" for p, c in cells.items())
@@ -144,7 +180,10 @@ def _run_eval(args: argparse.Namespace) -> None:
             print(f"speed @ {result['speed']['context']}: {p}: decode {r['decode_tok_s']:.1f} tok/s, prefill "
                   f"{r['prefill_s']:.1f} s, KV {r['kv_bytes'] / 2**20:.1f} MiB, peak RSS "
                   f"{r['peak_rss_bytes'] / 2**20:.0f} MiB")
-    png = plot(result, out.with_suffix(".png"))
+    try:
+        png = plot(result, png)
+    except OSError as e:
+        raise HeadwiseError(f"results written to {out}, but not the plot {png} ({e.strerror or e})") from None
     print(f"results written to {out}" + (f" and {png}" if png else ""))
 
 
@@ -153,3 +192,6 @@ KV_COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
                  _run_generate),
     "eval": ("run the same retrieval prompts under several KV policies; write JSON and a plot", _add_eval, _run_eval),
 }
+
+
+__all__ = ["KV_COMMANDS"]

@@ -2,21 +2,29 @@
 
 Policies are specs (kv/spec.py). Tasks: passkey, needle, multi_needle (probes/needle.py),
 perplexity (probes/text.py), speed (one subprocess per policy, so each peak RSS is its own).
-Replies end by headwise.decode's rule for replies to a question.
+Replies end by headwise.decode's rule for replies to a question. Settings are checked in one
+place (EvalSettings.check); a long run hands its finished cases to `checkpoint` as it goes, so
+`headwise eval --out` keeps them when interrupted ("complete": false), and load_eval reads a
+result back, checked against its schema.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .._io import write_bytes_atomic
 from .._progress import progress
 from ..errors import HeadwiseError
 from .spec import parse_policy
@@ -42,6 +50,50 @@ class EvalSettings:
     speed_new_tokens: int = 32
     speed_repeats: int = 1
     prefill_chunk: int | None = None
+
+    def check(self, geometry: Any = None) -> None:
+        """Refuse settings that would crash or mislead (one line naming the flag), before a model loads;
+        with the model's geometry, also the sizes it cannot hold. evaluate() checks them again."""
+        from ..probes.needle import FILLER_STYLES
+        from .spec import check_sink_window
+
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise HeadwiseError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from "
+                                f"{', '.join(TASKS)}")
+        retrieval = any(t in ("passkey", "needle", "multi_needle") for t in self.tasks)
+        if retrieval and not self.contexts:
+            raise HeadwiseError("--contexts is empty; give at least one prompt length, e.g. --contexts 1024")
+        if retrieval and "multi_needle" not in self.tasks and not self.depths:
+            raise HeadwiseError("--depths is empty; give needle depths in [0, 1], e.g. --depths 0.1,0.5,0.9")
+        for depth in self.depths:
+            if not (isinstance(depth, (int, float)) and math.isfinite(depth) and 0.0 <= depth <= 1.0):
+                raise HeadwiseError(f"--depths are fractions of the prompt in [0, 1], got {depth}")
+        bad = [f for f in self.fillers if f not in FILLER_STYLES]
+        if bad or (retrieval and not self.fillers):
+            raise HeadwiseError(f"unknown filler(s) {', '.join(bad) or '(none given)'}; choose from "
+                                f"{', '.join(FILLER_STYLES)}")
+        counts = (("--trials", self.trials, 1), ("max_new_tokens", self.max_new_tokens, 1),
+                  ("--speed-context", self.speed_context, 1), ("speed_new_tokens", self.speed_new_tokens, 1),
+                  ("speed_repeats", self.speed_repeats, 1), ("--perplexity-context", self.perplexity_context, 2),
+                  ("--seed", self.seed, 0), ("--prefill-chunk", self.prefill_chunk, 1),
+                  *(("--contexts", c, 1) for c in self.contexts))
+        for flag, value, low in counts:
+            if value is None and flag == "--prefill-chunk":
+                continue
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                raise HeadwiseError(f"{flag} must be a whole number >= {low}, got {value!r}")
+        if self.text is not None and not Path(self.text).is_file():
+            raise HeadwiseError(f"--text {self.text} is not a file; pass a UTF-8 text file or leave --text out")
+        check_sink_window(self.sink, self.window, geometry)
+        if geometry is not None:
+            if retrieval:
+                for ctx in self.contexts:  # the prompt and its reply
+                    geometry.check_context(ctx + self.max_new_tokens)
+            if "perplexity" in self.tasks:
+                geometry.check_context(self.perplexity_context)
+            if "speed" in self.tasks:
+                geometry.check_context(self.speed_context + self.speed_new_tokens)
 
 
 def _cases(loaded: Any, task: str, settings: EvalSettings, context: int) -> list[tuple[dict[str, Any], Any]]:
@@ -83,8 +135,11 @@ def _describe(policy: Any, context: int) -> dict[str, Any]:
             "kv_bytes": policy.kv_bytes(context), **fields}
 
 
-def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any = None) -> list[dict[str, Any]]:
-    """Every retrieval case under every policy (policies innermost, so they see the same load)."""
+def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any = None, *,
+                  on_case: Callable[[list[dict[str, Any]], int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Every retrieval case under every policy (policies innermost, so they see the same load).
+
+    on_case(rows so far, cases done, cases in all) is called after each case (e.g. to save them)."""
     from ..probes.needle import answer_found
     from .generate import generate
 
@@ -93,7 +148,7 @@ def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: 
             for ctx in settings.contexts]
     all_cases = [(meta, case, ctx) for task, ctx in work for meta, case in _cases(loaded, task, settings, ctx)]
     warned: set[int] = set()
-    for meta, case, ctx in progress(all_cases, desc="kv eval cases", unit="case"):
+    for done, (meta, case, ctx) in enumerate(progress(all_cases, desc="kv eval cases", unit="case"), 1):
         policies = _policies_for(specs, loaded, atlas, ctx, settings)
         # Needle replies get room to restate the needle sentence, as the retrieval score's decoding does.
         budget = settings.max_new_tokens if meta["task"] == "passkey" else max(
@@ -111,6 +166,8 @@ def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: 
                          "correct": answer_found(res.text, case.answer),
                          **_answer_scores(res, case.key_tokens), "kv_bytes": res.kv_bytes,
                          "prefill_s": round(res.prefill_seconds, 4), "decode_s": round(res.decode_seconds, 4)})
+        if on_case is not None:
+            on_case(rows, done, len(all_cases))
     return rows
 
 
@@ -204,10 +261,14 @@ def run_speed(model: str, specs: list[str], settings: EvalSettings, atlas_path: 
         args = {"model": model, "policy": spec, "context": settings.speed_context, "atlas": atlas_path,
                 "sink": settings.sink, "window": settings.window, "new_tokens": settings.speed_new_tokens,
                 "prefill_chunk": settings.prefill_chunk, "threads": torch.get_num_threads()}
+        # Its output is captured, so a worker stopped by Ctrl-C (which reaches it too) prints nothing here.
         proc = subprocess.run([sys.executable, "-m", "headwise.kv.evaluate", "--speed-worker", json.dumps(args)],
-                              capture_output=True, text=True, env={**os.environ, "HEADWISE_QUIET": "1"})
+                              capture_output=True, text=True, env={**os.environ, "HEADWISE_QUIET": "1"},
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode in (130, -signal.SIGINT):
+            raise KeyboardInterrupt
         if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("headwise: error: ")
             raise HeadwiseError(f"speed run for policy '{spec}' failed: {tail}")
         runs[spec].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     out = {}
@@ -227,34 +288,56 @@ def run_speed(model: str, specs: list[str], settings: EvalSettings, atlas_path: 
 
 
 def evaluate(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any = None, atlas_path: str | None = None,
-             model_spec: str | None = None) -> dict[str, Any]:
-    """The whole comparison as one JSON-ready dict."""
+             model_spec: str | None = None, *,
+             checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole comparison as one JSON-ready dict ("complete": true).
+
+    checkpoint(partial result) is called after every retrieval case and after the perplexity and speed
+    runs, with "complete": false and the cases done so far, so that an interrupted run can keep them."""
     from ..atlas import versions
 
-    unknown = [t for t in settings.tasks if t not in TASKS]
-    if unknown:
-        raise HeadwiseError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    settings.check(loaded.geometry)
     if not specs:
         raise HeadwiseError("give at least one policy")
     if "full" not in specs:
         specs = ["full", *specs]  # every ratio is against the full cache measured in the same run
-    for ctx in settings.contexts:
-        loaded.geometry.check_context(ctx + settings.max_new_tokens)
-    longest = max(settings.contexts)
+    longest = max(settings.contexts) if settings.contexts else settings.perplexity_context
     example = {s: _describe(p, longest) for s, p in _policies_for(specs, loaded, atlas, longest, settings).items()}
     t0 = time.perf_counter()
     result: dict[str, Any] = {"schema": SCHEMA, "model": loaded.info.to_dict(), "geometry": loaded.geometry.to_dict(),
                               "settings": asdict(settings), "versions": versions(), "policies": example,
-                              "atlas": None if atlas is None else {"path": atlas_path, "model": atlas.model}}
-    rows = run_retrieval(loaded, specs, settings, atlas)
-    result["summary"] = summarize(rows)
-    result["rows"] = rows
+                              "atlas": None if atlas is None else {"path": atlas_path, "model": atlas.model},
+                              "complete": False, "cases": {"done": 0, "total": None}, "summary": {}, "rows": []}
+
+    def save(rows: list[dict[str, Any]] | None = None, done: int | None = None, total: int | None = None) -> None:
+        if rows is not None:
+            result.update(summary=summarize(rows), rows=list(rows), cases={"done": done, "total": total})
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        if checkpoint is not None:
+            checkpoint(result)
+
+    rows = run_retrieval(loaded, specs, settings, atlas, on_case=save)
+    result.update(summary=summarize(rows), rows=rows)
     if "perplexity" in settings.tasks:
         result["perplexity"] = run_perplexity(loaded, specs, settings, atlas)
+        save()
     if "speed" in settings.tasks:
         result["speed"] = run_speed(model_spec or loaded.info.spec, specs, settings, atlas_path)
+        save()
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["complete"] = True
     return result
+
+
+def load_eval(path: str | Path) -> dict[str, Any]:
+    """A result of `headwise eval --out`, checked (one-line errors naming the field). An interrupted run's
+    file loads too: its "complete" is false and "cases" says how many were done."""
+    from .._schema import eval_schema, load_json_file, validate_json
+
+    fix = "re-run headwise eval"
+    doc = load_json_file(path, what="a headwise eval result", fix=fix)
+    validate_json(doc, eval_schema(), source=str(path), fix=fix)
+    return doc
 
 
 def plot(result: dict[str, Any], path: str | Path) -> Path | None:
@@ -290,10 +373,27 @@ def plot(result: dict[str, Any], path: str | Path) -> Path | None:
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110, metadata={"Software": None})  # no timestamps: same result, same bytes
     plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())
     return path
 
 
+def _worker_main(arg: str) -> int:
+    """The speed worker's process: one line of JSON, or one line of error; never a traceback for Ctrl-C."""
+    try:
+        print(json.dumps(_speed_worker(json.loads(arg))))
+    except HeadwiseError as e:
+        print(f"headwise: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+__all__ = ["SCHEMA", "TASKS", "EvalSettings", "evaluate", "load_eval", "plot", "run_perplexity", "run_retrieval",
+           "run_speed", "summarize"]
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--speed-worker":
-    print(json.dumps(_speed_worker(json.loads(sys.argv[2]))))
+    sys.exit(_worker_main(sys.argv[2]))

@@ -74,7 +74,7 @@ class HeadPolicy(CachePolicy):
         if self.sink < 0 or self.window < 1:
             raise HeadwiseError(f"streaming heads need sink >= 0 and window >= 1 (got sink={self.sink}, "
                                 f"window={self.window})")
-        if self.prefill == "window":  # its name before "window" meant only the streaming heads' W
+        if self.prefill == "window":  # policy files from before the mode was called "bounded"
             self.prefill = "bounded"
         if self.prefill not in PREFILL_MODES:
             raise HeadwiseError(f"prefill must be one of {', '.join(PREFILL_MODES)}, not '{self.prefill}'")

@@ -111,18 +111,24 @@ class CachePolicy(ABC):
                 **self.fields(), "source": self.source}
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> CachePolicy:
-        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
-            raise HeadwiseError(f"not a headwise KV policy file (schema {SCHEMA})")
+    def from_dict(d: dict[str, Any], *, source: str = "KV policy") -> CachePolicy:
+        """Rebuild a saved policy, checked first (_schema.validate_policy): any fault is one line naming the field."""
+        from .._schema import validate_policy
+
+        fix = "rebuild it (e.g. save the policy again from its spec)"
+        validate_policy(d, source=source, fix=fix)
         kind = d.get("kind", "heads")  # files from before policies had kinds hold a head policy
         if kind not in _KINDS:
-            raise HeadwiseError(f"KV policy file of unknown kind {kind!r}; known: {', '.join(sorted(_KINDS))}")
+            raise HeadwiseError(f"{source}: field kind {kind!r} is not a known policy kind (known: "
+                                f"{', '.join(sorted(_KINDS))}); {fix}")
         try:
             geometry = Geometry.from_dict(d["geometry"])
             fields = {k: v for k, v in d.items() if k not in ("schema", "kind", "name", "geometry", "source")}
             return _KINDS[kind].from_fields(geometry, fields, str(d["name"]), dict(d.get("source") or {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise HeadwiseError(f"KV policy file is incomplete or malformed ({e!r})") from None
+        except HeadwiseError as e:  # the policy class's own checks (e.g. a SnapKV budget)
+            raise HeadwiseError(f"{source}: {e}; {fix}") from None
+        except (KeyError, TypeError, ValueError) as e:  # fields of other kinds, which the schema leaves to them
+            raise HeadwiseError(f"{source}: a {kind} policy field is missing or malformed ({e!r}); {fix}") from None
 
     def save(self, path: str | Path) -> Path:
         from .._io import write_text_atomic
@@ -133,10 +139,11 @@ class CachePolicy(ABC):
 
     @staticmethod
     def load(path: str | Path) -> CachePolicy:
-        try:
-            return CachePolicy.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HeadwiseError(f"cannot read KV policy {path}: {e}") from None
+        from .._schema import load_json_file
+
+        doc = load_json_file(path, what="a KV policy file", fix="pass a policy .json saved by headwise",
+                             max_bytes=64 * 2**20)
+        return CachePolicy.from_dict(doc, source=str(path))
 
 
 __all__ = ["PREFILL_MODES", "SCHEMA", "CachePolicy"]

@@ -163,14 +163,27 @@ def _split_options(body: str, spec: str) -> tuple[str, dict[str, Any]]:
         body = head
 
 
-def _check_sizes(spec: str, geometry: Geometry, sink: int | None, window: int | None, context: int | None) -> None:
-    limit = min(MAX_TOKENS, geometry.max_positions or MAX_TOKENS)
+def token_limit(geometry: Geometry | None) -> int:
+    """The most tokens a sink, window, budget or context may be: the model's positions (MAX_TOKENS without a model)."""
+    return min(MAX_TOKENS, (geometry.max_positions if geometry is not None else None) or MAX_TOKENS)
+
+
+def check_sink_window(sink: int | None, window: int | None, geometry: Geometry | None = None, prefix: str = "") -> None:
+    """--sink and --window: whole numbers the model can hold (checked before a model loads, then with it)."""
+    limit = token_limit(geometry)
+    bound = "the model's positions" if geometry is not None and geometry.max_positions else "the largest allowed"
     for what, value, low in (("--sink", sink, 0), ("--window", window, 1)):
-        if value is not None and not (isinstance(value, int) and low <= value <= limit):
-            raise HeadwiseError(f"policy '{spec}': {what} must be a whole number in [{low}, {limit}] (the model's "
-                                f"positions), got {value}")
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= limit):
+            raise HeadwiseError(f"{prefix}{what} must be a whole number in [{low}, {limit}] ({bound}), got {value}")
+
+
+def _check_sizes(spec: str, geometry: Geometry, sink: int | None, window: int | None, context: int | None) -> None:
+    check_sink_window(sink, window, geometry, prefix=f"policy '{spec}': ")
     if context is not None and not (isinstance(context, int) and context >= 1):
         raise HeadwiseError(f"policy '{spec}': the context must be a positive number of tokens, got {context}")
+    if context is not None and context > token_limit(geometry):
+        raise HeadwiseError(f"policy '{spec}': a prompt of {context} tokens is longer than this model allows "
+                            f"({token_limit(geometry)}); use a shorter prompt or context")
 
 
 def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: int | None = None,
@@ -185,6 +198,9 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
         raise HeadwiseError("empty policy spec; use one of " + ", ".join(registered_policies()))
     _check_sizes(raw, geometry, sink, window, context)
     body, options = _split_options(raw, raw)
+    if options["mid"] > token_limit(geometry):
+        raise HeadwiseError(f"policy '{raw}': +mid{options['mid']} keeps more tokens than this model has positions "
+                            f"({token_limit(geometry)})")
     if body.endswith(".json"):
         policy = _from_file(raw, body, options)
     else:
@@ -244,8 +260,9 @@ def _streaming(r: PolicyRequest) -> CachePolicy:
             if window < 1:
                 raise r.fail(f"{x:g} of {context} tokens leaves no room for a window after {shape['sink']} sinks")
             shape["window"] = window
-        elif x != int(x) or x > MAX_TOKENS:
-            raise r.fail(f"a window is a whole number of tokens up to {MAX_TOKENS}, not {r.amount}")
+        elif x != int(x) or x > token_limit(r.geometry):
+            raise r.fail(f"a window is a whole number of tokens up to {token_limit(r.geometry)} (the model's "
+                         f"positions), not {r.amount}")
         else:
             shape["window"] = int(x)
     return HeadPolicy.streaming(r.geometry, **shape)
@@ -285,8 +302,9 @@ def _snapkv(r: PolicyRequest) -> CachePolicy:
     if r.arg:
         raise r.fail("snapkv takes no ':' argument; use snapkv@X")
     x = r.number(r.amount)
-    if x <= 0 or (x >= 1 and (x != int(x) or x > MAX_TOKENS)):
-        raise r.fail("X must be a share of the prompt in (0, 1) or a whole number of tokens per head")
+    if x <= 0 or (x >= 1 and (x != int(x) or x > token_limit(r.geometry))):
+        raise r.fail(f"X must be a share of the prompt in (0, 1) or a whole number of tokens per head up to "
+                     f"{token_limit(r.geometry)} (the model's positions)")
     return SnapKVPolicy(r.geometry, budget=x)
 
 
@@ -299,4 +317,5 @@ register_policy("random", _random, syntax="random@F[:SEED]", options=_HEAD_OPTIO
 register_policy("duo", _duo, syntax="duo:FILE@F", options=_HEAD_OPTIONS)
 register_policy("snapkv", _snapkv, syntax="snapkv@X")
 
-__all__ = ["OPTIONS", "PolicyRequest", "parse_policy", "register_policy", "registered_policies"]
+__all__ = ["OPTIONS", "PolicyRequest", "check_sink_window", "parse_policy", "register_policy", "registered_policies",
+           "token_limit"]

@@ -44,3 +44,6 @@ def content_token_ids(tokenizer: Any, vocab_size: int) -> Tensor:
     keep = torch.ones(n, dtype=torch.bool)
     keep[[i for i in excluded if 0 <= i < n]] = False
     return torch.nonzero(keep).flatten()
+
+
+__all__ = ["Probe", "adds_bos", "content_token_ids"]

@@ -236,3 +236,7 @@ def multi_needle_case(tokenizer: Any, *, context: int, n_needles: int = 4, seed:
                       text=text, max_positions=max_positions)
     case.settings["task"] = "multi_needle"
     return case
+
+
+__all__ = ["FILLER_STYLES", "Needle", "NeedleCase", "REPLY_EXTRA_TOKENS", "answer_found", "build_case",
+           "bundled_needles", "multi_needle_case", "needle_case", "normalize", "passkey_case"]

@@ -135,3 +135,6 @@ def ordinal_prompts(tokenizer: Any, tasks: Sequence[OrdinalTask] | None = None, 
                 "tasks": [t.to_dict() for t in tasks]}
     probe = Probe(name="ordinal", input_ids=torch.tensor(rows, dtype=torch.long), settings=settings)
     return OrdinalPrompts(probe, torch.tensor(targets, dtype=torch.long), names, candidates)
+
+
+__all__ = ["ORDINAL_SEQUENCES", "OrdinalPrompts", "OrdinalTask", "ordinal_prompts", "ordinal_tasks"]

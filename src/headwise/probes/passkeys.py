@@ -72,3 +72,6 @@ class MultiPasskeySamples:
         mask = torch.zeros(len(ids), dtype=torch.bool)
         mask[context_len:] = True
         return PasskeySample(torch.tensor([ids]), mask)
+
+
+__all__ = ["MultiPasskeySamples", "PasskeySample"]

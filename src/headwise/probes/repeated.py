@@ -34,3 +34,6 @@ def repeated_tokens(tokenizer: Any, vocab_size: int, *, block_len: int = 64, rep
     settings = {"block_len": block_len, "repeats": repeats, "n_sequences": n_sequences, "seed": seed,
                 "prepend_bos": bool(prepend_bos), "prefix_len": int(bool(prepend_bos))}
     return Probe(name=name, input_ids=torch.stack(rows).long(), settings=settings)
+
+
+__all__ = ["repeated_tokens"]

@@ -91,3 +91,6 @@ def natural_text(tokenizer: Any, *, context: int, n_sequences: int = 2, seed: in
     settings = {"context": context, "n_sequences": n_sequences, "seed": seed, "prepend_bos": bool(prepend_bos),
                 "text": "bundled" if text is None else str(text), "text_sha256": digest}
     return Probe(name=name, input_ids=torch.tensor(rows, dtype=torch.long), settings=settings)
+
+
+__all__ = ["bundled_text_files", "load_text", "natural_text"]

@@ -4,6 +4,10 @@
     show(atlas)                          the same page inline in Jupyter
     collect_samples(loaded, settings, atlas_dir)   the downsampled attention the page shows
     plot(atlas_dir) -> list[Path]        PNG figures (matplotlib; pip install headwise[plot])
+
+An atlas directory is one unit (write_unit): atlas.json, the attention samples and report.html
+are replaced together or not at all (headwise._io.staged_outputs), so no command, finished or
+interrupted, leaves a report or samples of one run beside the atlas of another.
 """
 
 from __future__ import annotations
@@ -11,16 +15,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..atlas import Atlas
+from ..atlas import FILENAME, Atlas
 from ..errors import HeadwiseError
 from ..profile import ProfileSettings
-from .html import REPORT_FILE, matching_samples, render_html, write_report
-from .samples import SAMPLES_JSON, SAMPLES_TENSORS, collect_samples, load_samples
+from .html import REPORT_FILE, UNIT_FILES, matching_samples, render_html, unit_bytes, write_report, write_unit
+from .samples import SAMPLES_JSON, SAMPLES_TENSORS, binding_problem, bound_settings, load_samples, sample_attention
 
 
 def settings_of(atlas: Any) -> ProfileSettings:
     """The ProfileSettings an atlas was made with (what the attention samples should match)."""
-    return ProfileSettings.from_dict(atlas.data.get("settings", {}))
+    try:
+        return ProfileSettings.from_dict(atlas.data.get("settings", {}))
+    except HeadwiseError as e:
+        where = atlas.directory / FILENAME if atlas.directory is not None else "the atlas"
+        raise HeadwiseError(f"{where} records profile settings this headwise cannot use ({e}); re-run headwise "
+                            f"profile") from None
 
 
 def show(atlas: Atlas, height: int = 900) -> Any:
@@ -37,11 +46,32 @@ def show(atlas: Atlas, height: int = 900) -> Any:
                 f'border:0" title="headwise report"></iframe>')
 
 
+def collect_samples(loaded: Any, settings: Any, out_dir: str | Path) -> Path:
+    """Collect the attention samples and write them into `out_dir` (with its atlas, if it has one, as
+    one unit: report.html re-rendered if there is one). Refused before any work when the atlas there
+    was made with another model or other settings."""
+    out_dir = Path(out_dir)
+    atlas = Atlas.load(out_dir) if (out_dir / FILENAME).is_file() else None
+    if atlas is not None:
+        stub = {"model": loaded.info.to_dict(), "geometry": loaded.geometry.to_dict(),
+                "profile": bound_settings(settings), "tensors_sha256": ""}
+        problem = binding_problem(atlas.data, stub)
+        if problem is not None:
+            raise HeadwiseError(f"refusing to collect attention samples into {out_dir}: they {problem}; collect them "
+                                f"with the atlas's own model and settings: headwise report {out_dir} --model MODEL")
+    write_unit(out_dir, atlas, keep_atlas=True, samples=sample_attention(loaded, settings),
+               what="the attention samples")
+    return out_dir / SAMPLES_TENSORS
+
+
 def collect_for_atlas(loaded: Any, atlas_dir: str | Path) -> Path:
-    """Collect the attention samples for the atlas in atlas_dir, checking the model is the atlas's."""
+    """Collect the attention samples for the atlas in atlas_dir, checking the model is the atlas's
+    (written with the atlas as one unit; its report.html, if any, re-rendered with them)."""
     atlas = Atlas.load(atlas_dir)
     atlas.check_model(loaded.info, loaded.geometry)
-    return collect_samples(loaded, settings_of(atlas), atlas.directory)
+    samples = sample_attention(loaded, settings_of(atlas))
+    write_unit(atlas.directory, atlas, keep_atlas=True, samples=samples, what="the attention samples")
+    return atlas.directory / SAMPLES_TENSORS
 
 
 def plot(atlas_dir: str | Path, out_dir: str | Path | None = None, score: str | None = None) -> list[Path]:
@@ -51,5 +81,6 @@ def plot(atlas_dir: str | Path, out_dir: str | Path | None = None, score: str | 
     return plot_atlas(atlas_dir, out_dir, score)
 
 
-__all__ = ["REPORT_FILE", "SAMPLES_JSON", "SAMPLES_TENSORS", "collect_for_atlas", "collect_samples", "load_samples",
-           "plot", "render_html", "settings_of", "show", "write_report"]
+__all__ = ["REPORT_FILE", "SAMPLES_JSON", "SAMPLES_TENSORS", "UNIT_FILES", "collect_for_atlas", "collect_samples",
+           "load_samples", "plot", "render_html", "sample_attention", "settings_of", "show", "unit_bytes",
+           "write_report", "write_unit"]

@@ -15,7 +15,6 @@ import numpy as np
 
 from ..errors import HeadwiseError
 from .layout import pattern_map
-from .samples import load_samples
 
 _ROLE_COLOURS = ["#e8590c", "#1c7ed6", "#2b8a3e", "#ae3ec9", "#f59f00", "#0ca678", "#e03131", "#5c7cfa"]
 
@@ -40,20 +39,33 @@ def _roles_in_order(atlas) -> list[str]:
 
 
 def plot_atlas(atlas_dir: str | Path, out_dir: str | Path | None = None, score: str | None = None) -> list[Path]:
+    """Write the figures into out_dir (default ATLAS/figures) as one unit: all three, or none."""
+    from .._io import output_location, staged_outputs
     from ..atlas import Atlas
+    from .html import UNIT_FILES, matching_samples
 
     plt = _pyplot()
     atlas = Atlas.load(atlas_dir)
-    atlas_dir = Path(atlas_dir)
-    if atlas_dir.suffix == ".json":
-        atlas_dir = atlas_dir.parent
-    out = Path(out_dir) if out_dir else atlas_dir / "figures"
-    out.mkdir(parents=True, exist_ok=True)
+    atlas_dir = atlas.directory
     names = atlas.score_names
     if not names:
         raise HeadwiseError(f"the atlas in {atlas_dir} has no scores to plot")
     if score is not None and score not in names:
         raise HeadwiseError(f"this atlas has no score '{score}' (it has: {', '.join(names)})")
+    samples = matching_samples(atlas.data, atlas_dir)  # the pattern map's features: only samples of this atlas
+    out = Path(out_dir) if out_dir else atlas_dir / "figures"
+    with output_location(out, what="the figures"), staged_outputs(out, what="the figures") as stage:
+        paths = _draw(plt, atlas, samples, score, stage)
+        if out.resolve() == atlas_dir.resolve():  # the figures join the atlas's unit (even one without a manifest)
+            for name in UNIT_FILES:
+                if (out / name).is_file():
+                    stage.keep(name)
+        stage.keep_others()
+    return [out / p for p in paths]
+
+
+def _draw(plt, atlas, samples, score, stage) -> list[str]:
+    names = atlas.score_names
     g = atlas.geometry
     spec = str(atlas.model.get("spec", ""))
     roles = _roles_in_order(atlas)
@@ -86,7 +98,7 @@ def plot_atlas(atlas_dir: str | Path, out_dir: str | Path | None = None, score: 
         ax.axis("off")
     fig.suptitle(f"{spec}: scores per head (white lines: KV-head groups)", fontsize=9)
     fig.tight_layout()
-    paths.append(_save(fig, out / "grid.png", plt))
+    paths.append(_save(fig, stage, "grid.png", plt))
 
     # layer trends
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.5, 1.9 * rows + 0.5), squeeze=False)
@@ -106,10 +118,10 @@ def plot_atlas(atlas_dir: str | Path, out_dir: str | Path | None = None, score: 
         ax.axis("off")
     fig.suptitle(f"{spec}: each score per layer (median, interquartile band, heads)", fontsize=9)
     fig.tight_layout()
-    paths.append(_save(fig, out / "layer_trends.png", plt))
+    paths.append(_save(fig, stage, "layer_trends.png", plt))
 
     # pattern map
-    layout = pattern_map(atlas.data, load_samples(atlas_dir))
+    layout = pattern_map(atlas.data, samples)
     x, y = np.array(layout["x"]), np.array(layout["y"])
     primary = [labels[0] if labels else "" for row in atlas.data["roles"]["labels"] for labels in row]
     if not primary:
@@ -126,12 +138,15 @@ def plot_atlas(atlas_dir: str | Path, out_dir: str | Path | None = None, score: 
     ax.legend(fontsize=7, frameon=False)
     ax.set_title(f"{spec}: heads by attention pattern ({len(layout['features'])} features, PCA)", fontsize=9)
     fig.tight_layout()
-    paths.append(_save(fig, out / "pattern_map.png", plt))
+    paths.append(_save(fig, stage, "pattern_map.png", plt))
     return paths
 
 
-def _save(fig, path: Path, plt) -> Path:
+def _save(fig, stage, name: str, plt) -> str:
     # No timestamps in the PNG metadata: the same atlas gives the same bytes.
-    fig.savefig(path, dpi=150, metadata={"Software": None})
+    fig.savefig(stage.path(name), dpi=150, metadata={"Software": None})
     plt.close(fig)
-    return path
+    return name
+
+
+__all__ = ["plot_atlas"]

@@ -12,18 +12,31 @@ import base64
 import html
 import json
 import math
+import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._io import staged_outputs, verify_unit
+from .._schema import one_line
+from ..atlas import FILENAME, SAMPLES_FILES, VIEW_FILES, Atlas
 from ..errors import HeadwiseError
 from ..scores import score_info
 from .layout import pattern_map
-from .samples import load_samples
+from .samples import (
+    SAMPLES_JSON,
+    SAMPLES_TENSORS,
+    binding_problem,
+    load_samples,
+    meta_text,
+    read_samples,
+    recollect,
+)
 
-REPORT_FILE = "report.html"
+REPORT_FILE = VIEW_FILES[0]  # report.html
+UNIT_FILES = (FILENAME, *SAMPLES_FILES, REPORT_FILE)  # an atlas directory's files, written as one unit
 _JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
@@ -85,9 +98,12 @@ def _validation(validation: Any, L: int, H: int) -> dict[str, Any]:
     head_lists: dict[str, list] = {}
     summary: list[list[str]] = []
 
-    def walk(v: Any, path: str) -> None:
+    def walk(v: Any, path: str, depth: int = 0) -> None:
         pairs = _head_pairs(v, L, H) if "head" in path.rsplit(".", 1)[-1] else None
-        if _is_matrix(v, L, H):
+        if depth > 16:  # deeper than any validation result: shown as text rather than walked
+            if len(summary) < 300:
+                summary.append([path, _short(v)])
+        elif _is_matrix(v, L, H):
             matrices[path] = [x for r in v for x in r]
         elif pairs is not None:
             head_lists[path] = pairs
@@ -97,10 +113,10 @@ def _validation(validation: Any, L: int, H: int) -> dict[str, Any]:
                                 "fields": [[str(k), _short(x)] for k, x in v.items() if k not in ("layer", "head")]})
                 return
             for k, x in v.items():
-                walk(x, f"{path}.{k}" if path else str(k))
+                walk(x, f"{path}.{k}" if path else str(k), depth + 1)
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             for i, x in enumerate(v):
-                walk(x, f"{path}[{i}]")
+                walk(x, f"{path}[{i}]", depth + 1)
         elif len(summary) < 300:
             summary.append([path, _short(v)])
 
@@ -188,28 +204,125 @@ def render_html(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None = 
 
 
 def matching_samples(atlas_data: dict[str, Any], directory: str | Path | None) -> tuple[dict, dict] | None:
-    """The attention samples saved beside an atlas, refused when another model made them."""
-    samples = load_samples(directory) if directory is not None else None
+    """The attention samples saved beside an atlas, refused (one line) unless they belong to it: written
+    together with it (its manifest, where it has one), of its model and profile settings, and whole."""
+    if directory is None:
+        return None
+    samples = load_samples(directory)
     if samples is not None:
-        made_for = samples[1].get("model", {}).get("weights_sha256")
-        atlas_for = atlas_data.get("model", {}).get("weights_sha256")
-        if made_for != atlas_for:
-            raise HeadwiseError(f"the attention samples in {directory} were made with another model than its atlas "
-                                f"(weights {str(made_for)[:12]} vs {str(atlas_for)[:12]}); re-collect them: "
-                                f"headwise report {directory} --model MODEL")
+        problem = binding_problem(atlas_data, samples[1])  # the most telling reason first
+        if problem is not None:
+            raise HeadwiseError(one_line(f"the attention samples in {directory} {problem}; {recollect(directory)}"))
+        verify_unit(directory, [SAMPLES_TENSORS, SAMPLES_JSON])
     return samples
 
 
 def write_report(atlas_dir: str | Path) -> Path:
-    """Write atlas_dir/report.html from atlas_dir/atlas.json (and the attention samples when present)."""
-    from ..atlas import Atlas
-
+    """Write atlas_dir/report.html from atlas_dir/atlas.json and the attention samples beside it (refused
+    unless they belong to the atlas), as one unit with them."""
     atlas = Atlas.load(atlas_dir)
-    atlas_dir = atlas.directory
-    samples = matching_samples(atlas.data, atlas_dir)
-    page = render_html(atlas.data, samples)
-    out = atlas_dir / REPORT_FILE
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    verify_unit(atlas.directory, [FILENAME])
+    write_unit(atlas.directory, atlas, keep_atlas=True, samples="keep", report=True, what="the report")
+    return atlas.directory / REPORT_FILE
+
+
+# ---- the atlas directory as one unit ---------------------------------------------------------
+def unit_bytes(geometry: Any, n_scores: int, context: int, with_report: bool) -> int:
+    """A generous estimate of an atlas directory's size, to refuse a too-full disk before profiling."""
+    from .samples import LONG_SIDE, ROW_BINS, SHORT_SIDE, map_side
+
+    heads = geometry.n_total_heads
+    atlas = heads * (3 * n_scores + 16) * 14 + 2**20  # ~14 characters a number; the distance profile's 16 bins
+    if not with_report:
+        return atlas
+    cells = map_side(geometry, SHORT_SIDE) ** 2 + map_side(geometry, LONG_SIDE) ** 2 + ROW_BINS
+    samples = heads * (2 * cells + 32) + 64 * context
+    page = heads * cells * 4 // 3 + atlas + samples // 4 + 2**20  # base64 uint8 maps, the data again, the assets
+    return atlas + samples + page
+
+
+def _samples_for(atlas: Atlas | None, directory: Path, samples: Any) -> tuple[tuple[dict, dict] | None, bytes, bytes]:
+    """The samples the new unit holds: (arrays, meta) for the page, and the two files' bytes."""
+    if isinstance(samples, tuple):  # new ones (sample_attention)
+        from safetensors.numpy import load
+
+        data, meta = samples
+        if atlas is not None and (problem := binding_problem(atlas.data, meta)) is not None:
+            raise HeadwiseError(f"the attention samples for {directory} {problem}; collect them with the atlas's "
+                                f"model and settings")
+        return (load(data), meta), data, meta_text(meta).encode("utf-8")
+    if samples is None:
+        return None, b"", b""
+    if samples == "keep":  # the report's own reading: refused unless they belong (written together, bound)
+        if atlas is not None:
+            matching_samples(atlas.data, directory)
+        found = read_samples(directory)
+        return (found[:2], found[2], found[3]) if found is not None else (None, b"", b"")
+    # "keep-if-bound": a new atlas keeps the samples that still belong to it (bound by model and
+    # settings, whatever the manifest says) and drops others rather than keep them beside it.
+    try:
+        found = read_samples(directory)
+        problem = binding_problem(atlas.data, found[1]) if found is not None and atlas is not None else None
+    except HeadwiseError as e:
+        found, problem = None, str(e)
+    if problem is not None:
+        print(f"headwise: note: the attention samples in {directory} are removed: {problem}; "
+              f"{recollect(directory)}", file=sys.stderr)
+        return None, b"", b""
+    return (found[:2], found[2], found[3]) if found is not None else (None, b"", b"")
+
+
+def write_unit(directory: str | Path, atlas: Atlas | None, *, keep_atlas: bool = False,
+               samples: Any = "keep-if-bound", report: bool | None = None, what: str = "the atlas") -> Path:
+    """Write an atlas directory's files as one unit: all replaced, or (after an error or Ctrl-C) none.
+
+    atlas: the atlas of the unit; keep_atlas: it is the atlas.json already there (kept, checked
+    against the manifest) rather than a new one to write.
+    samples: (bytes, meta) from sample_attention: new ones; None: none (an older run's are removed);
+    "keep": the ones there, refused unless they belong to the atlas; "keep-if-bound": the ones
+    there if they belong to the atlas, else removed (with a note).
+    report: True renders report.html, False removes it, None re-renders it if there was one: a
+    new atlas never sits beside the report of an old one.
+    Files the old unit held besides these (figures plotted into the directory) are kept with a
+    kept atlas and removed with a new one (they showed the old atlas).
+    """
+    directory = Path(directory)
+    pair, tensor_bytes, meta_bytes = _samples_for(atlas, directory, samples)
+    if report is None:
+        report = (directory / REPORT_FILE).is_file() and atlas is not None
+    if report and atlas is None:
+        raise HeadwiseError(f"no atlas in {directory} to write a report of; run headwise profile --out {directory}")
+    page = render_html(atlas.data, pair) if report else None
+    try:
+        with staged_outputs(directory, what=what) as stage:
+            if atlas is not None and keep_atlas and (directory / FILENAME).is_file():
+                stage.keep(FILENAME)
+            elif atlas is not None and not keep_atlas:
+                stage.write_text(FILENAME, atlas.to_json())
+            if pair is not None:
+                stage.write_bytes(SAMPLES_TENSORS, tensor_bytes)
+                stage.write_bytes(SAMPLES_JSON, meta_bytes)
+            else:
+                stage.remove(SAMPLES_TENSORS)
+                stage.remove(SAMPLES_JSON)
+            if page is not None:
+                stage.write_text(REPORT_FILE, page)
+            else:
+                stage.remove(REPORT_FILE)
+            if keep_atlas:
+                stage.keep_others()
+            else:
+                for name in stage.old_files():
+                    if name not in UNIT_FILES:
+                        stage.remove(name)
+            stage.meta = {"atlas_model": atlas.model.get("spec") if atlas is not None else None}
+    except OSError as e:  # e.g. the disk filled while staging: the old files are untouched
+        raise HeadwiseError(f"could not write {what} to {directory} ({e.strerror or e}); the files there are left "
+                            f"as they were; free some space or choose another output directory") from None
+    if atlas is not None and not keep_atlas:
+        atlas.directory = directory
+    return directory
+
+
+__all__ = ["REPORT_FILE", "UNIT_FILES", "json_for_script", "matching_samples", "render_html", "report_data",
+           "unit_bytes", "write_report", "write_unit"]

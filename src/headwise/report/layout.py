@@ -105,3 +105,6 @@ def pattern_map(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None) -
     return {"x": [round(float(v), 5) for v in coords[:, 0]], "y": [round(float(v), 5) for v in coords[:, 1]],
             "method": method,
             "features": [n for n, k in zip(names, keep) if k], "explained": [round(e, 4) for e in explained]}
+
+
+__all__ = ["head_features", "pattern_map", "pca_2d", "short_offset_features"]

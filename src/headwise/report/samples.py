@@ -15,11 +15,15 @@ Two forward passes with an Observer that keeps, per head, only small summaries:
 
 Saved as DIR/attention_samples.safetensors (the arrays) and DIR/attention_samples.json (the
 tokens, probe settings, region definitions and the model they came from), so the report can be
-rebuilt without the model. Never pickle.
+rebuilt without the model. Never pickle. The JSON binds the samples to their atlas: the model's
+weights hash, the profile settings they depend on (BOUND_SETTINGS) and the sha256 of the
+.safetensors file; `binding_problem` says why samples do not belong beside an atlas, and the
+report refuses them rather than pair a map with another run's tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,12 +33,13 @@ import torch
 from torch import Tensor
 
 from .._progress import progress
+from .._schema import one_line
+from ..atlas import SAMPLES_FILES
 from ..errors import HeadwiseError
 from ..geometry import Geometry
 from ..instrument import AttentionChunk, Observer, Session
 
-SAMPLES_TENSORS = "attention_samples.safetensors"
-SAMPLES_JSON = "attention_samples.json"
+SAMPLES_TENSORS, SAMPLES_JSON = SAMPLES_FILES  # attention_samples.safetensors, attention_samples.json
 SHORT_SIDE = 64
 LONG_SIDE = 64
 MAP_BUDGET = 2 * 2**20  # bytes of one uint8 map per head across all heads, as the page embeds it
@@ -145,18 +150,18 @@ def _long_prompt(tok: Any, geometry: Geometry, settings: Any) -> tuple[Tensor, t
                                                     "needle": needle.text, "question": needle.question}
 
 
-def collect_samples(loaded: Any, settings: Any, out_dir: str | Path) -> Path:
-    """Run the short and long probes on `loaded` and save the samples in `out_dir`.
+def sample_attention(loaded: Any, settings: Any) -> tuple[bytes, dict[str, Any]]:
+    """Run the short and long probes on `loaded`: (the .safetensors file's bytes, its metadata).
 
-    settings: the ProfileSettings the atlas was made with (context, seed, text, window).
+    settings: the ProfileSettings the atlas was made with (context, seed, text, block_len, window).
+    The metadata binds the samples to that atlas: the model, these settings, the tensors' sha256.
     """
+    from safetensors.numpy import save
+
     from ..probes import repeated_tokens
 
     geometry: Geometry = loaded.geometry
     tok = loaded.tokenizer
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     block = min(int(settings.block_len), (SHORT_SIDE - 1) // 2)  # BOS + 2 blocks fit one 64 x 64 map
     short = repeated_tokens(tok, geometry.vocab_size, block_len=block, repeats=2, n_sequences=1, seed=settings.seed,
                             name="report-short")
@@ -171,22 +176,21 @@ def collect_samples(loaded: Any, settings: Any, out_dir: str | Path) -> Path:
                                   "report", total=2, unit="probe"):
         _forward(loaded, ids, observer)
 
-    from safetensors.numpy import save
-
     n_seen = max(long_obs.region_queries, 1)
-    arrays = {
+    data = save({
         # float16 keeps ~3 significant digits, plenty for maps drawn with 256 colours
         "short_map": short_obs.pooled_map().astype(np.float16),
         "long_map": long_obs.pooled_map().astype(np.float16),
         "long_regions_mean": (long_obs.region_mean / n_seen).numpy().astype(np.float32),
         "long_regions_last": long_obs.region_last.numpy().astype(np.float32),
         "long_last_row": long_obs.last_row.numpy().astype(np.float16),
-    }
-    (out_dir / SAMPLES_TENSORS).write_bytes(save(arrays))  # (save_file would make it owner-only)
+    })
     meta = {
         "schema": "headwise.attention_samples/1",
         "model": loaded.info.to_dict(),
         "geometry": geometry.to_dict(),
+        "tensors_sha256": hashlib.sha256(data).hexdigest(),
+        "profile": bound_settings(settings),
         "short": {"probe": "repeated random tokens", **short.settings, "length": int(short_ids.shape[1]),
                   "side": short_obs.side, "tokens": _token_strings(tok, short_ids[0].tolist())},
         "long": {**long_settings, "length": int(long_ids.shape[1]),
@@ -195,23 +199,114 @@ def collect_samples(loaded: Any, settings: Any, out_dir: str | Path) -> Path:
                  "region_queries": long_obs.region_queries,
                  "tokens": _token_strings(tok, long_ids[0].tolist())},
     }
-    (out_dir / SAMPLES_JSON).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    return out_dir / SAMPLES_TENSORS
+    return data, meta
+
+
+def meta_text(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, ensure_ascii=False, indent=1) + "\n"
+
+
+# ---- reading them back, and binding them to an atlas -------------------------------------------
+BOUND_SETTINGS = ("context", "seed", "text", "block_len", "window")  # the profile settings the samples depend on
+MAX_TENSOR_BYTES = 2**30
+
+
+def bound_settings(values: Any) -> dict[str, Any]:
+    """The settings the samples depend on, from ProfileSettings or an atlas's settings record (defaults
+    filled in, as ProfileSettings.from_dict fills them)."""
+    from ..scores import all_settings
+
+    known = all_settings()
+    out = {k: values[k] if k in values else known[k].default for k in BOUND_SETTINGS}
+    out["text"] = "bundled" if out["text"] is None else out["text"]
+    return out
+
+
+def recollect(directory: Any) -> str:
+    return f"re-collect them: headwise report {directory} --model MODEL"
+
+
+def binding_problem(atlas_data: dict[str, Any], meta: dict[str, Any]) -> str | None:
+    """Why samples with metadata `meta` do not belong to the atlas `atlas_data` (None: they do)."""
+    made_for, atlas_for = meta["model"].get("weights_sha256"), atlas_data["model"].get("weights_sha256")
+    if made_for != atlas_for:
+        return f"were made with another model than its atlas (weights {str(made_for)[:12]} vs {str(atlas_for)[:12]})"
+    if Geometry.from_dict(meta["geometry"]) != Geometry.from_dict(atlas_data["geometry"]):
+        return "were made for another model geometry than its atlas"
+    if "profile" not in meta or "tensors_sha256" not in meta:
+        return "were collected by an older headwise that did not record which profile settings they belong to"
+    want, have = bound_settings(atlas_data.get("settings", {})), meta["profile"]
+    differ = [f"{k} {have.get(k)!r} vs {want[k]!r}" for k in BOUND_SETTINGS if have.get(k) != want[k]]
+    if differ:
+        return f"were collected with other profile settings than its atlas ({', '.join(differ)})"
+    return None
+
+
+def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str | None:
+    """Why the arrays do not fit their metadata (None: they do): shapes, dtypes, finite values, lengths."""
+    g, short, long = meta["geometry"], meta["short"], meta["long"]
+    L, H = g["n_layers"], g["n_heads"]
+    for part in (short, long):
+        if len(part["tokens"]) != part["length"] or part["side"] > part["length"]:
+            return f"hold {len(part['tokens'])} tokens and a side of {part['side']} for a prompt of {part['length']}"
+    lo, hi = long["needle_span"]
+    if not lo <= hi <= long["length"] or long["row_bins"] > long["length"] or len(long["regions"]) != len(REGIONS):
+        return "describe a needle span, row bins or regions that do not fit the long prompt"
+    want = {"short_map": (L, H, short["side"], short["side"]), "long_map": (L, H, long["side"], long["side"]),
+            "long_regions_mean": (L, H, len(REGIONS)), "long_regions_last": (L, H, len(REGIONS)),
+            "long_last_row": (L, H, long["row_bins"])}
+    for name, shape in want.items():
+        a = arrays.get(name)
+        if a is None:
+            return f"lack the array {name}"
+        if a.shape != shape or a.dtype.kind != "f":
+            return f"hold {name} as {a.dtype} {list(a.shape)}, not floats {list(shape)}"
+        if not np.isfinite(a).all():
+            return f"hold values in {name} that are not finite"
+    return None
+
+
+def read_samples(atlas_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any], bytes, bytes] | None:
+    """(arrays, metadata, the .safetensors bytes, the .json bytes), checked to belong together, or None
+    when the directory has no samples."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    from .._schema import load_json_file, samples_meta_schema, validate_json
+
+    atlas_dir = Path(atlas_dir)
+    tensors, meta_path = atlas_dir / SAMPLES_TENSORS, atlas_dir / SAMPLES_JSON
+    if not tensors.exists() and not meta_path.exists():
+        return None
+    fix = recollect(atlas_dir)
+    if not tensors.is_file() or not meta_path.is_file():
+        present, absent = (tensors, meta_path) if tensors.is_file() else (meta_path, tensors)
+        raise HeadwiseError(f"{atlas_dir} has {present.name} but no {absent.name}; {fix}")
+    meta = load_json_file(meta_path, what="attention samples metadata", fix=fix)
+    validate_json(meta, samples_meta_schema(), source=str(meta_path), fix=fix)
+    try:
+        if tensors.stat().st_size > MAX_TENSOR_BYTES:
+            raise HeadwiseError(f"{tensors} is larger than {MAX_TENSOR_BYTES} bytes, too large for attention "
+                                f"samples; {fix}")
+        data = tensors.read_bytes()
+        arrays = load(data)
+        meta_bytes = meta_path.read_bytes()
+    except (SafetensorError, ValueError, OSError) as e:
+        raise HeadwiseError(one_line(f"attention samples in {atlas_dir} are unreadable ({e}); {fix}")) from None
+    if "tensors_sha256" in meta and hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
+        raise HeadwiseError(f"{tensors} is not the file {meta_path.name} describes (its sha256 differs from the one "
+                            f"recorded): the two come from different runs; {fix}")
+    problem = _check_arrays(arrays, meta)
+    if problem is not None:
+        raise HeadwiseError(one_line(f"the attention samples in {atlas_dir} {problem}; {fix}"))
+    return arrays, meta, data, meta_bytes
 
 
 def load_samples(atlas_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """(arrays, metadata) saved by collect_samples, or None when the directory has none."""
-    atlas_dir = Path(atlas_dir)
-    tensors, meta = atlas_dir / SAMPLES_TENSORS, atlas_dir / SAMPLES_JSON
-    if not tensors.is_file() or not meta.is_file():
-        return None
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    samples = read_samples(atlas_dir)
+    return None if samples is None else samples[:2]
 
-    try:
-        arrays = load_file(str(tensors))
-        info = json.loads(meta.read_text(encoding="utf-8"))
-    except (SafetensorError, ValueError, OSError) as e:
-        raise HeadwiseError(f"attention samples in {atlas_dir} are unreadable ({e}); re-run headwise report "
-                            f"{atlas_dir} --model MODEL to collect them again") from None
-    return arrays, info
+
+__all__ = ["BOUND_SETTINGS", "REGIONS", "SAMPLES_JSON", "SAMPLES_TENSORS", "PooledAttention", "binding_problem",
+           "bound_settings", "load_samples", "map_side", "meta_text", "read_samples", "recollect", "sample_attention"]

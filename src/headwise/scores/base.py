@@ -222,3 +222,7 @@ def mean_ratio(numerator: PerSequence, denominator: PerSequence) -> np.ndarray:
     num, den = numerator.all(), denominator.all()
     ratio = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
     return ratio.mean(0).numpy()
+
+
+__all__ = ["CORE_SETTINGS", "ComputedScoreFamily", "NeedsFull", "PerSequence", "ProbeScoreFamily", "Score",
+           "ScoreFamily", "ScoreObserver", "ScoreResult", "Setting", "mean_ratio", "weighted_sum"]

@@ -90,3 +90,6 @@ class DistanceScores(ProbeScoreFamily):
 
     def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver:
         return _DistanceObserver(geometry, probe.length)
+
+
+__all__ = ["DistanceScores", "distance_bins"]

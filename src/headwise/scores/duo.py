@@ -141,3 +141,6 @@ class DuoScores(ComputedScoreFamily):
                               "distill_last10": float(np.mean([h["distill"] for h in last])) if last else None,
                               "gates_kv": [[None if np.isnan(x) else round(float(x), 4) for x in row]
                                            for row in gates]}})
+
+
+__all__ = ["DuoScores", "gated_mix", "train_gates"]

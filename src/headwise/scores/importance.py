@@ -149,3 +149,7 @@ class ImportanceScores(ComputedScoreFamily):
         run = {**probe.settings, "probe": PROBE, "clean_loss": round(clean_loss(model, ids), 6),
                "ablation_tokens": settings.ablation_tokens, "importance_batch": settings.importance_batch}
         return ScoreResult(scores=scores, settings=run)
+
+
+__all__ = ["ImportanceScores", "ablation_importance", "clean_loss", "gradient_importance", "importance_text",
+           "norm_importance"]

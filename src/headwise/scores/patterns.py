@@ -99,3 +99,6 @@ class PatternScores(ProbeScoreFamily):
 
     def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver:
         return _PatternObserver(geometry, settings.exclude_bos, settings.exclude_current_token)
+
+
+__all__ = ["PatternScores"]

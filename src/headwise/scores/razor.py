@@ -75,3 +75,6 @@ class RazorScores(ProbeScoreFamily):
 
     def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver:
         return _RazorObserver(geometry)
+
+
+__all__ = ["RazorScores"]

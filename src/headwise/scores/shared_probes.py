@@ -24,3 +24,6 @@ def make_text_probe(tokenizer: Any, geometry: Geometry, settings: Any) -> Probe:
     geometry.check_context(settings.context)
     return natural_text(tokenizer, context=settings.context, n_sequences=settings.text_sequences, seed=settings.seed,
                         text=settings.text)
+
+
+__all__ = ["BLOCK_LEN", "TEXT_SETTINGS", "make_text_probe", "text_probe_key"]

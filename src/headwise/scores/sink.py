@@ -51,3 +51,6 @@ class SinkScores(ProbeScoreFamily):
 
     def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver:
         return _SinkObserver(geometry)
+
+
+__all__ = ["SinkScores"]

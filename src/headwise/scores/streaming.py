@@ -73,3 +73,6 @@ class StreamingScores(ProbeScoreFamily):
 
     def observer(self, geometry: Geometry, probe: Probe, settings: Any) -> ScoreObserver:
         return _StreamingObserver(geometry, settings.sink_tokens, settings.window)
+
+
+__all__ = ["StreamingScores"]

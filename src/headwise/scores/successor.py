@@ -177,3 +177,6 @@ class SuccessorScores(ComputedScoreFamily):
                "effective_embedding": "residual after block 0, token alone (layer 0: the embedding)"}
         profile = {"bins": [t.name for t in tasks], "values": per_task}
         return ScoreResult(scores={"successor": score}, profiles={"successor_tasks": profile}, settings=run)
+
+
+__all__ = ["SuccessorScores", "head_values", "ov_outputs", "successor_scores", "token_embeddings"]

@@ -31,3 +31,6 @@ class ValidationTask(ABC):
     def settings(self) -> dict[str, Any]:
         """Everything needed to rebuild the task's inputs."""
         return {}
+
+
+__all__ = ["TaskOutcome", "ValidationTask"]

@@ -49,3 +49,6 @@ class InContextLossTask(ValidationTask):
                 losses[cond, seq] = nll.double().cpu()
         return TaskOutcome(values=[float(v) for v in losses.mean(1)],
                            details=[{"per_sequence": [round(float(x), 4) for x in row]} for row in losses])
+
+
+__all__ = ["InContextLossTask"]

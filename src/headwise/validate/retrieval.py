@@ -64,3 +64,6 @@ class RetrievalTask(ValidationTask):
             names.append(case.settings["label"])
         details = [{"correct": [names[i] for i in np.nonzero(row)[0]]} for row in correct]
         return TaskOutcome(values=[float(v) for v in correct.mean(1)], details=details)
+
+
+__all__ = ["RetrievalTask"]

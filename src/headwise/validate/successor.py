@@ -52,3 +52,6 @@ class SuccessorTask(ValidationTask):
         per_task = [{name: round(float(row[[i for i, t in enumerate(prompts.tasks) if t == name]].mean()), 4)
                      for name in dict.fromkeys(prompts.tasks)} for row in hits]
         return TaskOutcome(values=[float(v) for v in hits.mean(1)], details=per_task)
+
+
+__all__ = ["SuccessorTask"]

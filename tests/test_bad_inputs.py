@@ -1,0 +1,485 @@
+"""Bad input to every command, as a hostile user would give it (issue 18): each case runs
+`headwise.cli.main` in-process on a tiny model and must end with exit 2 and exactly one stderr line
+`headwise: error: ...` (no traceback, nothing half-written), or succeed with a correct result.
+
+A case is (id, argv built from the workspace, expected text of the error or a check of the result).
+Cases marked `early` must be refused before the model loads (loading it fails the test).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections import namedtuple
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from headwise import _io
+from headwise.cli import main
+from tests.conftest import tiny_model, tiny_tokenizer
+
+PROFILE = ["--context", "96", "--text-sequences", "1", "--block-len", "8", "--repeated-sequences", "1",
+           "--scores", "previous_token,sink,mean_distance"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Two tiny models, a text, and an atlas directory (atlas, samples, report) profiled from the first."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    for name, seed in (("model", 0), ("other", 1)):
+        tiny_model("llama-gqa", seed=seed).save_pretrained(root / name)
+        tiny_tokenizer().save_pretrained(root / name)
+    (root / "text.txt").write_text(" ".join(f"t{(i * 7) % 90}" for i in range(3000)))
+    for name, model, context in (("atlas", "model", "96"), ("atlas-other", "other", "96"),
+                                 ("atlas-ctx", "model", "80")):
+        argv = ["profile", "--model", str(root / model), *PROFILE, "--text", str(root / "text.txt"),
+                "--out", str(root / name)]
+        argv[argv.index("--context") + 1] = context
+        assert main(argv) == 0
+    return root
+
+
+@dataclass
+class W:
+    """A case's workspace: fresh copies of what it may damage."""
+
+    root: Path
+    tmp: Path
+    monkeypatch: Any
+
+    @property
+    def model(self) -> str:
+        return str(self.root / "model")
+
+    @property
+    def other(self) -> str:
+        return str(self.root / "other")
+
+    @property
+    def text(self) -> str:
+        return str(self.root / "text.txt")
+
+    def atlas(self, source: str = "atlas") -> Path:
+        """A copy of an atlas directory (atlas.json, samples, report, manifest)."""
+        out = self.tmp / f"copy-{source}"
+        if not out.exists():
+            shutil.copytree(self.root / source, out)
+        return out
+
+    def edited(self, change: Callable[[dict], Any], name: str = "atlas.json") -> Path:
+        """A copy of the atlas directory whose JSON file `name` was edited by `change` (manifest dropped,
+        as after a hand edit of an older directory)."""
+        out = self.atlas()
+        doc = json.loads((out / name).read_text())
+        change(doc)  # in place
+        (out / name).write_text(json.dumps(doc))
+        (out / _io.MANIFEST).unlink()
+        return out
+
+    def file(self, name: str, content: str | bytes) -> str:
+        path = self.tmp / name
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return str(path)
+
+    def policy(self, change: Callable[[dict], Any] | None = None) -> str:
+        """A head policy file saved by headwise, then edited."""
+        from headwise.geometry import Geometry
+        from headwise.kv import HeadPolicy
+
+        g = Geometry.from_dict(json.loads((self.root / "atlas" / "atlas.json").read_text())["geometry"])
+        path = HeadPolicy.random(g, 0.5, sink=4, window=16).save(self.tmp / "p.json")
+        doc = json.loads(path.read_text())
+        if change is not None:
+            change(doc)  # in place
+        path.write_text(json.dumps(doc))
+        return str(path)
+
+    def no_space(self) -> None:
+        """A disk with 1 KiB free."""
+        usage = namedtuple("usage", "total used free")(2**30, 2**30 - 1024, 1024)
+        self.monkeypatch.setattr(_io.shutil, "disk_usage", lambda path: usage)
+
+    def read_only(self, directory: Path) -> Path:
+        """Writes into `directory` fail as on a read-only mount (root ignores permission bits)."""
+        real = _io._probe
+
+        def probe(d):
+            if Path(d).resolve() == directory.resolve():
+                raise PermissionError(13, "Permission denied")
+            real(d)
+
+        self.monkeypatch.setattr(_io, "_probe", probe)
+        return directory
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[W], list[str]]
+    expect: str | Callable[[W], None]  # text of the one-line error, or a check of a successful run
+    early: bool = False  # refused before the model loads
+
+
+def setp(path: tuple, value: Any) -> Callable[[dict], None]:
+    def change(doc: dict) -> None:
+        target = doc
+        for p in path[:-1]:
+            target = target[p]
+        target[path[-1]] = value
+    return change
+
+
+def gen(w: W, *extra: str, prompt: str = " ".join(f"t{i % 90}" for i in range(40))) -> list[str]:
+    return ["generate", "--model", w.model, "--prompt-file", w.file("prompt.txt", prompt), "--max-new-tokens", "2",
+            *extra]
+
+
+def ev(w: W, *extra: str, out: str | None = None) -> list[str]:
+    return ["eval", "--model", w.model, "--contexts", "100", "--depths", "0.5", "--trials", "1", "--sink", "4",
+            "--window", "16", "--out", out or str(w.tmp / "e.json"), *extra]
+
+
+def prof(w: W, *extra: str, out: str | None = None) -> list[str]:
+    return ["profile", "--model", w.model, *PROFILE, "--text", w.text, "--out", out or str(w.tmp / "p"), *extra]
+
+
+def attr(w: W, *extra: str, data: str | None = None) -> list[str]:
+    data = data or w.file("d.jsonl", '{"prompt": "t5 t9 t5"}\n{"prompt": "t20 t21 t20"}\n')
+    return ["attribute", "--model", w.model, "--data", data, *extra]
+
+
+def val(w: W, *extra: str, atlas: Path | None = None, role: str = "previous-token", model: str | None = None
+        ) -> list[str]:
+    return ["validate", "--role", role, "--atlas", str(atlas or w.atlas()), "--model", model or w.model, *extra]
+
+
+# ---- checks of runs that must succeed ------------------------------------------------------------
+def atlas_unit_at(path_of: Callable[[W], Path]) -> Callable[[W], None]:
+    def check(w: W) -> None:
+        from headwise import Atlas
+
+        d = path_of(w)
+        assert Atlas.load(d).score_names
+        _io.verify_unit(d, ["atlas.json"])
+    return check
+
+
+def report_ok(w: W) -> None:
+    d = w.atlas()
+    page = (d / "report.html").read_text()
+    assert "headwise-data" in page
+    _io.verify_unit(d, ["atlas.json", "attention_samples.safetensors", "attention_samples.json", "report.html"])
+
+
+def figures_in(path_of: Callable[[W], Path]) -> Callable[[W], None]:
+    def check(w: W) -> None:
+        d = path_of(w)
+        assert sorted(p.name for p in d.glob("*.png")) == ["grid.png", "layer_trends.png", "pattern_map.png"]
+        _io.verify_unit(d, ["grid.png", "layer_trends.png", "pattern_map.png"])
+    return check
+
+
+def eval_ok(w: W) -> None:
+    from headwise.kv.evaluate import load_eval
+
+    result = load_eval(w.tmp / "new" / "dir" / "e.json")
+    assert result["complete"] and result["cases"] == {"done": 1, "total": 1} and len(result["rows"]) == 2
+
+
+def only_atlas(d: Path) -> None:
+    """A profile without report: atlas.json alone, an older run's samples and report removed with it."""
+    assert sorted(p.name for p in d.iterdir()) == ["atlas.json", _io.MANIFEST]
+    atlas_unit_at(lambda w: d)(None)
+
+
+NaN_ATLAS = '{"schema": "headwise.atlas/1", "x": NaN}'
+DEEP = {"v": {}}
+_d = DEEP["v"]
+for _ in range(80):
+    _d["x"] = {}
+    _d = _d["x"]
+
+CASES = [
+    # ---- profile --------------------------------------------------------------------------------
+    Case("profile unknown score", lambda w: prof(w, "--scores", "bogus"), "unknown score 'bogus'", early=True),
+    Case("profile empty scores", lambda w: prof(w, "--scores", " , "), "--scores is empty", early=True),
+    Case("profile probe shared by sink and streamable_mass too short",
+         lambda w: ["profile", "--model", w.model, "--scores", "sink,streamable_mass", "--context", "256",
+                    "--out", str(w.tmp / "p")], "streamable_mass needs a context longer than sink + window"),
+    Case("profile context 0", lambda w: prof(w, "--context", "0"), "--context must be a positive integer",
+         early=True),
+    Case("profile context negative", lambda w: prof(w, "--context", "-5"), "--context must be a positive", early=True),
+    Case("profile context not a number", lambda w: prof(w, "--context", "abc"), "invalid int value", early=True),
+    Case("profile context beyond the model", lambda w: prof(w, "--context", "5000"), "longer than this model allows"),
+    Case("profile window 0", lambda w: prof(w, "--window", "0"), "--window must be a positive integer", early=True),
+    Case("profile chunk bytes too small", lambda w: prof(w, "--chunk-bytes", "10"), "at least 1024", early=True),
+    Case("profile seed negative", lambda w: prof(w, "--seed", "-1"), "--seed", early=True),
+    Case("profile duo lr nan", lambda w: prof(w, "--duo-lr", "nan"), "must be a finite number", early=True),
+    Case("profile unknown grid", lambda w: prof(w, "--grid", "huge"), "invalid choice", early=True),
+    Case("profile missing text file", lambda w: prof(w, "--text", str(w.tmp / "none.txt")), "none.txt"),
+    Case("profile out is a file", lambda w: prof(w, out=w.file("f", "x")), "it is a file, not a directory",
+         early=True),
+    Case("profile out under a file", lambda w: prof(w, out=str(Path(w.file("f", "x")) / "sub")), "is a file",
+         early=True),
+    Case("profile out read-only", lambda w: prof(w, out=str(w.read_only(w.tmp / "ro"))), "is not writable",
+         early=True),
+    Case("profile disk full", lambda w: w.no_space() or prof(w), "not enough free space"),
+    Case("profile unknown model", lambda w: prof(w, out=str(w.tmp / "q")) + ["--model", str(w.tmp / "none")],
+         "none"),
+    Case("profile model with a corrupt config",
+         lambda w: prof(w) + ["--model", str(Path(w.file("config.json", "{oops")).parent)], "config.json"),
+    Case("profile refused leaves no directory", lambda w: prof(w, "--context", "5000", out=str(w.tmp / "a" / "b")),
+         "longer than this model allows"),
+    Case("profile missing parents are made", lambda w: prof(w, out=str(w.tmp / "new" / "dir")),
+         atlas_unit_at(lambda w: w.tmp / "new" / "dir")),
+    Case("profile no-report into an atlas dir drops its samples and report",
+         lambda w: prof(w, "--no-report", out=str(w.atlas())), lambda w: only_atlas(w.atlas())),
+    # ---- report ---------------------------------------------------------------------------------
+    Case("report missing atlas", lambda w: ["report", str(w.tmp / "nothing")], "no atlas at", early=True),
+    Case("report truncated atlas",
+         lambda w: ["report", str(_truncate(w.atlas() / "atlas.json"))], "corrupt or truncated", early=True),
+    Case("report binary atlas", lambda w: ["report", str(Path(w.file("atlas.json", b"\xff\xfe\x00")).parent)],
+         "not UTF-8", early=True),
+    Case("report atlas holding NaN", lambda w: ["report", str(Path(w.file("atlas.json", NaN_ATLAS)).parent)],
+         "holds NaN", early=True),
+    Case("report atlas null scores", lambda w: ["report", str(w.edited(setp(("scores",), None)))],
+         "field scores must be an object (got null)", early=True),
+    Case("report atlas null roles", lambda w: ["report", str(w.edited(setp(("roles",), None)))],
+         "field roles must be an object (got null)", early=True),
+    Case("report atlas non-string role label", lambda w: ["report", str(w.edited(
+        setp(("roles", "labels", 0, 1), [3])))], "roles.labels[0][1][0] must be a string (got 3)", early=True),
+    Case("report atlas zero KV heads", lambda w: ["report", str(w.edited(setp(("geometry", "n_kv_heads"), 0)))],
+         "geometry.n_kv_heads must be >= 1", early=True),
+    Case("report atlas wrong shape", lambda w: ["report", str(w.edited(
+        lambda d: d["scores"]["sink"]["heads"].pop()))], "not a 3 x 4 matrix", early=True),
+    Case("report atlas score cell mistyped", lambda w: ["report", str(w.edited(
+        setp(("scores", "sink", "heads", 0, 0), "high")))], "must be a number or null", early=True),
+    Case("report atlas without model spec", lambda w: ["report", str(w.edited(
+        lambda d: d["model"].pop("spec")))], "field model.spec is missing", early=True),
+    Case("report atlas nested too deeply", lambda w: ["report", str(w.edited(setp(("validation",), DEEP)))],
+         "nested too deeply", early=True),
+    Case("report samples of another model", lambda w: ["report", str(_swap_samples(w, "atlas-other"))],
+         "another model", early=True),
+    Case("report samples of other settings", lambda w: ["report", str(_swap_samples(w, "atlas-ctx"))],
+         "other profile settings than its atlas (context 80 vs 96)", early=True),
+    Case("report samples tensors of another run", lambda w: ["report", str(_swap_samples(
+        w, "atlas-ctx", names=("attention_samples.safetensors",)))], "is not the file attention_samples.json "
+                                                                       "describes", early=True),
+    Case("report samples without binding", lambda w: ["report", str(w.edited(
+        lambda d: d.pop("profile"), "attention_samples.json"))], "older headwise", early=True),
+    Case("report samples meta mistyped", lambda w: ["report", str(w.edited(
+        setp(("short", "tokens", 0), 5), "attention_samples.json"))], "short.tokens[0] must be a string",
+         early=True),
+    Case("report samples tokens of another length", lambda w: ["report", str(w.edited(
+        lambda d: d["long"]["tokens"].pop(), "attention_samples.json"))], "tokens", early=True),
+    Case("report samples half missing", lambda w: ["report", str(_unlink(w.atlas(),
+                                                                        "attention_samples.safetensors"))],
+         "has attention_samples.json but no attention_samples.safetensors", early=True),
+    Case("report samples truncated", lambda w: ["report", str(_truncate(
+        w.atlas() / "attention_samples.safetensors", keep=100).parent)], "unreadable", early=True),
+    Case("report atlas edited after writing", lambda w: ["report", str(_append_space(w.atlas() / "atlas.json"))],
+         "was changed after headwise wrote it", early=True),
+    Case("report half-written unit", lambda w: ["report", str(_half_written(w.atlas()))], "half-written",
+         early=True),
+    Case("report read-only directory", lambda w: ["report", str(w.read_only(w.atlas()))], "is not writable",
+         early=True),
+    Case("report disk full", lambda w: w.no_space() or ["report", str(w.atlas())], "not enough free space",
+         early=True),
+    Case("report with another model", lambda w: ["report", str(w.atlas()), "--model", w.other],
+         "profile this model first"),
+    Case("report re-renders a good unit", lambda w: ["report", str(w.atlas())], report_ok),
+    Case("report re-collects with its model", lambda w: ["report", str(w.atlas()), "--model", w.model], report_ok),
+    # ---- plot -----------------------------------------------------------------------------------
+    Case("plot out is a file", lambda w: ["plot", str(w.atlas()), "--out", w.file("f", "x")], "it is a file"),
+    Case("plot unknown score", lambda w: ["plot", str(w.atlas()), "--score", "bogus"], "has no score 'bogus'"),
+    Case("plot atlas without scores", lambda w: ["plot", str(w.edited(lambda d: d.update(
+        scores={}, roles={"rules": [], "labels": []})))], "no scores to plot"),
+    Case("plot samples of another model", lambda w: ["plot", str(_swap_samples(w, "atlas-other"))], "another model"),
+    Case("plot corrupt atlas", lambda w: ["plot", str(_truncate(w.atlas() / "atlas.json"))], "corrupt or truncated"),
+    Case("plot into new nested dir", lambda w: ["plot", str(w.atlas()), "--out", str(w.tmp / "f" / "g")],
+         figures_in(lambda w: w.tmp / "f" / "g")),
+    Case("plot into the atlas dir keeps its unit", lambda w: ["plot", str(w.atlas()), "--out", str(w.atlas())],
+         lambda w: [check(w) for check in (figures_in(lambda w: w.atlas()), report_ok)]),
+    # ---- validate -------------------------------------------------------------------------------
+    Case("validate missing atlas", lambda w: val(w, atlas=w.tmp / "none"), "no atlas at", early=True),
+    Case("validate corrupt atlas", lambda w: val(w, atlas=_truncate(w.atlas() / "atlas.json")),
+         "corrupt or truncated", early=True),
+    Case("validate unknown role", lambda w: val(w, role="bogus"), "no validation task for role 'bogus'"),
+    Case("validate too few draws", lambda w: val(w, "--draws", "3"), "--draws must be at least 5", early=True),
+    Case("validate k 0", lambda w: val(w, "--k", "0"), "--k must be a positive", early=True),
+    Case("validate k all heads", lambda w: val(w, "--k", "12"), "--k must be between 1 and 11"),
+    Case("validate seed negative", lambda w: val(w, "--seed", "-1"), "--seed must be", early=True),
+    Case("validate short retrieval context", lambda w: ["validate", "--role", "retrieval", "--atlas",
+                                                        str(w.atlas()), "--context", "10"], "at least 64",
+         early=True),
+    Case("validate read-only atlas dir", lambda w: val(w, "--k", "1", atlas=w.read_only(w.atlas())),
+         "is not writable", early=True),
+    Case("validate with another model", lambda w: val(w, "--k", "1", model=w.other), "profile this model first"),
+    Case("validate writes into the unit", lambda w: val(w, "--k", "1"), report_ok),
+    # ---- attribute ------------------------------------------------------------------------------
+    Case("attribute missing data", lambda w: attr(w, "--name", "x", data=str(w.tmp / "none.jsonl")),
+         "data file not found", early=True),
+    Case("attribute empty data", lambda w: attr(w, "--name", "x", data=w.file("e.jsonl", "")), "holds no examples",
+         early=True),
+    Case("attribute data not JSON", lambda w: attr(w, "--name", "x", data=w.file("b.jsonl", "{nope\n")), "line 1",
+         early=True),
+    Case("attribute data without prompt", lambda w: attr(w, "--name", "x", data=w.file("b.jsonl", '{"q": 1}\n')),
+         'has no "prompt" string', early=True),
+    Case("attribute bad name", lambda w: attr(w, "--name", "my name", "--atlas", str(w.tmp / "a")),
+         "must be letters"),
+    Case("attribute built-in name", lambda w: attr(w, "--name", "induction", "--atlas", str(w.tmp / "a")),
+         "built-in score name"),
+    Case("attribute top negative", lambda w: attr(w, "--name", "x", "--top", "-1"), "--top must be", early=True),
+    Case("attribute atlas path is a file", lambda w: attr(w, "--name", "x", "--atlas", w.file("f", "x")),
+         "it is a file", early=True),
+    Case("attribute atlas of another model", lambda w: attr(w, "--name", "x", "--atlas", str(w.atlas("atlas-other"))),
+         "profile this model first"),
+    Case("attribute corrupt atlas", lambda w: attr(w, "--name", "x", "--atlas",
+                                                   str(_truncate(w.atlas() / "atlas.json").parent)),
+         "corrupt or truncated"),
+    Case("attribute loss without targets", lambda w: attr(w, "--name", "x", "--metric", "loss", "--atlas",
+                                                          str(w.tmp / "a")), "needs a target"),
+    Case("attribute into the unit", lambda w: attr(w, "--name", "copying", "--atlas", str(w.atlas())), report_ok),
+    # ---- generate -------------------------------------------------------------------------------
+    Case("generate empty prompt", lambda w: gen(w, prompt=" \n"), "is empty", early=True),
+    Case("generate missing prompt file", lambda w: gen(w)[:4] + [str(w.tmp / "none.txt")] + gen(w)[5:],
+         "cannot read prompt file", early=True),
+    Case("generate max new tokens 0", lambda w: gen(w)[:-2] + ["--max-new-tokens", "0"], "--max-new-tokens",
+         early=True),
+    Case("generate prefill chunk 0", lambda w: gen(w, "--prefill-chunk", "0"), "--prefill-chunk", early=True),
+    Case("generate empty policy", lambda w: gen(w, "--policy", " "), "empty policy spec"),
+    Case("generate unknown policy", lambda w: gen(w, "--policy", "streamingXYZ"), "unknown policy 'streamingXYZ'"),
+    Case("generate nan amount", lambda w: gen(w, "--policy", "streaming@nan"), "finite number"),
+    Case("generate inf amount", lambda w: gen(w, "--policy", "random@inf"), "finite number"),
+    Case("generate seed not a number", lambda w: gen(w, "--policy", "random@0.5:x"), "the seed 'x'"),
+    Case("generate mid without number", lambda w: gen(w, "--policy", "streaming+whole+mid"), "+mid takes a number"),
+    Case("generate unknown option", lambda w: gen(w, "--policy", "streaming+fast"), "unknown option '+fast'"),
+    Case("generate streaming at 0", lambda w: gen(w, "--policy", "streaming@0"), "must be above 0"),
+    Case("generate full with amount", lambda w: gen(w, "--policy", "full@0.5"), "full takes no argument"),
+    Case("generate huge sink", lambda w: gen(w, "--sink", "100000000"), "--sink must be a whole number", early=True),
+    Case("generate window beyond the model", lambda w: gen(w, "--window", "5000"), "--window must be a whole number"),
+    Case("generate streaming window beyond the model", lambda w: gen(w, "--policy", "streaming@5000"),
+         "up to 1024"),
+    Case("generate snapkv beyond the model", lambda w: gen(w, "--policy", "snapkv@5000"), "up to 1024"),
+    Case("generate headwise without atlas", lambda w: gen(w, "--policy", "headwise:sink@0.5"), "needs an atlas"),
+    Case("generate corrupt policy file", lambda w: gen(w, "--policy", w.file("p.json", '{"schema": ')),
+         "corrupt or truncated"),
+    Case("generate policy zero KV heads", lambda w: gen(w, "--policy", w.policy(setp(("geometry", "n_kv_heads"), 0))),
+         "geometry.n_kv_heads must be >= 1"),
+    Case("generate policy wrong shape", lambda w: gen(w, "--policy", w.policy(lambda d: d["full"].pop())),
+         "field full must have exactly 3 items"),
+    Case("generate policy nan", lambda w: gen(w, "--policy", w.file("p.json", '{"schema": "x", "sink": NaN}')),
+         "holds NaN"),
+    Case("generate policy unknown kind", lambda w: gen(w, "--policy", w.policy(setp(("kind",), "magic"))),
+         "not a known policy kind"),
+    Case("generate policy of another geometry", lambda w: gen(w, "--policy", w.policy(lambda d: d.update(
+        geometry={**d["geometry"], "head_dim": 8}))), "was built for"),
+    Case("generate prompt too long", lambda w: gen(w, prompt=" ".join(["t5"] * 1100)), "exceed this model's 1024"),
+    Case("generate chat without template", lambda w: gen(w, "--chat"), "no chat template"),
+    Case("generate corrupt atlas", lambda w: gen(w, "--atlas", str(_truncate(w.atlas() / "atlas.json"))),
+         "corrupt or truncated"),
+    Case("generate works", lambda w: gen(w, "--policy", "streaming", "--sink", "4", "--window", "8"), lambda w: None),
+    # ---- eval -----------------------------------------------------------------------------------
+    Case("eval depth 2", lambda w: ev(w, "--depths", "2"), "--depths are fractions of the prompt in [0, 1], got 2",
+         early=True),
+    Case("eval depth nan", lambda w: ev(w, "--depths", "nan"), "--depths are fractions", early=True),
+    Case("eval depth not a number", lambda w: ev(w, "--depths", "half"), "--depths takes comma-separated numbers",
+         early=True),
+    Case("eval trials 0", lambda w: ev(w, "--trials", "0"), "--trials must be a whole number >= 1", early=True),
+    Case("eval unknown filler", lambda w: ev(w, "--fillers", "lorem"), "unknown filler(s) lorem", early=True),
+    Case("eval unknown task", lambda w: ev(w, "--tasks", "nope"), "unknown task(s) nope", early=True),
+    Case("eval context 0", lambda w: ev(w, "--contexts", "0"), "--contexts must be a whole number >= 1", early=True),
+    Case("eval context not a number", lambda w: ev(w, "--contexts", "1k"), "comma-separated integers", early=True),
+    Case("eval context beyond the model", lambda w: ev(w, "--contexts", "5000"), "longer than this model allows"),
+    Case("eval speed context 0", lambda w: ev(w, "--tasks", "speed", "--speed-context", "0"), "--speed-context",
+         early=True),
+    Case("eval perplexity context 0", lambda w: ev(w, "--tasks", "perplexity", "--perplexity-context", "0"),
+         "--perplexity-context", early=True),
+    Case("eval window 0", lambda w: ev(w) + ["--window", "0"], "--window must be a whole number", early=True),
+    Case("eval sink negative", lambda w: ev(w) + ["--sink", "-1"], "--sink must be a whole number", early=True),
+    Case("eval seed negative", lambda w: ev(w, "--seed", "-1"), "--seed must be", early=True),
+    Case("eval missing text", lambda w: ev(w, "--text", str(w.tmp / "none.txt")), "is not a file", early=True),
+    Case("eval empty policies", lambda w: ev(w, "--policies", ","), "--policies is empty", early=True),
+    Case("eval bad policy", lambda w: ev(w, "--policies", "streaming@nan"), "finite number"),
+    Case("eval out is a directory", lambda w: ev(w, out=str(w.tmp)), "it is a directory", early=True),
+    Case("eval out read-only", lambda w: ev(w, out=str(w.read_only(w.tmp / "ro") / "e.json")), "is not writable",
+         early=True),
+    Case("eval out names the plot", lambda w: ev(w, out=str(w.tmp / "e.png")), "names the plot's file", early=True),
+    Case("eval refused leaves no directory", lambda w: ev(w, "--contexts", "5000", out=str(w.tmp / "x" / "e.json")),
+         "longer than this model allows"),
+    Case("eval missing parents are made", lambda w: ev(w, out=str(w.tmp / "new" / "dir" / "e.json")), eval_ok),
+    # ---- any command --------------------------------------------------------------------------
+    Case("unknown flag", lambda w: ["report", str(w.atlas()), "--bogus"], "unrecognized arguments: --bogus",
+         early=True),
+    Case("threads 0", lambda w: ["--threads", "0", "report", str(w.atlas())], "--threads must be", early=True),
+]
+# Runs refused after the work started must still have left nothing behind.
+LEAVES_NOTHING = {"profile probe shared by sink and streamable_mass too short": "p",
+                  "profile refused leaves no directory": "a", "eval refused leaves no directory": "x"}
+
+
+def _truncate(path: Path, keep: int = 300) -> Path:
+    path.write_bytes(path.read_bytes()[:keep])
+    return path
+
+
+def _unlink(directory: Path, name: str) -> Path:
+    (directory / name).unlink()
+    return directory
+
+
+def _append_space(path: Path) -> Path:
+    path.write_text(path.read_text() + " ")
+    return path.parent
+
+
+def _half_written(directory: Path) -> Path:
+    manifest = json.loads((directory / _io.MANIFEST).read_text())
+    (directory / _io.MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
+    return directory
+
+
+def _swap_samples(w: W, source: str, names: tuple[str, ...] = ("attention_samples.safetensors",
+                                                               "attention_samples.json")) -> Path:
+    """The atlas directory with (some of) the samples files of another atlas directory copied in."""
+    d = w.atlas()
+    for name in names:
+        shutil.copy(w.root / source / name, d / name)
+    (d / _io.MANIFEST).unlink()  # as a directory from before manifests, or a copy by hand
+    return d
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, base, tmp_path, monkeypatch, capsys):
+    w = W(base, tmp_path, monkeypatch)
+    argv = case.argv(w)
+    capsys.readouterr()
+    if case.early:
+        def no_model(*a, **k):
+            raise AssertionError("the model was loaded before the input was refused")
+        monkeypatch.setattr(sys.modules["headwise.load"], "load", no_model)
+    before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    if isinstance(case.expect, str):
+        lines = err.splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("headwise: error: "), err
+        assert case.expect in lines[0], lines[0]
+        if case.id in LEAVES_NOTHING:
+            assert not (tmp_path / LEAVES_NOTHING[case.id]).exists()
+    else:
+        assert code == 0, err
+        case.expect(w)
+    assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before  # cases work on copies
+
+
+def test_the_table_covers_every_command():
+    commands = {c.id.split()[0] for c in CASES}
+    assert {"profile", "report", "plot", "validate", "attribute", "generate", "eval"} <= commands
+    assert len(CASES) >= 60
