@@ -101,3 +101,44 @@ def test_context_longer_than_the_model_allows(llama, tmp_path):
     text.write_text(" ".join(f"t{i % 90}" for i in range(5000)))
     with pytest.raises(HeadwiseError, match="longer than this model allows"):
         profile(llama, ["sink"], ProfileSettings(context=2048, text=str(text)))
+
+
+@pytest.mark.parametrize("name, is_dir, lone, file", [
+    ("a", False, False, "a/atlas.json"), ("a", True, False, "a/atlas.json"),
+    ("a/atlas.json", False, False, "a/atlas.json"), ("a/validated.json", False, True, "a/validated.json"),
+    ("a.json", True, False, "a.json/atlas.json"),  # a directory whose name ends in .json
+])
+def test_lone_atlas_files_and_atlas_directories(tmp_path, name, is_dir, lone, file):
+    from headwise.atlas import atlas_file, is_lone_file
+
+    if is_dir:
+        (tmp_path / name).mkdir(parents=True)
+    assert is_lone_file(tmp_path / name) is lone and atlas_file(tmp_path / name) == tmp_path / file
+
+
+def test_save_into_a_directory_keeps_only_samples_of_this_atlas(llama, tmp_path, capsys):
+    """Atlas.save follows write_unit's rule for a new atlas: bound samples stay, a report and figures of
+    the old atlas go, samples of another model go (with a note)."""
+    from headwise import _io
+    from headwise.report import collect_samples, write_report
+
+    d = tmp_path / "a"
+    atlas = profile(llama, SCORES, SETTINGS)
+    atlas.save(d)
+    collect_samples(llama, SETTINGS, d)
+    write_report(d)
+    with _io.staged_outputs(d, what="the figures") as stage:
+        stage.write_bytes("figures/grid.png", b"png")
+        stage.keep_others()
+    samples = {n: (d / n).read_bytes() for n in ("attention_samples.safetensors", "attention_samples.json")}
+    atlas.set_validation("note", {"verdict": "x"})
+    assert atlas.save(d) == d / "atlas.json"
+    assert sorted(p.name for p in d.iterdir()) == sorted([*samples, "atlas.json", _io.MANIFEST_FILE])
+    assert all((d / n).read_bytes() == b for n, b in samples.items())
+    _io.verify_unit(d, ["atlas.json", *samples])
+    capsys.readouterr()
+    other = headwise.from_model(tiny_model("llama-gqa", seed=1), tiny_tokenizer(), name="other")
+    profile(other, SCORES, SETTINGS).save(d / "atlas.json")
+    assert sorted(p.name for p in d.iterdir()) == ["atlas.json", _io.MANIFEST_FILE]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the attention samples in" in err and "another model" in err

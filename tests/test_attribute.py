@@ -148,3 +148,55 @@ def test_attribution_validation_task_agrees_with_the_attribution(llama, tmp_path
     from headwise.attribute import register_atlas_attributions
 
     assert register_atlas_attributions(Atlas.load(tmp_path / "atlas")) == ["recall"]
+
+
+def test_an_attribution_cannot_take_over_a_role(llama, tmp_path):
+    """A name equal to a role with its own validation task is refused: it would swap that role's task."""
+    from headwise.attribute import register_attribution
+    from headwise.validate import InContextLossTask, registered_task
+
+    data = _write(tmp_path / "d.jsonl", [{"prompt": p} for p in PROMPTS])
+    with pytest.raises(HeadwiseError, match="'previous-token' is a role with a validation task of its own"):
+        attribute_to_atlas(llama, data, "previous-token", tmp_path / "atlas")  # a role, not a score name
+    for role in ("previous-token", "induction", "retrieval", "successor"):
+        with pytest.raises(HeadwiseError, match=f"'{role}' is a role with a validation task of its own"):
+            register_attribution(role, data)
+    assert isinstance(registered_task("previous-token"), InContextLossTask)
+    assert isinstance(registered_task("induction"), InContextLossTask)
+    assert not (tmp_path / "atlas").exists()
+
+
+def test_an_attribution_task_refuses_another_atlases_data(llama, tmp_path):
+    """The registry is process-wide: a task registered for one atlas must not validate another's attribution."""
+    from headwise.attribute import register_atlas_attribution
+    from headwise.validate import validate
+
+    first = _write(tmp_path / "a.jsonl", [{"prompt": p} for p in PROMPTS[:2]])
+    second = _write(tmp_path / "b.jsonl", [{"prompt": p} for p in PROMPTS[2:]])
+    attribute_to_atlas(llama, first, "recall", tmp_path / "a")
+    attribute_to_atlas(llama, second, "recall", tmp_path / "b")  # now the registered 'recall' task runs on b.jsonl
+    a = Atlas.load(tmp_path / "a")
+    with pytest.raises(HeadwiseError, match="is not the data the atlas's 'recall' attribution was measured on"):
+        validate(llama, a, "recall", k=2)
+    assert register_atlas_attribution(a, "recall") and not register_atlas_attribution(a, "nothing")
+    assert validate(llama, a, "recall", k=2)["task_settings"]["data"] == str(first)
+
+
+def test_register_atlas_attribution_names_the_atlas_and_the_field(llama, tmp_path):
+    from headwise.attribute import register_atlas_attribution, register_atlas_attributions
+
+    data = _write(tmp_path / "d.jsonl", [{"prompt": p} for p in PROMPTS])
+    attribute_to_atlas(llama, data, "copying", tmp_path / "a")
+    atlas = Atlas.load(tmp_path / "a")
+    for field, value, expected in [("metric", 5, "settings.metric must be one of 'auto', 'kl', 'loss' (got 5)"),
+                                   ("chat", "yes", "settings.chat must be true or false (got 'yes')"),
+                                   ("data", 3, "settings.data must be a string (got 3)"),
+                                   ("data", str(tmp_path / "gone.jsonl"), "settings.data names")]:
+        broken = Atlas.load(tmp_path / "a")
+        broken.data["scores"]["copying"]["settings"][field] = value
+        with pytest.raises(HeadwiseError) as e:
+            register_atlas_attribution(broken, "copying")
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / 'a' / 'atlas.json'}: field scores.copying.") and expected in msg, msg
+        assert "\n" not in msg
+    assert register_atlas_attributions(atlas) == ["copying"]

@@ -78,7 +78,7 @@ class W:
         doc = json.loads((out / name).read_text())
         change(doc)  # in place
         (out / name).write_text(json.dumps(doc))
-        (out / _io.MANIFEST).unlink()
+        (out / _io.MANIFEST_FILE).unlink()
         return out
 
     def file(self, name: str, content: str | bytes) -> str:
@@ -184,17 +184,48 @@ def figures_in(path_of: Callable[[W], Path]) -> Callable[[W], None]:
     return check
 
 
-def eval_ok(w: W) -> None:
+def eval_ok(w: W, name: str = "e.json") -> None:
     from headwise.kv.evaluate import load_eval
 
-    result = load_eval(w.tmp / "new" / "dir" / "e.json")
+    result = load_eval(w.tmp / "new" / "dir" / name)
     assert result["complete"] and result["cases"] == {"done": 1, "total": 1} and len(result["rows"]) == 2
 
 
 def only_atlas(d: Path) -> None:
     """A profile without report: atlas.json alone, an older run's samples and report removed with it."""
-    assert sorted(p.name for p in d.iterdir()) == ["atlas.json", _io.MANIFEST]
+    assert sorted(p.name for p in d.iterdir()) == ["atlas.json", _io.MANIFEST_FILE]
     atlas_unit_at(lambda w: d)(None)
+
+
+def null_scores_validated(w: W) -> None:
+    """Validating a role whose scores are all null stores NaN numbers: the atlas must still load and report."""
+    from headwise import Atlas
+
+    atlas = Atlas.load(w.atlas())
+    assert atlas.data["validation"]["induction@k1"]["targeted_heads"][0][2] is None  # NaN, written as null
+    assert main(["report", str(w.atlas())]) == 0
+    report_ok(w)
+
+
+def figures_of_the_unit(w: W, names=("grid.png", "layer_trends.png", "pattern_map.png")) -> None:
+    """The default figures (ATLAS/figures) belong to the atlas's unit, beside its samples and report."""
+    d = w.atlas()
+    assert sorted(p.name for p in (d / "figures").iterdir()) == sorted(names)
+    assert sorted(n for n in _io.read_manifest(d)["files"] if n.startswith("figures/")) == \
+        sorted(f"figures/{n}" for n in names)
+    _io.verify_unit(d, [f"figures/{n}" for n in names])
+    report_ok(w)
+
+
+def profiled_by_the_other_model(w: W) -> None:
+    """A new atlas in a directory removes the figures of the old one (they showed the old atlas)."""
+    from headwise import Atlas
+
+    d = w.atlas()
+    other = json.loads((w.root / "atlas-other" / "atlas.json").read_text())["model"]["weights_sha256"]
+    assert not (d / "figures").exists() and Atlas.load(d).model["weights_sha256"] == other
+    assert not any(n.startswith("figures/") for n in _io.read_manifest(d)["files"])
+    report_ok(w)
 
 
 NaN_ATLAS = '{"schema": "headwise.atlas/1", "x": NaN}'
@@ -293,6 +324,33 @@ CASES = [
     Case("report with another model", lambda w: ["report", str(w.atlas()), "--model", w.other],
          "profile this model first"),
     Case("report re-renders a good unit", lambda w: ["report", str(w.atlas())], report_ok),
+    Case("report a lone atlas file", lambda w: ["report", str(_lone(w))], "report and plot work on an atlas "
+                                                                           "directory", early=True),
+    Case("report after a figure was deleted", lambda w: ["report", str(_plotted(w, delete="grid.png"))],
+         lambda w: figures_of_the_unit(w, ("layer_trends.png", "pattern_map.png"))),
+    Case("report after a figure plotted beside the atlas was deleted", lambda w: [
+        "report", str(_plotted(w, delete="grid.png", out=""))], lambda w: [
+            report_ok(w), _io.verify_unit(w.atlas(), ["layer_trends.png", "pattern_map.png"]),
+            _refused(lambda: _io.verify_unit(w.atlas(), ["grid.png"]), "not one of the files last written")]),
+    Case("report atlas score cell beyond float64", lambda w: ["report", str(w.edited(
+        setp(("scores", "sink", "heads", 0, 0), 10**400)))], "must be a number or null within +-1.798e+308",
+         early=True),
+    Case("report atlas rule threshold beyond float64", lambda w: ["report", str(w.edited(
+        setp(("roles", "rules", 0, "threshold"), -(10**400))))], "roles.rules[0].threshold must be a number within",
+         early=True),
+    Case("report atlas distance bins of three", lambda w: ["report", str(w.edited(
+        lambda d: d["profiles"]["distance"]["bins"][1].append(9)))], "is not a [lo, hi] pair of token distances",
+         early=True),
+    Case("report atlas distance bins as strings", lambda w: ["report", str(w.edited(
+        lambda d: d["profiles"]["distance"].update(bins=[str(b) for b in d["profiles"]["distance"]["bins"]])))],
+         "profiles.distance.bins[0] must be a list (got '[0, 0]')", early=True),
+    Case("report atlas distance profile without bins", lambda w: ["report", str(w.edited(
+        lambda d: d["profiles"]["distance"].pop("bins")))], "field profiles.distance.bins is missing", early=True),
+    Case("report atlas distance profile of records only", lambda w: ["report", str(w.edited(
+        setp(("profiles", "distance"), {"records": [{"trial": 1}]})))], report_ok),
+    Case("report samples row bins 0", lambda w: ["report", str(w.edited(
+        setp(("long", "row_bins"), 0), "attention_samples.json"))], "long.row_bins must be >= 1 (got 0)",
+         early=True),
     Case("report re-collects with its model", lambda w: ["report", str(w.atlas()), "--model", w.model], report_ok),
     # ---- plot -----------------------------------------------------------------------------------
     Case("plot out is a file", lambda w: ["plot", str(w.atlas()), "--out", w.file("f", "x")], "it is a file"),
@@ -305,6 +363,20 @@ CASES = [
          figures_in(lambda w: w.tmp / "f" / "g")),
     Case("plot into the atlas dir keeps its unit", lambda w: ["plot", str(w.atlas()), "--out", str(w.atlas())],
          lambda w: [check(w) for check in (figures_in(lambda w: w.atlas()), report_ok)]),
+    Case("plot by default joins the atlas unit", lambda w: ["plot", str(w.atlas())], figures_of_the_unit),
+    Case("plot into ATLAS/figures joins the atlas unit", lambda w: ["plot", str(w.atlas()), "--out",
+                                                                    str(w.atlas() / "figures")], figures_of_the_unit),
+    Case("plot a lone atlas file", lambda w: ["plot", str(_lone(w))], "report and plot work on an atlas directory",
+         early=True),
+    Case("plot atlas edited after writing", lambda w: ["plot", str(_append_space(w.atlas() / "atlas.json"))],
+         "was changed after headwise wrote it", early=True),
+    Case("plot atlas score cell beyond float64", lambda w: ["plot", str(w.edited(
+        setp(("scores", "mean_distance", "heads", 2, 3), 10**400)))], "must be a number or null within", early=True),
+    Case("plot atlas distance profile of records only", lambda w: ["plot", str(w.edited(
+        setp(("profiles", "distance"), {"records": [{"trial": 1}]})))], figures_of_the_unit),
+    Case("profile with another model over a plotted atlas drops its figures", lambda w: [
+        "profile", "--model", w.other, *PROFILE, "--text", w.text, "--out", str(_plotted(w))],
+         profiled_by_the_other_model),
     # ---- validate -------------------------------------------------------------------------------
     Case("validate missing atlas", lambda w: val(w, atlas=w.tmp / "none"), "no atlas at", early=True),
     Case("validate corrupt atlas", lambda w: val(w, atlas=_truncate(w.atlas() / "atlas.json")),
@@ -321,6 +393,23 @@ CASES = [
          "is not writable", early=True),
     Case("validate with another model", lambda w: val(w, "--k", "1", model=w.other), "profile this model first"),
     Case("validate writes into the unit", lambda w: val(w, "--k", "1"), report_ok),
+    Case("validate a role whose scores are all null", lambda w: val(w, "--k", "1", role="induction", atlas=w.edited(
+        lambda d: d["scores"].update(induction=null_score(d)))), null_scores_validated),
+    Case("validate a role beside a broken attribution", lambda w: val(w, "--k", "1", atlas=w.edited(
+        attribution("copying", data=w.file("d.jsonl", '{"prompt": "t5 t9 t5"}\n'), metric=5))), report_ok),
+    Case("validate a broken attribution", lambda w: val(w, role="copying", atlas=w.edited(
+        attribution("copying", data=w.file("d.jsonl", '{"prompt": "t5 t9 t5"}\n'), metric=5))),
+         "atlas.json: field scores.copying.settings.metric must be one of 'auto', 'kl', 'loss' (got 5)", early=True),
+    Case("validate an attribution without data", lambda w: val(w, role="copying", atlas=w.edited(
+        attribution("copying", metric="kl"))), "atlas.json: field scores.copying.settings.data is missing",
+         early=True),
+    Case("validate an attribution whose data is gone", lambda w: val(w, role="copying", atlas=w.edited(
+        attribution("copying", data=str(w.tmp / "gone.jsonl"), metric="kl"))),
+         "atlas.json: field scores.copying.settings.data names", early=True),
+    Case("validate an attribution named like a role", lambda w: val(w, role="induction", atlas=w.edited(
+        attribution("induction", data=w.file("d.jsonl", '{"prompt": "t5 t9 t5"}\n'), metric="kl"))),
+         "atlas.json: field scores.induction.family is 'attribute', but 'induction' is a role with a validation task",
+         early=True),
     # ---- attribute ------------------------------------------------------------------------------
     Case("attribute missing data", lambda w: attr(w, "--name", "x", data=str(w.tmp / "none.jsonl")),
          "data file not found", early=True),
@@ -334,6 +423,8 @@ CASES = [
          "must be letters"),
     Case("attribute built-in name", lambda w: attr(w, "--name", "induction", "--atlas", str(w.tmp / "a")),
          "built-in score name"),
+    Case("attribute name of a role", lambda w: attr(w, "--name", "previous-token", "--atlas", str(w.tmp / "a")),
+         "'previous-token' is a role with a validation task of its own"),
     Case("attribute top negative", lambda w: attr(w, "--name", "x", "--top", "-1"), "--top must be", early=True),
     Case("attribute atlas path is a file", lambda w: attr(w, "--name", "x", "--atlas", w.file("f", "x")),
          "it is a file", early=True),
@@ -413,14 +504,60 @@ CASES = [
     Case("eval refused leaves no directory", lambda w: ev(w, "--contexts", "5000", out=str(w.tmp / "x" / "e.json")),
          "longer than this model allows"),
     Case("eval missing parents are made", lambda w: ev(w, out=str(w.tmp / "new" / "dir" / "e.json")), eval_ok),
+    Case("eval out name too long", lambda w: ev(w, out=str(w.tmp / ("\u4e2d" * 90 + ".json"))),
+         "is 275 bytes long, and this file system allows 255", early=True),
+    Case("eval out name long but allowed", lambda w: ev(w, out=str(w.tmp / "new" / "dir" / ("\u4e2d" * 80 + ".json"))),
+         lambda w: eval_ok(w, "\u4e2d" * 80 + ".json")),
+    Case("profile out name too long", lambda w: prof(w, out=str(w.tmp / ("a" * 300))), "is 300 bytes long",
+         early=True),
     # ---- any command --------------------------------------------------------------------------
     Case("unknown flag", lambda w: ["report", str(w.atlas()), "--bogus"], "unrecognized arguments: --bogus",
          early=True),
     Case("threads 0", lambda w: ["--threads", "0", "report", str(w.atlas())], "--threads must be", early=True),
+    Case("threads too many", lambda w: ["--threads", "999999", "report", str(w.atlas())],
+         "--threads must be at most", early=True),
 ]
 # Runs refused after the work started must still have left nothing behind.
 LEAVES_NOTHING = {"profile probe shared by sink and streamable_mass too short": "p",
                   "profile refused leaves no directory": "a", "eval refused leaves no directory": "x"}
+
+
+def null_score(doc: dict) -> dict:
+    """A score entry whose every cell is null (not measured), shaped as the atlas's sink score."""
+    entry = json.loads(json.dumps(doc["scores"]["sink"]))
+    for key in ("heads", "kv_max", "kv_mean"):
+        entry[key] = [[None] * len(row) for row in entry[key]]
+    return entry
+
+
+def attribution(name: str, **settings: Any) -> Callable[[dict], None]:
+    """Store an attribution entry `name` (family attribute) with these settings, shaped as the sink score."""
+    def change(doc: dict) -> None:
+        doc["scores"][name] = {**doc["scores"]["sink"], "family": "attribute", "probe": f"attribute:{name}",
+                               "settings": settings}
+    return change
+
+
+def _lone(w: W) -> Path:
+    """A lone atlas file, as Atlas.save, validate and attribute write one (a copy of the atlas)."""
+    path = w.atlas() / "validated.json"
+    shutil.copy(w.atlas() / "atlas.json", path)
+    return path
+
+
+def _plotted(w: W, delete: str | None = None, out: str = "figures") -> Path:
+    """The atlas directory after `headwise plot --out ATLAS/out` (default ATLAS/figures), a figure deleted by hand."""
+    assert main(["plot", str(w.atlas()), "--out", str(w.atlas() / out)]) == 0
+    if delete is not None:
+        (w.atlas() / out / delete).unlink()
+    return w.atlas()
+
+
+def _refused(call: Callable[[], Any], expected: str) -> None:
+    from headwise.errors import HeadwiseError
+
+    with pytest.raises(HeadwiseError, match=expected):
+        call()
 
 
 def _truncate(path: Path, keep: int = 300) -> Path:
@@ -439,8 +576,8 @@ def _append_space(path: Path) -> Path:
 
 
 def _half_written(directory: Path) -> Path:
-    manifest = json.loads((directory / _io.MANIFEST).read_text())
-    (directory / _io.MANIFEST).write_text(json.dumps({**manifest, "complete": False}))
+    manifest = json.loads((directory / _io.MANIFEST_FILE).read_text())
+    (directory / _io.MANIFEST_FILE).write_text(json.dumps({**manifest, "complete": False}))
     return directory
 
 
@@ -450,7 +587,7 @@ def _swap_samples(w: W, source: str, names: tuple[str, ...] = ("attention_sample
     d = w.atlas()
     for name in names:
         shutil.copy(w.root / source / name, d / name)
-    (d / _io.MANIFEST).unlink()  # as a directory from before manifests, or a copy by hand
+    (d / _io.MANIFEST_FILE).unlink()  # as a directory from before manifests, or a copy by hand
     return d
 
 

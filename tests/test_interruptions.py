@@ -60,12 +60,13 @@ SCENARIOS = {
                                            "--model", str(r / "model")]),
     "attribute": ("old-full", lambda r, d: ["attribute", "--model", str(r / "model"), "--data", str(r / "data.jsonl"),
                                             "--name", "copying", "--atlas", str(d)]),
+    "plot": ("old-full", lambda r, d: ["plot", str(d)]),  # into d/figures, as part of the atlas's unit
     "eval": ("old-eval", lambda r, d: ["eval", "--model", str(r / "model"), *EVAL, "--trials", "2",
                                        "--out", str(d / "kv.json")]),
 }
 # The writes each scenario makes (staged files, atomic writes, renames): counted by test_write_counts.
 WRITES = {"profile": 12, "profile --no-report": 6, "report --model": 10, "validate": 12, "attribute": 12,
-          "eval": 8}
+          "plot": 10, "eval": 8}
 
 
 class Hook:
@@ -73,7 +74,7 @@ class Hook:
 
     def __init__(self, monkeypatch, at: int | None, crash: bool = False):
         self.count, self.at, self.crash = 0, at, crash
-        real_path, real_atomic, real_replace = _io.Stage.path, _io.write_bytes_atomic, os.replace
+        real_path, real_atomic, real_replace = _io.Stage.reserve, _io.write_bytes_atomic, os.replace
 
         def staged(stage, name):
             self.hit()
@@ -87,7 +88,7 @@ class Hook:
             self.hit()
             return real_replace(src, dst)
 
-        monkeypatch.setattr(_io.Stage, "path", staged)
+        monkeypatch.setattr(_io.Stage, "reserve", staged)
         monkeypatch.setattr(_io, "write_bytes_atomic", atomic)
         monkeypatch.setattr(kv_evaluate, "write_bytes_atomic", atomic)
         monkeypatch.setattr(_io, "os", types.SimpleNamespace(**{**vars(os), "replace": replace}))

@@ -75,6 +75,18 @@ def test_usable_outputs_pass_and_leave_no_probe(tmp_path):
     assert listing(tmp_path) == ["a", "a/b", "c"]
 
 
+def test_file_names_too_long_for_the_file_system_are_refused_before_any_work(tmp_path):
+    """Names are limited in bytes (255 on most file systems), not characters: 90 CJK characters are 270."""
+    long = tmp_path / ("\u4e2d" * 90 + ".json")
+    msg = one_line_error(lambda: _io.check_output_file(long, what="the results"), "is 275 bytes long",
+                         "choose a shorter name")
+    assert msg.count(";") == 1 and listing(tmp_path) == []
+    fits = tmp_path / ("\u4e2d" * 80 + ".json")  # 245 bytes: allowed, and written (its temporary name is cut by bytes)
+    _io.check_output_file(fits, what="the results")
+    _io.write_text_atomic(fits, "{}")
+    assert fits.read_text() == "{}" and listing(tmp_path) == [fits.name]
+
+
 # ---- one file ----------------------------------------------------------------------------------
 def test_atomic_write_writes_with_the_umask_mode(tmp_path):
     old = os.umask(0o022)
@@ -119,7 +131,7 @@ def unit(tmp_path):
 def write_new(stage):
     for name, data in NEW[:3]:
         stage.write_bytes(name, data)
-    stage.path(NEW[3][0]).write_bytes(NEW[3][1])  # as a library given a file name would
+    stage.reserve(NEW[3][0]).write_bytes(NEW[3][1])  # as a library given a file name would
     stage.remove("report.html")
     stage.meta["model"] = "tiny"
 
@@ -127,7 +139,7 @@ def write_new(stage):
 def test_commit_replaces_removes_and_records_the_unit(unit):
     with _io.staged_outputs(unit, what="the atlas") as stage:
         write_new(stage)
-    assert snapshot(unit) == {**dict(NEW), _io.MANIFEST: (unit / _io.MANIFEST).read_bytes()}
+    assert snapshot(unit) == {**dict(NEW), _io.MANIFEST_FILE: (unit / _io.MANIFEST_FILE).read_bytes()}
     manifest = _io.read_manifest(unit)
     assert manifest["schema"] == "headwise.manifest/1" and manifest["meta"] == {"model": "tiny"}
     assert sorted(manifest["files"]) == sorted(name for name, _ in NEW)
@@ -143,10 +155,10 @@ def test_a_raise_at_any_staged_write_leaves_the_old_unit(unit, at, exc):
     with pytest.raises(exc), _io.staged_outputs(unit, what="the atlas") as stage:
         for i, (name, data) in enumerate(NEW):
             if i == at:
-                stage.path(name).write_bytes(data[:1])  # half written, then the failure
+                stage.reserve(name).write_bytes(data[:1])  # half written, then the failure
                 raise exc("failed mid-write")
             stage.write_bytes(name, data)
-    assert snapshot(unit) == before and listing(unit) == sorted([*OLD, _io.MANIFEST])
+    assert snapshot(unit) == before and listing(unit) == sorted([*OLD, _io.MANIFEST_FILE])
     _io.verify_unit(unit, list(OLD))
 
 
@@ -165,7 +177,7 @@ def test_interrupt_during_commit_is_deferred_until_the_unit_is_whole(unit, monke
         write_new(stage)
     assert signal.getsignal(signal.SIGINT) is handler
     assert len(calls) == len(NEW) + 2  # unfinished mark, every file, the manifest: nothing cut short
-    assert snapshot(unit) == {**dict(NEW), _io.MANIFEST: (unit / _io.MANIFEST).read_bytes()}
+    assert snapshot(unit) == {**dict(NEW), _io.MANIFEST_FILE: (unit / _io.MANIFEST_FILE).read_bytes()}
     _io.verify_unit(unit, [name for name, _ in NEW])
 
 
@@ -196,7 +208,7 @@ def test_verify_unit_refuses_an_edited_replaced_or_foreign_file(unit):
     one_line_error(lambda: _io.verify_unit(unit, ["extra.json"]), unit / "extra.json", "mix of two runs")
     (unit / "atlas.json").unlink()
     one_line_error(lambda: _io.verify_unit(unit, ["atlas.json"]), unit / "atlas.json", "is missing")
-    (unit / _io.MANIFEST).write_text('{"schema": "headwise.manifest/1", "files": []}')
+    (unit / _io.MANIFEST_FILE).write_text('{"schema": "headwise.manifest/1", "files": []}')
     one_line_error(lambda: _io.verify_unit(unit, ["report.html"]), "field files must be an object")
 
 
@@ -240,7 +252,7 @@ def test_staging_of_a_killed_process_is_cleaned_by_the_next_run(unit):
     assert [p.name for p in unit.glob(".headwise-staging-*")]  # what the killed run left
     with _io.staged_outputs(unit, what="the atlas") as stage:
         stage.write_text("atlas.json", "{}")
-    assert listing(unit) == sorted([*OLD, _io.MANIFEST])
+    assert listing(unit) == sorted([*OLD, _io.MANIFEST_FILE])
 
 
 def test_unit_names_stay_inside_the_directory(unit):
@@ -263,3 +275,108 @@ def test_deferred_interrupt_is_a_no_op_off_the_main_thread():
     t.start()
     t.join()
     assert errors == []
+
+
+def test_names_say_what_they_are():
+    import inspect
+
+    from headwise import _schema
+
+    assert _io.MANIFEST_FILE == "headwise-manifest.json" and _schema.MANIFEST_SCHEMA == "headwise.manifest/1"
+    assert not hasattr(_io, "MANIFEST") and not hasattr(_schema, "MANIFEST")
+    assert "MANIFEST_SCHEMA =" not in inspect.getsource(_io)  # one constant: _io uses _schema's
+    assert hasattr(_io.Stage, "reserve") and not hasattr(_io.Stage, "path")  # it registers a name: not a getter
+
+
+def test_a_kept_file_that_is_gone_is_left_out_of_the_new_unit(tmp_path):
+    """A figure the user deleted must not block every later command on the directory."""
+    d = tmp_path / "out"
+    with _io.staged_outputs(d, what="x") as stage:
+        for name in ("atlas.json", "figures/grid.png", "figures/trends.png"):
+            stage.write_text(name, name)
+    (d / "figures" / "grid.png").unlink()
+    with _io.staged_outputs(d, what="the report") as stage:
+        stage.keep("atlas.json")
+        stage.write_text("report.html", "<p>")
+        stage.keep_others()
+    assert sorted(_io.read_manifest(d)["files"]) == ["atlas.json", "figures/trends.png", "report.html"]
+    _io.verify_unit(d, ["atlas.json", "figures/trends.png", "report.html"])
+    with _io.staged_outputs(d, what="the atlas") as stage:  # a new unit without figures: figures/ goes too
+        stage.write_text("atlas.json", "new")
+        for name in stage.old_files():
+            if name != "atlas.json":
+                stage.remove(name)
+    assert listing(d) == ["atlas.json", _io.MANIFEST_FILE]
+
+
+def test_a_commit_refuses_when_another_command_committed_since_it_read(unit):
+    """A command that read the unit (e.g. the atlas a report renders) must not commit beside another's files."""
+    read = _io.unit_version(unit)
+    with _io.staged_outputs(unit, what="the atlas") as stage:  # another command, meanwhile
+        stage.write_text("atlas.json", '{"other": 3}')
+        stage.keep_others()
+    after = snapshot(unit)
+    with pytest.raises(HeadwiseError) as e, _io.staged_outputs(unit, what="the report", since=read) as stage:
+        stage.keep("atlas.json")
+        stage.write_text("report.html", "<p>a report of the old atlas</p>")
+    assert "another headwise command wrote to" in str(e.value) and "\n" not in str(e.value)
+    assert snapshot(unit) == after and not list(unit.glob(".headwise-*"))
+    _io.verify_unit(unit, ["atlas.json", "report.html"])
+
+
+CONCURRENT_WRITER = """
+import sys, types
+from pathlib import Path
+
+src, dirs, runs, me = sys.argv[1], [Path(d) for d in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4]
+package = types.ModuleType("headwise")  # _io alone: without headwise/__init__, which imports torch
+package.__path__ = [src]
+sys.modules["headwise"] = package
+from headwise import _io
+from headwise.errors import HeadwiseError
+
+done = 0
+for i in range(runs):
+    d = dirs[(i // 2) % len(dirs)]
+    try:
+        read = _io.unit_version(d)  # then what the new unit is made from, as a report reads its atlas
+        seen = (d / "a.txt").read_text() if (d / "a.txt").exists() else None
+        with _io.staged_outputs(d, what="x", since=read) as stage:
+            if seen is not None and i % 2:  # a view of the unit there: a kept, b made from it, the rest kept
+                stage.keep("a.txt")
+                stage.write_text("b.txt", seen)
+                stage.keep_others()
+            else:  # a new unit; every third one with a file in a subdirectory
+                token = f"{me}-{i}"
+                stage.write_text("a.txt", token)
+                stage.write_text("b.txt", token)
+                if i % 3 == 0:
+                    stage.write_text("figures/c.txt", token)
+                else:
+                    stage.remove("figures/c.txt")
+        done += 1
+    except HeadwiseError as e:  # refused in one line: another writer was staging, or committed first
+        assert chr(10) not in str(e), str(e)
+print(done)
+"""
+
+
+def test_concurrent_writers_never_mix_units_nor_print_a_traceback(tmp_path):
+    """4 processes x 300 runs over 2 directories: each run commits a whole unit or is refused in one line."""
+    src = os.path.dirname(_io.__file__)
+    dirs = [tmp_path / "d1", tmp_path / "d2"]
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, src, ",".join(map(str, dirs)), "300",
+                               f"p{k}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(4)]
+    results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
+    for _, err, code in results:
+        assert code == 0 and "Traceback" not in err and err == "", err
+    assert sum(int(out) for out, _, _ in results) >= 50  # the writers did take turns, not only refuse
+    for d in dirs:
+        files = sorted(_io.read_manifest(d)["files"])
+        _io.verify_unit(d, files)
+        assert (d / "a.txt").read_text() == (d / "b.txt").read_text()  # b was made from this a
+        if (d / "figures").exists():
+            assert files == ["a.txt", "b.txt", "figures/c.txt"] and (d / "figures/c.txt").read_text() == \
+                (d / "a.txt").read_text()
+        assert not list(d.glob(".headwise-*")) and not list(d.glob(".*.tmp"))

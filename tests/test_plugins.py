@@ -173,7 +173,7 @@ def recent_policy():
 
     register_policy("recent", _build_recent, syntax="recent@W")
     yield
-    spec._KINDS.pop("recent", None)
+    spec._REGISTERED.pop("recent", None)
     base._KINDS.pop("test-recent", None)
 
 

@@ -51,7 +51,13 @@ def eval_result():
            "reply": "1234"}
     return {"schema": "headwise.kv-eval/1", "model": model(), "geometry": geometry(), "settings": {"trials": 2},
             "versions": {"python": "3.11"}, "policies": {"full": {"description": "full"}}, "atlas": None,
-            "summary": {"passkey": {"1024": {"full": {"accuracy": 1.0}}}}, "rows": [row], "seconds": 1.5}
+            "summary": {"passkey": {"1024": {"full": summary_cell()}}}, "rows": [row], "seconds": 1.5}
+
+
+def summary_cell():
+    """One cell of an eval summary as kv/evaluate.py summarize writes it."""
+    return {"correct": 1, "n": 1, "kv_bytes": 1000, "accuracy": 1.0, "kv_ratio": 1.0, "answer_logprob": -0.25,
+            "key_recall": None}
 
 
 def samples_meta():
@@ -128,6 +134,22 @@ ATLAS_CASES = [
     (("roles", "labels"), [[[]] * H], "field roles.labels must be [] or a 2 x 4 matrix of lists of role names"),
     (("roles", "rules", 0, "op"), "=>", "field roles.rules[0].op must be one of '>', '>=', '<', '<=' (got '=>')"),
     (("roles", "rules", 0, "threshold"), "0.4", "field roles.rules[0].threshold must be a number (got '0.4')"),
+    # numbers must fit a float64, everywhere (10**400 is valid JSON; every reader makes floats of them)
+    (("scores", "induction", "heads", 0, 1), 10**400, "field scores.induction.heads[0][1] must be a number or null "
+                                                      "within +-1.798e+308, the range of a float64 (got 1000"),
+    (("scores", "induction", "kv_mean", 1, 0), -(10**309), "field scores.induction.kv_mean[1][0] must be a number"),
+    (("roles", "rules", 0, "threshold"), 10**400, "field roles.rules[0].threshold must be a number within"),
+    (("profiles", "distance", "values", 0, 0, 0), 10**400, "field profiles.distance.values[0][0][0] must be a number"),
+    # profiles: values come with one bin each; the distance profile's bins are [lo, hi] token distances
+    (("profiles", "distance", "bins"), DELETE, "field profiles.distance.bins is missing"),
+    (("profiles", "distance", "bins", 1), "1-4", "field profiles.distance.bins[1] must be a list (got '1-4')"),
+    (("profiles", "distance", "bins", 2), [5, 9, 12], "field profiles.distance.bins[2] must have exactly 2 items "
+                                                      "(got 3), so it is not a [lo, hi] pair of token distances"),
+    (("profiles", "distance", "bins", 0, 1), 0.5, "field profiles.distance.bins[0][1] must be an integer (got 0.5)"),
+    (("profiles", "distance", "bins"), [[0, 0], [1, 4]], "field profiles.distance.values[0][0] must have 2 values, "
+                                                         "one per bin (got 3)"),
+    (("profiles", "successor_tasks"), {"values": [[[0.5]] * H] * L}, "field profiles.successor_tasks.bins is "
+                                                                      "missing"),
     (("validation", "retrieval@k10"), 3, "field validation.retrieval@k10 must be an object (got 3)"),
 ]
 
@@ -140,6 +162,11 @@ def test_broken_atlas_is_refused_naming_the_field(path, value, expected):
 
 def test_valid_atlases_are_accepted():
     S.validate_atlas(atlas(), source=SOURCE, fix=FIX)
+    named_bins = changed(atlas(), ("profiles", "successor_tasks"), {"bins": ["a"], "values": [[[0.5]] * H] * L})
+    S.validate_atlas(named_bins, source=SOURCE, fix=FIX)  # other profiles' bins are any names
+    big = changed(changed(atlas(), ("scores", "induction", "heads", 0, 1), 10**308), ("roles", "rules", 0, "threshold"),
+                  -1.5e308)
+    S.validate_atlas(big, source=SOURCE, fix=FIX)  # large, but a float64
     old = changed(atlas(), ("scores", "induction", "needs_full"), DELETE)  # written before needs_full existed
     S.validate_atlas(old, source=SOURCE, fix=FIX)
     fresh = {**atlas(), "scores": {}, "profiles": {}, "roles": {"rules": [], "labels": []}}  # Atlas.new's
@@ -212,6 +239,20 @@ EVAL_CASES = [
     (("seconds",), DELETE, "field seconds is missing"),
     (("summary", "passkey"), [], "field summary.passkey must be an object (got a list of 0 items)"),
     (("policies", "headwise:induction@0.5"), "p", "field policies['headwise:induction@0.5'] must be an object"),
+    # the summary's cells, as plot() and the CLI read them
+    (("summary", "passkey", "1024", "full", "kv_bytes"), DELETE, "field summary.passkey.1024.full.kv_bytes is missing"),
+    (("summary", "passkey", "1024", "full", "accuracy"), "1", "field summary.passkey.1024.full.accuracy must be a "
+                                                              "number (got '1')"),
+    (("summary", "passkey", "1024", "full", "accuracy"), 2, "field summary.passkey.1024.full.accuracy must be <= 1"),
+    (("summary", "passkey", "1024", "full", "kv_ratio"), DELETE, "field summary.passkey.1024.full.kv_ratio is "
+                                                                 "missing"),
+    (("summary", "passkey", "1024", "full", "kv_ratio"), "x", "kv_ratio must be a number or null (got 'x')"),
+    (("summary", "passkey", "1024", "full", "n"), 0, "field summary.passkey.1024.full.n must be >= 1 (got 0)"),
+    (("summary", "passkey", "1024", "full", "correct"), 1.0, "field summary.passkey.1024.full.correct must be an "
+                                                             "integer (got 1.0)"),
+    (("summary", "passkey", "1024", "full"), 3, "field summary.passkey.1024.full must be an object (got 3)"),
+    (("summary", "passkey", "1024"), [], "field summary.passkey.1024 must be an object (got a list of 0 items)"),
+    (("seconds",), 10**400, "field seconds must be a number within"),
 ]
 
 
@@ -223,6 +264,8 @@ def test_broken_eval_is_refused_naming_the_field(path, value, expected):
 
 def test_valid_eval_results_are_accepted():
     S.validate_json(eval_result(), S.eval_schema(), source=SOURCE, fix=FIX)
+    no_full = changed(eval_result(), ("summary", "passkey", "1024", "full", "kv_ratio"), None)  # no full-cache run
+    S.validate_json(no_full, S.eval_schema(), source=SOURCE, fix=FIX)
     interrupted = {**eval_result(), "complete": False, "atlas": {"path": "a", "model": model()}, "speed": {}}
     S.validate_json(interrupted, S.eval_schema(), source=SOURCE, fix=FIX)
 
@@ -233,6 +276,8 @@ SAMPLES_CASES = [
     (("long", "window"), 0, "field long.window must be >= 1 (got 0)"),
     (("short",), DELETE, "field short is missing"),
     (("schema",), "headwise.atlas/1", "field schema must be 'headwise.attention_samples/1'"),
+    (("long", "row_bins"), 0, "field long.row_bins must be >= 1 (got 0)"),
+    (("long", "side"), 0, "field long.side must be >= 1 (got 0)"),
 ]
 
 

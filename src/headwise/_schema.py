@@ -10,7 +10,8 @@ stops at the first error instead of collecting them all.
 Keywords understood: type, const, enum, minLength, maxLength, minimum, maximum,
 exclusiveMinimum, minItems, maxItems, items, properties, required, additionalProperties,
 propertyNames (maxLength only), maxProperties, anyOf, if/then/else, description.
-Two departures from the standard, both stricter: "number" refuses NaN and infinities, and
+Two departures from the standard, both stricter: "number" refuses NaN, infinities and integers
+too large for a float64 (10**400 is valid JSON, but every reader turns numbers into floats), and
 "integer" refuses 1.0 (every size here is used as a count).
 
 Every list, string and mapping a schema describes has a size bound, and the file itself has
@@ -23,16 +24,18 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from .errors import HeadwiseError
 
+# The schema ids: the "schema" field of each kind of file.
 ATLAS = "headwise.atlas/1"
 POLICY = "headwise.kv-policy/1"
 EVAL = "headwise.kv-eval/1"
 SAMPLES = "headwise.attention_samples/1"
-MANIFEST = "headwise.manifest/1"
+MANIFEST_SCHEMA = "headwise.manifest/1"  # the id inside headwise-manifest.json (_io.MANIFEST_FILE)
 
 # Bounds: generous for any real model and run, small enough that code looping over them is safe.
 MAX_NAME = 256  # score, profile, role and key names
@@ -43,6 +46,7 @@ MAX_BINS = 4096  # values per head in a profile
 MAX_RECORDS = 1 << 20  # retrieval trial records, eval rows
 MAX_TOKENS = 1 << 22  # tokens of a sample prompt
 MAX_INT = 1 << 53  # token counts, windows, byte sizes (exact in a float)
+MAX_FLOAT = sys.float_info.max  # a "number" is a finite float64
 
 NUMBER = {"type": ["number", "null"]}  # a score cell; null = not measured
 
@@ -113,12 +117,19 @@ def atlas_schema(n_layers: int, n_heads: int, n_kv_heads: int) -> dict[str, Any]
                   "heads": _matrix(L, H, NUMBER), "kv_max": _matrix(L, KV, NUMBER),
                   "kv_mean": _matrix(L, KV, NUMBER)},
                  ["family", "probe", "description", "settings", "heads", "kv_max", "kv_mean"])
-    profile = _obj({"values": _matrix(L, H, _list(NUMBER, max_items=MAX_BINS)),
-                    "bins": _list({}, max_items=MAX_BINS), "description": _str(MAX_TEXT), "probe": _str(),
-                    "records": _list(_obj(), max_items=MAX_RECORDS)})
-    # Per-head profiles have values; the retrieval trials profile has records instead.
-    profile.update(anyOf=[{"required": ["values"]}, {"required": ["records"]}],
-                   description="an object with 'values' or 'records'")
+    def profile(bins: dict[str, Any]) -> dict[str, Any]:
+        s = _obj({"values": _matrix(L, H, _list(NUMBER, max_items=MAX_BINS)), "bins": _list(bins, max_items=MAX_BINS),
+                  "description": _str(MAX_TEXT), "probe": _str(), "records": _list(_obj(), max_items=MAX_RECORDS)})
+        # Per-head profiles have values, one per bin (validate_atlas checks the counts); the retrieval
+        # trials profile has records instead.
+        s.update({"anyOf": [{"required": ["values"]}, {"required": ["records"]}],
+                  "description": "an object with 'values' or 'records'",
+                  "if": {"required": ["values"]}, "then": {"required": ["bins"]}})
+        return s
+
+    # The distance profile's bins are what the report and the pattern map read: token distances [lo, hi].
+    pair = {**_list(_int(0), 2), "description": "a [lo, hi] pair of token distances"}
+    profiles = _obj({"distance": profile(pair)}, values=profile({}))
     rule = _obj({"role": _str(), "score": _str(), "op": {"enum": [">", ">=", "<", "<="]},
                  "threshold": {"type": "number"}, "source": _str(MAX_TEXT)},
                 ["role", "score", "op", "threshold", "source"])
@@ -127,7 +138,7 @@ def atlas_schema(n_layers: int, n_heads: int, n_kv_heads: int) -> dict[str, Any]
     props = {
         "schema": {"const": ATLAS}, "model": model_schema(), "geometry": geometry_schema(L),
         "settings": _obj({"scores": _list(_str()), "probes": _obj()}), "versions": _versions(),
-        "scores": _obj(values=score), "profiles": _obj(values=profile),
+        "scores": _obj(values=score), "profiles": profiles,
         "roles": _obj({"rules": _list(rule), "labels": labels}, ["rules", "labels"]),
         "validation": _obj(values=_obj()),
     }
@@ -157,11 +168,17 @@ def eval_schema() -> dict[str, Any]:
     """The result of `headwise eval` (kv/evaluate.py evaluate)."""
     row = _obj({"task": _str(), "context": _int(0), "policy": _str(MAX_TEXT), "correct": {"type": "boolean"},
                 "kv_bytes": _int(0)}, ["task", "context", "policy", "correct", "kv_bytes"])
+    share = {"type": "number", "minimum": 0, "maximum": 1}
+    # summary: task -> context -> policy -> cell (kv/evaluate.py summarize), with the fields its readers use
+    cell = _obj({"correct": _int(0), "n": _int(1), "kv_bytes": _int(0), "accuracy": share,
+                 "kv_ratio": {"type": ["number", "null"], "minimum": 0}, "answer_logprob": NUMBER,
+                 "key_recall": {**share, "type": ["number", "null"]}},
+                ["correct", "n", "kv_bytes", "accuracy", "kv_ratio"])
     props = {
         "schema": {"const": EVAL}, "model": model_schema(), "geometry": geometry_schema(), "settings": _obj(),
         "versions": _versions(), "policies": _obj(values=_obj()),
         "atlas": {**_obj({"path": _str(MAX_TEXT, null=True), "model": model_schema()}), "type": ["object", "null"]},
-        "summary": _obj(values=_obj()), "rows": _list(row, max_items=MAX_RECORDS),
+        "summary": _obj(values=_obj(values=_obj(values=cell))), "rows": _list(row, max_items=MAX_RECORDS),
         "perplexity": _obj(), "speed": _obj(), "seconds": {"type": "number", "minimum": 0},
         "complete": {"type": "boolean"},  # false: an interrupted run, written with the rows it had
     }
@@ -173,7 +190,7 @@ def samples_meta_schema() -> dict[str, Any]:
     tokens = _list(_str(MAX_TEXT), max_items=MAX_TOKENS)
     short = _obj({"probe": _str(MAX_TEXT), "block_len": _int(1), "prefix_len": _int(0), "length": _int(1),
                   "side": _int(1), "tokens": tokens}, ["length", "side", "tokens"])
-    long = _obj({"probe": _str(MAX_TEXT), "length": _int(1), "side": _int(1), "row_bins": _int(0),
+    long = _obj({"probe": _str(MAX_TEXT), "length": _int(1), "side": _int(1), "row_bins": _int(1),
                  "regions": _list(_str(), max_items=16), "sink_tokens": _int(0), "window": _int(1),
                  "needle_span": _list(_int(0), 2), "region_queries": _int(0), "tokens": tokens,
                  "needle": _str(MAX_TEXT, null=True), "question": _str(MAX_TEXT, null=True)},
@@ -190,8 +207,8 @@ def samples_meta_schema() -> dict[str, Any]:
 def manifest_schema() -> dict[str, Any]:
     """headwise-manifest.json: the files an output directory's last unit holds (_io.staged_outputs)."""
     entry = _obj({"sha256": {**_str(64), "minLength": 64}, "size": _int(0)}, ["sha256", "size"])
-    return _obj({"schema": {"const": MANIFEST}, "what": _str(MAX_TEXT), "files": _obj(values=entry), "meta": _obj(),
-                 "complete": {"type": "boolean"}}, ["schema", "files"])
+    return _obj({"schema": {"const": MANIFEST_SCHEMA}, "what": _str(MAX_TEXT), "files": _obj(values=entry),
+                 "meta": _obj(), "complete": {"type": "boolean"}}, ["schema", "files"])
 
 
 # ---- two-step checks: the geometry first, then the shapes it implies -----------------------------
@@ -216,7 +233,7 @@ def validate_atlas(doc: Any, *, source: str, fix: str) -> None:
     validate_json(doc, atlas_schema(g["n_layers"], g["n_heads"], g["n_kv_heads"]), source=source, fix=fix)
     for name, profile in doc["profiles"].items():  # every head's profile has one value per bin
         values = profile.get("values") or []
-        want = len(profile["bins"]) if "bins" in profile else len(values[0][0]) if values else 0
+        want = len(profile.get("bins", ()))
         for layer, row in enumerate(values):
             for head, cell in enumerate(row):
                 if len(cell) != want:
@@ -242,8 +259,10 @@ _TYPE_NAMES = {"object": "an object", "array": "a list", "string": "a string", "
 
 
 def _is(x: Any, t: str) -> bool:
-    if t == "number":
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and (isinstance(x, int) or math.isfinite(x))
+    if t == "number":  # what a float64 holds: finite, and an integer no larger than the largest float
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return False
+        return math.isfinite(x) if isinstance(x, float) else -MAX_FLOAT <= x <= MAX_FLOAT
     if t == "integer":
         return isinstance(x, int) and not isinstance(x, bool)
     return isinstance(x, _PY_TYPES[t])
@@ -273,7 +292,9 @@ def _fast_type_test(s: dict[str, Any]) -> Any:
     if s.keys() != {"type"}:
         return None
     exact = frozenset(cls for t in (s["type"] if isinstance(s["type"], list) else [s["type"]]) for cls in _EXACT[t])
-    return lambda x: type(x) in exact and (type(x) is not float or x - x == 0.0)  # x - x is nan for nan and inf
+    # x - x is nan for nan and inf; an int passes only within a float64's range (a huge one gets the full check)
+    return lambda x: type(x) in exact and (type(x) is not float or x - x == 0.0) and (
+        type(x) is not int or -MAX_FLOAT <= x <= MAX_FLOAT)
 
 
 def _check(x: Any, s: dict[str, Any], path: tuple[str | int, ...]) -> None:
@@ -281,7 +302,9 @@ def _check(x: Any, s: dict[str, Any], path: tuple[str | int, ...]) -> None:
     if t is not None:
         types = t if isinstance(t, list) else [t]
         if not any(_is(x, one) for one in types):
-            raise _Invalid(path, f"must be {' or '.join(_TYPE_NAMES[one] for one in types)} (got {_show(x)})")
+            huge = "number" in types and isinstance(x, int) and not isinstance(x, bool)
+            within = f" within +-{MAX_FLOAT:.4g}, the range of a float64" if huge else ""
+            raise _Invalid(path, f"must be {' or '.join(_TYPE_NAMES[one] for one in types)}{within} (got {_show(x)})")
     if "const" in s and not _same(x, s["const"]):
         raise _Invalid(path, f"must be {_show(s['const'])} (got {_show(x)})")
     if "enum" in s and not any(_same(x, e) for e in s["enum"]):
@@ -455,6 +478,6 @@ class _NotJSON(ValueError):
     pass
 
 
-__all__ = ["validate_json", "load_json_file", "one_line", "geometry_schema", "model_schema", "atlas_schema",
-           "policy_schema", "eval_schema", "samples_meta_schema", "manifest_schema", "validate_atlas",
-           "validate_policy"]
+__all__ = ["ATLAS", "EVAL", "MANIFEST_SCHEMA", "POLICY", "SAMPLES", "atlas_schema", "eval_schema", "geometry_schema",
+           "load_json_file", "manifest_schema", "model_schema", "one_line", "policy_schema", "samples_meta_schema",
+           "validate_atlas", "validate_json", "validate_policy"]

@@ -18,7 +18,10 @@ name the user gives.
 
 Validation (`headwise validate`): `register_attribution` makes an attribution testable like a role
 (its top-k heads zeroed against random heads, on the same data); `attribute_to_atlas` registers
-the one it computes, and `register_atlas_attributions` those an atlas holds.
+the one it computes, and `register_atlas_attribution` one an atlas holds (`headwise validate --role
+NAME` registers NAME's alone). An attribution never takes the name of a role with a validation task
+of its own (previous-token, induction, ...), and its task refuses an atlas whose attribution of
+that name was measured on other data.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ import torch
 
 from ._io import check_output_dir
 from ._jsonl import json_lines
+from ._schema import MAX_TEXT, one_line, validate_json
 from .ablation import Readout, head_ablation_effects
-from .atlas import Atlas
+from .atlas import Atlas, atlas_file, is_lone_file
 from .errors import HeadwiseError
 from .instrument import Session
 from .load import LoadedModel
-from .validate import TaskOutcome, ValidationTask, register_task
+from .validate import TaskOutcome, ValidationTask, register_task, registered_task
 
 METRICS = ("auto", "kl", "loss")
 _NAME = re.compile(r"[A-Za-z0-9_.:-]+")
@@ -158,7 +162,11 @@ def attribute(loaded: LoadedModel, examples: list[Example], metric: str = "auto"
 
 
 def _data_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        why = e.strerror or e
+        raise HeadwiseError(f"cannot read the data file {path} ({why}); put it back or pass another") from None
 
 
 def attribute_to_atlas(loaded: LoadedModel, data: str | Path, name: str, atlas: str | Path | None = None,
@@ -171,9 +179,10 @@ def attribute_to_atlas(loaded: LoadedModel, data: str | Path, name: str, atlas: 
         raise HeadwiseError(f"attribution name {name!r} must be letters, digits, '_', '-', '.', ':' (e.g. safety)")
     if name in all_score_names():
         raise HeadwiseError(f"'{name}' is a built-in score name; choose another name for this attribution")
+    _refuse_role_name(name)
     examples = load_examples(data)
     out = Path(atlas) if atlas is not None else Path(f"atlas-{Path(loaded.info.spec).stem}")
-    existing = (out / "atlas.json") if out.suffix != ".json" else out
+    existing = atlas_file(out)
     check_output_dir(existing.parent, what="the atlas")  # before the ablations, not after
     if existing.is_file():
         result_atlas = Atlas.load(existing)
@@ -196,7 +205,7 @@ def attribute_to_atlas(loaded: LoadedModel, data: str | Path, name: str, atlas: 
     if isinstance(names, list) and name not in names:
         names.append(name)
     register_attribution(name, data, result.settings["metric"], chat)
-    if out.suffix == ".json" and out.name != "atlas.json":
+    if is_lone_file(out):
         return result_atlas, result_atlas.save(out)
     from .report import write_unit
 
@@ -224,6 +233,17 @@ class AttributionTask(ValidationTask):
         return {"data": self.data, "data_sha256": _data_sha256(Path(self.data)), "metric": self.kind,
                 "chat": self.chat}
 
+    def check_atlas(self, atlas: Atlas, role: str) -> None:
+        """Refuse an atlas whose attribution `role` was measured on other data than this task runs on (a
+        task registered for another atlas earlier in the process, or a data file changed since)."""
+        entry = atlas.data["scores"].get(role, {})
+        recorded = entry.get("settings", {}).get("data_sha256") if entry.get("family") == "attribute" else None
+        if recorded is not None and recorded != _data_sha256(Path(self.data)):
+            raise HeadwiseError(one_line(
+                f"the '{role}' validation task runs on {self.data}, which is not the data the atlas's '{role}' "
+                f"attribution was measured on (its sha256 differs); register the atlas's own task "
+                f"(register_atlas_attribution(atlas, '{role}')), or re-run headwise attribute --name {role}"))
+
     def evaluate(self, loaded: Any, scales: torch.Tensor) -> TaskOutcome:
         g, device = loaded.geometry, loaded.device
         totals = torch.zeros(scales.shape[0], dtype=torch.float64)
@@ -247,23 +267,61 @@ class AttributionTask(ValidationTask):
         return TaskOutcome(values=[float(v) for v in totals / len(self.examples)])
 
 
+def _refuse_role_name(name: str) -> None:
+    """An attribution may not take the name of a role with a validation task of its own (previous-token,
+    induction, ...): it would swap that role's task for the rest of the process."""
+    task = registered_task(name)
+    if task is not None and not isinstance(task, AttributionTask):
+        raise HeadwiseError(f"'{name}' is a role with a validation task of its own ({task.name}); choose another "
+                            f"name for this attribution")
+
+
 def register_attribution(name: str, data: str | Path, metric: str = "auto", chat: bool = False) -> None:
-    """Let `validate(..., role=name)` test an attribution: zero its top-k heads vs random heads."""
+    """Let `validate(..., role=name)` test an attribution: zero its top-k heads vs random heads. It replaces
+    an earlier attribution's task of that name, never a role's own task."""
+    _refuse_role_name(name)
     register_task(name, AttributionTask(data, metric, chat), score=name, replace=True)
 
 
-def register_atlas_attributions(atlas: Atlas) -> list[str]:
-    """Register a validation task for every attribution stored in `atlas` whose data file still
-    exists (e.g. before `headwise validate --role NAME` in a new process). Returns the names."""
-    names = []
-    for name, entry in atlas.data["scores"].items():
-        settings = entry.get("settings", {})
-        if entry.get("family") == "attribute" and Path(str(settings.get("data", ""))).is_file():
-            register_attribution(name, settings["data"], settings.get("metric", "auto"), bool(settings.get("chat")))
-            names.append(name)
-    return names
+# What a validation task needs from an attribution's entry in the atlas: scores.NAME.settings.
+_ENTRY_SETTINGS = {"type": "object", "required": ["data"],
+                   "properties": {"data": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT},
+                                  "metric": {"enum": list(METRICS)}, "chat": {"type": "boolean"}}}
 
+
+def register_atlas_attribution(atlas: Atlas, name: str) -> bool:
+    """Register the validation task of the attribution `name` stored in `atlas` (e.g. before `headwise
+    validate --role NAME` in a new process), on the data file it names. False: the atlas holds no
+    attribution of that name. A broken entry is refused in one line naming the atlas and the field."""
+    entry = atlas.data["scores"].get(name)
+    if entry is None or entry.get("family") != "attribute":
+        return False
+    source, fix = str(atlas.path or "the atlas"), f"re-run headwise attribute --name {name}"
+    task = registered_task(name)
+    if task is not None and not isinstance(task, AttributionTask):
+        raise HeadwiseError(f"{source}: field scores.{name}.family is 'attribute', but '{name}' is a role with a "
+                            f"validation task of its own ({task.name}); give the attribution another name "
+                            f"(headwise attribute --name NEW)")
+    settings = entry.get("settings")
+    schema = {"properties": {"scores": {"properties": {name: {"properties": {"settings": _ENTRY_SETTINGS}}}}}}
+    validate_json({"scores": {name: {"settings": settings}}}, schema, source=source, fix=fix)
+    data = Path(settings["data"])
+    if not data.is_file():
+        raise HeadwiseError(one_line(f"{source}: field scores.{name}.settings.data names {data}, which is not a "
+                                     f"file (the attribution is validated on its own data); put it back, or {fix}"))
+    try:
+        register_attribution(name, data, settings.get("metric", "auto"), settings.get("chat", False))
+    except HeadwiseError as e:  # the data no longer reads as the examples the attribution used
+        raise HeadwiseError(one_line(f"{source}: the data of attribution '{name}' (field scores.{name}.settings."
+                                     f"data): {e}")) from None
+    return True
+
+
+def register_atlas_attributions(atlas: Atlas) -> list[str]:
+    """Register the validation task of every attribution stored in `atlas` (register_atlas_attribution).
+    Returns the names."""
+    return [name for name in atlas.score_names if register_atlas_attribution(atlas, name)]
 
 
 __all__ = ["METRICS", "Attribution", "AttributionTask", "Example", "attribute", "attribute_to_atlas", "load_examples",
-           "register_atlas_attributions", "register_attribution"]
+           "register_atlas_attribution", "register_atlas_attributions", "register_attribution"]

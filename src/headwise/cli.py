@@ -47,7 +47,7 @@ def _run_profile(args: argparse.Namespace) -> None:
     from .load import load
     from .profile import ProfileSettings, profile, summary
     from .report import REPORT_FILE, sample_attention, unit_bytes, write_unit
-    from .scores import all_score_names
+    from .scores import all_score_names, default_scores
 
     scores = [s.strip() for s in args.scores.split(",") if s.strip()] if args.scores else None
     for name in scores or []:
@@ -64,7 +64,7 @@ def _run_profile(args: argparse.Namespace) -> None:
     # Checked before the model loads; a refused run removes the directory it made.
     with output_location(out, what="the atlas"):
         loaded = load(args.model)
-        need = unit_bytes(loaded.geometry, len(scores or all_score_names()), settings.context, report)
+        need = unit_bytes(loaded.geometry, len(scores or default_scores()), settings.context, report)
         check_output_dir(out, what="the atlas", need_bytes=need)
         atlas = profile(loaded, scores, settings)  # every probe and setting is checked before any pass
         samples = sample_attention(loaded, settings) if report else None
@@ -94,9 +94,9 @@ def _add_report(p: argparse.ArgumentParser) -> None:
 def _run_report(args: argparse.Namespace) -> None:
     from ._io import check_output_dir
     from .atlas import Atlas
-    from .report import REPORT_FILE, unit_bytes, write_report
+    from .report import REPORT_FILE, atlas_directory, unit_bytes, write_report
 
-    atlas = Atlas.load(args.atlas)
+    atlas = Atlas.load(atlas_directory(args.atlas))  # a lone atlas file is refused: the report lives beside atlas.json
     context = atlas.data["settings"].get("context")
     need = unit_bytes(atlas.geometry, len(atlas.score_names), context if isinstance(context, int) else 2048, True)
     # Before the model loads and the samples run; the old unit stays until the new one is whole, so both fit.
@@ -148,6 +148,7 @@ def _run_attribute(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from ._io import output_location
+    from .atlas import atlas_file
     from .attribute import attribute_to_atlas, load_examples
     from .load import load
 
@@ -155,7 +156,7 @@ def _run_attribute(args: argparse.Namespace) -> None:
         raise HeadwiseError("--top must be >= 0")
     load_examples(args.data)  # a bad data file is refused before the model loads
     out = Path(args.atlas) if args.atlas else Path(f"atlas-{Path(args.model).stem}")
-    with output_location(out.parent if out.suffix == ".json" else out, what="the atlas"):
+    with output_location(atlas_file(out).parent, what="the atlas"):
         loaded = load(args.model)
         atlas, path = attribute_to_atlas(loaded, args.data, args.name, out, metric=args.metric, chat=args.chat)
     metric = atlas.data["scores"][args.name]["settings"]["metric"]
@@ -186,11 +187,9 @@ def _add_validate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_validate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from ._io import check_output_dir
-    from .atlas import Atlas
-    from .attribute import register_atlas_attributions
+    from .atlas import Atlas, is_lone_file
+    from .attribute import register_atlas_attribution
     from .load import load
     from .validate import MIN_DRAWS, RetrievalTask, format_validation, validate_and_store
 
@@ -209,11 +208,13 @@ def _run_validate(args: argparse.Namespace) -> None:
         raise HeadwiseError(f"--seed must be a whole number >= 0; got {args.seed}")
     atlas = Atlas.load(args.atlas)
     check_output_dir(atlas.directory, what="the validation results")  # before the model loads
-    register_atlas_attributions(atlas)  # so `--role NAME` works for a `headwise attribute --name NAME` result
+    # So that `--role NAME` works for a `headwise attribute --name NAME` result; only that one: the atlas's
+    # other attributions have nothing to do with this run.
+    register_atlas_attribution(atlas, args.role)
     loaded = load(args.model or atlas.model["spec"])
     result = validate_and_store(loaded, atlas, args.role, k=args.k, draws=args.draws, seed=args.seed, task=task)
     print(format_validation(result))
-    if Path(args.atlas).suffix == ".json" and Path(args.atlas).name != "atlas.json":
+    if is_lone_file(args.atlas):
         path = atlas.save(args.atlas)
     else:  # one unit: its samples kept, its report (if any) re-rendered with the results
         from .report import write_unit
@@ -262,6 +263,14 @@ def _set_threads(threads: int | None) -> None:
         return
     if threads < 1:
         raise HeadwiseError("--threads must be a positive integer")
+    import os
+
+    # Beyond a few threads a core nothing gets faster, and torch's thread pool crashes for huge counts.
+    cores = os.cpu_count() or 1
+    most = max(64, 4 * cores)
+    if threads > most:
+        raise HeadwiseError(f"--threads must be at most {most} (4 x this machine's {cores} cores, at least 64); "
+                            f"got {threads}")
     import torch
 
     torch.set_num_threads(threads)  # headwise eval's speed runs pass it on to their subprocesses

@@ -106,6 +106,9 @@ def greedy(loaded: Any, input_ids: Tensor, max_new_tokens: int, *, until: Until 
         raise HeadwiseError("input_ids must be [rows, tokens] with at least one token")
     if max_new_tokens < 1:
         raise HeadwiseError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if observe is not None and after_prefill is not None:  # observing starts inside the prompt's last token
+        raise HeadwiseError("after_prefill and observe cannot be combined: with observers the prompt's last token "
+                            "is decoded as the first step")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise HeadwiseError(f"the prefill chunk must be at least 1 token, got {prefill_chunk}")
     geometry, model, tokenizer = loaded.geometry, loaded.model, loaded.tokenizer
@@ -128,7 +131,7 @@ def greedy(loaded: Any, input_ids: Tensor, max_new_tokens: int, *, until: Until 
             for start in range(0, prompt.shape[1], chunk):
                 logits, cache = forward(model, prompt[:, start:start + chunk], cache)
         t1 = time.perf_counter()
-        if after_prefill is not None and logits is not None and pending is None:
+        if after_prefill is not None:
             after_prefill(logits[:, -1], cache)
         t_decode = time.perf_counter()
         for step in range(max_new_tokens):

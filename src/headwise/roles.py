@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,12 +26,16 @@ class RoleRule:
     op: str
     threshold: float
     source: str
+    # Where the label stands among a head's labels (lowest first; the first is the head's primary role in the
+    # report and figures). Not saved: an atlas keeps its rules in this order.
+    precedence: int = field(default=100, compare=False)
 
     def applies(self, values: np.ndarray) -> np.ndarray:
         return _OPS[self.op](values, self.threshold)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"role": self.role, "score": self.score, "op": self.op, "threshold": self.threshold,
+                "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict) -> RoleRule:
@@ -53,8 +57,5 @@ def assign_roles(scores: dict[str, np.ndarray], rules: Sequence[RoleRule]) -> li
     return labels
 
 
-def rules_in_use(scores: dict[str, np.ndarray], rules: Sequence[RoleRule]) -> list[RoleRule]:
-    return [r for r in rules if r.score in scores]
 
-
-__all__ = ["RoleRule", "assign_roles", "rules_in_use"]
+__all__ = ["RoleRule", "assign_roles"]

@@ -213,6 +213,20 @@ def test_bytes_really_shrink_and_match_prediction():
     assert layer.streaming.ring_k.shape[2] == 8 and sorted(layer.streaming.ring_pos.tolist()) == list(range(52, 60))
 
 
+
+@pytest.mark.parametrize("spec", ["streaming@100", "streaming@100+whole", "random@0.5", "headwise-free:mid"])
+def test_a_sequence_shorter_than_sinks_and_window_holds_only_its_tokens(spec):
+    """The bytes a cache holds equal the prediction even when S + W is longer than the whole sequence."""
+    from headwise.kv import parse_policy
+
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    g = lm.geometry
+    policy = HeadPolicy(g, np.array([[True, False]] * g.n_layers), sink=4, window=16, prefill="whole", middle=2) \
+        if spec == "headwise-free:mid" else parse_policy(spec, g, sink=64)
+    res = generate(lm, _ids(7, seed=2), policy, max_new_tokens=5, until="budget")
+    assert res.kv_bytes == policy.kv_bytes(12)
+    assert res.kv_bytes <= HeadPolicy.full_cache(g).kv_bytes(12)
+
 def test_gemma_sliding_layers_keep_model_window():
     lm = headwise.from_model(tiny_model("gemma3-sliding"), tiny_tokenizer())
     g = lm.geometry

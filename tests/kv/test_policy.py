@@ -174,3 +174,39 @@ def test_middle_tokens_in_specs_bytes_budgets_and_files(tmp_path):
                      ("full+mid8", "streaming heads only"), ("headwise:retrieval@0.25+whole+midx", "not a number")):
         with pytest.raises(HeadwiseError, match=why):
             parse_policy(bad, G, atlas=atlas)
+
+
+def test_specs_mean_what_they_say_or_are_refused(tmp_path):
+    from headwise.kv.spec import check_spec
+
+    grammar = (("random:7@0.5", "no ':' argument"), ("razor:zzz@0.5", "no ':' argument"),
+               ("full:", "nothing after"), ("full@", "nothing after"), ("streaming:", "nothing after"),
+               ("headwise@0.5", "needs its"), ("duo:x.tsv", "needs an amount"), ("streamingXYZ", "unknown policy"),
+               ("full+whole", "no stream"))
+    for bad, why in grammar + (("streaming@5_0", "not a number"), ("snapkv@1e400", "finite")):
+        if (bad, why) in grammar:
+            with pytest.raises(HeadwiseError, match=why):
+                check_spec(bad)  # the grammar alone, before any model is loaded
+        with pytest.raises(HeadwiseError, match=why):
+            parse_policy(bad, G, context=1000)
+    # X of the full cache counts the middle tokens too.
+    p = parse_policy("streaming@0.5+whole+mid64", G, context=1000)
+    assert p.kv_bytes(1000) == HeadPolicy.full_cache(G).kv_bytes(1000) // 2 and p.window == 500 - 4 - 64
+    # A DuoAttention file under a byte budget, like the other head policies.
+    gates = tmp_path / "gates.tsv"
+    gates.write_text("\n".join("\t".join(str((i * 2 + j) / 8) for j in range(2)) for i in range(4)))
+    budget = parse_policy(f"duo:{gates}@kv0.5", G, context=1000, sink=10, window=40)
+    assert budget.n_full == 3 and budget.kv_bytes(1000) <= HeadPolicy.full_cache(G).kv_bytes(1000) // 2
+    gates.write_text("nan\t1\n" * 4)
+    with pytest.raises(HeadwiseError, match="finite"):
+        parse_policy(f"duo:{gates}@0.5", G)
+    # A saved policy may not ask for more tokens than the model has, nor take --sink/--window.
+    big = HeadPolicy.streaming(G, window=2**20).to_dict()
+    path = tmp_path / "big.json"
+    path.write_text(__import__("json").dumps(big))
+    with pytest.raises(HeadwiseError, match="--window must be"):
+        parse_policy(str(path), G)
+    ok = tmp_path / "ok.json"
+    HeadPolicy.streaming(G).save(ok)
+    with pytest.raises(HeadwiseError, match="own sinks and window"):
+        parse_policy(str(ok), G, sink=8)

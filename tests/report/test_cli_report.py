@@ -41,3 +41,20 @@ def test_profile_writes_the_report_unless_told_not_to(model_dir, tmp_path, capsy
     first = (tmp_path / "b" / "attention_samples.safetensors").read_bytes()
     assert main(["report", str(tmp_path / "a"), "--model", str(model_dir)]) == 0
     assert (tmp_path / "a" / "attention_samples.safetensors").read_bytes() == first
+
+
+def test_the_space_check_counts_the_default_battery(model_dir, tmp_path, monkeypatch):
+    """Without --scores, profile runs headwise.scores.default_scores(), not every registered score."""
+    import headwise.report
+    from headwise.errors import HeadwiseError
+    from headwise.scores import all_score_names, default_scores
+
+    counted = []
+
+    def unit_bytes(geometry, n_scores, context, with_report):
+        counted.append(n_scores)
+        raise HeadwiseError("stop here")
+
+    monkeypatch.setattr(headwise.report, "unit_bytes", unit_bytes)
+    assert main(["profile", "--model", str(model_dir), "--out", str(tmp_path / "a")]) == 2
+    assert counted == [len(default_scores())] and len(default_scores()) < len(all_score_names())

@@ -104,3 +104,26 @@ def test_report_for_a_70b_sized_model_stays_under_10_mb():
     side = map_side(Geometry("llama", 80, 64, 8, 128, ("full",) * 80, (None,) * 80, 8192, 1000), 64)
     data, samples = synthetic_atlas(L=80, H=64, KV=8, short_side=side, long_side=side)
     assert len(render_html(data, samples).encode()) < 10 * 2**20
+
+
+BROKEN_DISTANCE = {  # distance profiles of documents no schema checked: the page and the map skip them
+    "bins as strings": lambda p: p.update(bins=[f"{lo}-{hi}" for lo, hi in p["bins"]]),
+    "bins of three": lambda p: p.update(bins=[[*b, 0] for b in p["bins"]]),
+    "no bins": lambda p: p.pop("bins"),
+    "fewer bins than values": lambda p: p.update(bins=p["bins"][:-1]),
+    "records only": lambda p: [p.pop("values"), p.pop("bins"), p.update(records=[{"trial": 1}])],
+    "ragged values": lambda p: p["values"][0][0].pop(),
+    "values not numbers": lambda p: p["values"][1][2].__setitem__(0, "x"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_DISTANCE)
+def test_a_distance_profile_the_report_cannot_use_is_skipped(case):
+    from headwise.report.layout import pattern_map
+
+    data, samples = synthetic_atlas(L=4, H=4, KV=2)
+    assert any(f.startswith("distance") for f in pattern_map(data, None)["features"])
+    BROKEN_DISTANCE[case](data["profiles"]["distance"])
+    assert not any(f.startswith("distance") for f in pattern_map(data, None)["features"])
+    d = embedded_json(render_html(data, samples))
+    assert "distance" not in d["profiles"] and len(d["layout"]["x"]) == 16

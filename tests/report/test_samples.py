@@ -122,3 +122,27 @@ def test_context_too_short_for_a_needle_falls_back_to_plain_text(tmp_path):
     assert meta["long"]["needle"] is None and meta["long"]["length"] == 24 and meta["long"]["needle_span"] == [0, 0]
     assert np.all(arrays["long_regions_mean"][..., REGIONS.index("needle")] == 0)
     np.testing.assert_allclose(arrays["long_regions_mean"].sum(-1), 1.0, atol=1e-5)
+
+
+def test_samples_with_zero_row_bins_are_refused_in_one_line(hostile_atlas_dir, tmp_path):
+    """Arrays of zero size fit a meta saying row_bins 0, but nothing can be drawn from them."""
+    import hashlib
+    import json
+    import shutil
+
+    from safetensors.numpy import save
+
+    from headwise.errors import HeadwiseError
+    from headwise.report import write_report
+
+    out = tmp_path / "atlas"
+    shutil.copytree(hostile_atlas_dir, out)
+    arrays, meta = load_samples(out)
+    arrays = {**arrays, "long_last_row": arrays["long_last_row"][..., :0]}
+    data = save(arrays)
+    (out / "attention_samples.safetensors").write_bytes(data)
+    meta["long"]["row_bins"], meta["tensors_sha256"] = 0, hashlib.sha256(data).hexdigest()
+    (out / "attention_samples.json").write_text(json.dumps(meta))
+    with pytest.raises(HeadwiseError) as e:
+        write_report(out)
+    assert "long.row_bins must be >= 1 (got 0)" in str(e.value) and "\n" not in str(e.value)

@@ -56,8 +56,9 @@ def _run_generate(args: argparse.Namespace) -> None:
 
     from ..load import load
     from .generate import generate
-    from .spec import check_sink_window, parse_policy
+    from .spec import check_sink_window, check_spec, parse_policy
 
+    check_spec(args.policy)  # the grammar before the model loads; the numbers again with it
     path = Path(args.prompt_file)
     try:
         prompt = path.read_text(encoding="utf-8")
@@ -84,6 +85,8 @@ def _run_generate(args: argparse.Namespace) -> None:
                             f"this model's {limit} positions; shorten {path} or lower --max-new-tokens")
     policy = parse_policy(args.policy, loaded.geometry, atlas=_load_atlas(args, loaded), context=ids.shape[1],
                           sink=args.sink, window=args.window)
+    if args.prefill_chunk is not None and policy.prefill == "whole":
+        raise HeadwiseError(f"policy '{args.policy}' reads the whole prompt in one call; drop --prefill-chunk")
     res = generate(loaded, ids, policy, max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk)
     from .heads import HeadPolicy
 
@@ -137,6 +140,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     from .._io import output_location
     from ..load import load
     from .evaluate import EvalSettings, evaluate, plot
+    from .spec import check_spec
 
     try:
         depths = tuple(float(x) for x in args.depths.split(",") if x.strip())
@@ -151,6 +155,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     specs = [s.strip() for s in args.policies.split(",") if s.strip()]
     if not specs:
         raise HeadwiseError("--policies is empty; give at least one policy spec, e.g. --policies streaming")
+    for spec in specs:
+        check_spec(spec)
     out = Path(args.out)
     png = out.with_suffix(".png")
     if png == out:
@@ -173,7 +179,9 @@ def _run_eval(args: argparse.Namespace) -> None:
         _write_json(out, result)
     for task, by_ctx in result["summary"].items():
         for ctx, cells in by_ctx.items():
-            line = "  ".join(f"{p}: {c['correct']}/{c['n']} ({c['kv_ratio']:.0%} KV)" for p, c in cells.items())
+            line = "  ".join(f"{p}: {c['correct']}/{c['n']} (" + ("-" if c["kv_ratio"] is None else
+                                                                   f"{c['kv_ratio']:.0%}") + " KV)"
+                             for p, c in cells.items())
             print(f"{task} @ {ctx}: {line}")
     if "speed" in result:
         for p, r in result["speed"]["policies"].items():

@@ -35,7 +35,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..errors import HeadwiseError
 from ..geometry import Geometry
-from ..scores import score_info
+from ..scores import needs_full
 from .layers import FullLayer
 from .mixed import MixedLayer
 from .policy import PREFILL_MODES, CachePolicy
@@ -223,9 +223,12 @@ class HeadPolicy(CachePolicy):
                                         "atlas_weights_sha256": atlas.model.get("weights_sha256")}, **shape)
 
     @classmethod
-    def from_duo_file(cls, path: str | Path, geometry: Geometry, full_fraction: float = 0.5,
-                      **shape: Any) -> HeadPolicy:
-        """A DuoAttention pattern: tab-separated gate values, one row per layer, one column per KV head."""
+    def from_duo_file(cls, path: str | Path, geometry: Geometry, full_fraction: float | None = None, *,
+                      budget_bytes: int | None = None, context: int | None = None, **shape: Any) -> HeadPolicy:
+        """A DuoAttention pattern: tab-separated gate values, one row per layer, one column per KV head;
+        the top gates keep the full cache (a fraction, or as many as fit `budget_bytes` at `context`)."""
+        if full_fraction is None and budget_bytes is None:
+            full_fraction = 0.5
         path = Path(path)
         try:
             rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -238,7 +241,11 @@ class HeadPolicy(CachePolicy):
         if gates.ndim != 2 or gates.shape != (geometry.n_layers, geometry.n_kv_heads):
             raise HeadwiseError(f"{path} holds a {' x '.join(map(str, gates.shape))} gate matrix but the model has "
                                 f"{geometry.n_layers} layers x {geometry.n_kv_heads} KV heads")
-        return cls.from_ranking(geometry, gates, full_fraction=full_fraction, name=f"duo:{path.name}@{full_fraction:g}",
+        if not np.isfinite(gates).all():
+            raise HeadwiseError(f"{path} holds a gate that is not a finite number; a DuoAttention gate is in [0, 1]")
+        amount = f"@{full_fraction:g}" if full_fraction is not None else f"@{budget_bytes}B"
+        return cls.from_ranking(geometry, gates, full_fraction=full_fraction, budget_bytes=budget_bytes,
+                                context=context, name=f"duo:{path.name}{amount}",
                                 source={"method": "duoattention", "file": str(path)}, **shape)
 
     # ---- files ------------------------------------------------------------------------------
@@ -255,9 +262,7 @@ class HeadPolicy(CachePolicy):
 
 def _needs_full(atlas: Any, score: str) -> str:
     """Which end of an atlas score marks a head that needs the full cache."""
-    recorded = atlas.needs_full(score)
-    declared = score_info(score).needs_full if score_info(score) is not None else None
-    direction = recorded or declared
+    direction = needs_full(score, atlas.needs_full(score))
     if direction is None:
         raise HeadwiseError(f"score '{score}' does not say which end needs the full KV cache; choose one: "
                             f"headwise:{score}:high@F or headwise:{score}:low@F")

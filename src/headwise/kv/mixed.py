@@ -58,7 +58,7 @@ class MixedLayer(HeadwiseLayer):
         self.full_heads = torch.tensor(np.flatnonzero(full), dtype=torch.long)
         self.stream_heads = torch.tensor(np.flatnonzero(~full), dtype=torch.long)
         self.full = Store(reserve)
-        self.streaming = StreamingBuffer(sink, window, compensate)
+        self.streaming = StreamingBuffer(sink, window, compensate, limit=reserve)
         self._index: dict[tuple[int, Any], tuple[Tensor, Tensor]] = {}
 
     def head_index(self, group: int, device: Any) -> tuple[Tensor, Tensor]:

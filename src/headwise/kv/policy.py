@@ -49,8 +49,13 @@ class CachePolicy(ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         kind = cls.__dict__.get("policy_type")
-        if kind is not None:
-            _KINDS[kind] = cls
+        if kind is None:
+            return
+        known = _KINDS.get(kind)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise HeadwiseError(f"policy type {kind!r} is already {known.__module__}.{known.__qualname__}; give "
+                                f"{cls.__qualname__} another policy_type")
+        _KINDS[kind] = cls
 
     # ---- what a policy must say -----------------------------------------------------------
     @abstractmethod
@@ -119,8 +124,10 @@ class CachePolicy(ABC):
         validate_policy(d, source=source, fix=fix)
         kind = d.get("kind", "heads")  # files from before policies had kinds hold a head policy
         if kind not in _KINDS:
-            raise HeadwiseError(f"{source}: field kind {kind!r} is not a known policy kind (known: "
-                                f"{', '.join(sorted(_KINDS))}); {fix}")
+            # Kinds register when their modules load; headwise.kv.CachePolicy loads the built-in ones first.
+            raise HeadwiseError(f"{source}: field kind {kind!r} is not a known policy kind (known here: "
+                                f"{', '.join(sorted(_KINDS)) or 'none'}); load it with headwise.kv.CachePolicy.load, "
+                                f"import the module that defines its kind, or {fix}")
         try:
             geometry = Geometry.from_dict(d["geometry"])
             fields = {k: v for k, v in d.items() if k not in ("schema", "kind", "name", "geometry", "source")}

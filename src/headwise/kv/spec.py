@@ -37,6 +37,7 @@ from .policy import CachePolicy
 from .snapkv import SnapKVPolicy
 
 OPTIONS = ("comp", "whole", "mid")
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 # Beyond any model's positions, sink/window/middle sizes are typos that would allocate gigabytes.
 MAX_TOKENS = 1 << 21
 
@@ -60,10 +61,12 @@ class PolicyRequest:
         return HeadwiseError(f"policy '{self.spec}': {why}")
 
     def number(self, text: str | None, what: str = "amount") -> float:
-        try:
-            x = float(text or "")
-        except ValueError:
-            raise self.fail(f"{what} '{text}' is not a number") from None
+        # Plain decimals only: float() would also take "5_0", "inf" and "nan".
+        if text and text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise self.fail(f"{what} must be a finite number, not {text}")
+        if not text or not _NUMBER.fullmatch(text):
+            raise self.fail(f"{what} '{text or ''}' is not a number")
+        x = float(text)
         if not math.isfinite(x):
             raise self.fail(f"{what} must be a finite number, not {text}")
         return x
@@ -104,34 +107,41 @@ class PolicyRequest:
 
 
 @dataclass(frozen=True)
-class PolicyKind:
+class RegisteredPolicy:
     name: str
     build: Callable[[PolicyRequest], CachePolicy]
     syntax: str
     options: frozenset[str]
+    arg: bool  # takes NAME:ARG
+    amount: str  # "required", "optional" or "none": NAME@AMOUNT
 
 
-_KINDS: dict[str, PolicyKind] = {}
+_REGISTERED: dict[str, RegisteredPolicy] = {}
+_AMOUNTS = ("required", "optional", "none")
 
 
 def register_policy(name: str, build: Callable[[PolicyRequest], CachePolicy], *, syntax: str | None = None,
-                    options: tuple[str, ...] = (), replace_existing: bool = False) -> None:
+                    options: tuple[str, ...] = (), arg: bool = False, amount: str = "required",
+                    replace_existing: bool = False) -> None:
     """Make `NAME[:ARG][@AMOUNT][+OPTION...]` specs build a policy with `build(request)`.
 
-    `options`: which of +comp, +whole, +midM the policy accepts (others are refused).
+    `arg`: whether it takes `:ARG`; `amount`: whether `@AMOUNT` is required, optional or refused;
+    `options`: which of +comp, +whole, +midM it accepts. Specs outside that are refused here.
     """
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         raise HeadwiseError(f"policy name {name!r} must be lower-case letters, digits, '_' or '-'")
-    if name in _KINDS and not replace_existing:
+    if name in _REGISTERED and not replace_existing:
         raise HeadwiseError(f"policy '{name}' is already registered; pass replace_existing=True to swap it")
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise HeadwiseError(f"unknown policy option(s) {', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
-    _KINDS[name] = PolicyKind(name, build, syntax or name, frozenset(options))
+    if amount not in _AMOUNTS:
+        raise HeadwiseError(f"amount must be one of {', '.join(_AMOUNTS)}, not {amount!r}")
+    _REGISTERED[name] = RegisteredPolicy(name, build, syntax or name, frozenset(options), arg, amount)
 
 
 def registered_policies() -> list[str]:
-    return [k.syntax for k in _KINDS.values()] + ["FILE.json"]
+    return [k.syntax for k in _REGISTERED.values()] + ["FILE.json"]
 
 
 def _split_options(body: str, spec: str) -> tuple[str, dict[str, Any]]:
@@ -186,6 +196,50 @@ def _check_sizes(spec: str, geometry: Geometry, sink: int | None, window: int | 
                             f"({token_limit(geometry)}); use a shorter prompt or context")
 
 
+def _parse(raw: str) -> tuple[RegisteredPolicy | None, str, str | None, str | None, dict[str, Any]]:
+    """(the registered policy or None for a FILE.json, the body, ARG, AMOUNT, options), or a one-line error."""
+    if not raw:
+        raise HeadwiseError("empty policy spec; use one of " + ", ".join(registered_policies()))
+    body, options = _split_options(raw, raw)
+    if body.endswith(".json"):
+        return None, body, None, None, options
+    name, sep, rest = re.match(r"([^:@]*)([:@]?)(.*)", body).groups()
+    if name not in _REGISTERED:
+        raise HeadwiseError(f"unknown policy '{raw}'; use one of {', '.join(registered_policies())}")
+    kind = _REGISTERED[name]
+    arg, amount = None, None
+    if sep == ":":
+        arg, _, amount = rest.rpartition("@") if "@" in rest else (rest, "", None)
+    elif sep == "@":
+        amount = rest
+    if (arg is not None and not arg) or amount == "":
+        raise HeadwiseError(f"policy '{raw}': nothing after '{':' if arg == '' else '@'}'; the syntax is {kind.syntax}")
+    if arg is not None and not kind.arg:
+        raise HeadwiseError(f"policy '{raw}': {name} takes no ':' argument; the syntax is {kind.syntax}")
+    if kind.amount == "none" and kind.arg is False and (arg is not None or amount is not None):
+        raise HeadwiseError(f"policy '{raw}': {name} takes no argument; the syntax is {kind.syntax}")
+    if kind.arg and arg is None:
+        raise HeadwiseError(f"policy '{raw}': {name} needs its ':' argument; the syntax is {kind.syntax}")
+    if amount is not None and kind.amount == "none":
+        raise HeadwiseError(f"policy '{raw}': {name} takes no argument or '@' amount; the syntax is {kind.syntax}")
+    if amount is None and kind.amount == "required":
+        raise HeadwiseError(f"policy '{raw}': {name} needs an amount; the syntax is {kind.syntax}")
+    given = {k for k, v in options.items() if v}
+    if given and not kind.options:
+        raise HeadwiseError(f"policy '{raw}': {name} has no streaming heads; +comp, +whole and +mid apply to "
+                            f"policies with streaming heads only")
+    if given - kind.options:
+        allowed = ", ".join("+" + o + ("M" if o == "mid" else "") for o in sorted(kind.options)) or "none"
+        raise HeadwiseError(f"policy '{raw}': {name} takes no option "
+                            f"{', '.join('+' + o for o in sorted(given - kind.options))} (options: {allowed})")
+    return kind, body, arg, amount, options
+
+
+def check_spec(spec: str) -> None:
+    """The spec's grammar alone (names, arguments, options), before a model is loaded to build it."""
+    _parse(spec.strip())
+
+
 def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: int | None = None,
                  sink: int | None = None, window: int | None = None) -> CachePolicy:
     """Turn a policy spec (see the module docstring) into a policy for a prompt of `context` tokens.
@@ -194,42 +248,28 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
     head policies, 4 sinks for StreamingLLM).
     """
     raw = spec.strip()
-    if not raw:
-        raise HeadwiseError("empty policy spec; use one of " + ", ".join(registered_policies()))
+    kind, body, arg, amount, options = _parse(raw)
     _check_sizes(raw, geometry, sink, window, context)
-    body, options = _split_options(raw, raw)
     if options["mid"] > token_limit(geometry):
         raise HeadwiseError(f"policy '{raw}': +mid{options['mid']} keeps more tokens than this model has positions "
                             f"({token_limit(geometry)})")
-    if body.endswith(".json"):
-        policy = _from_file(raw, body, options)
+    if kind is None:
+        policy = _from_file(raw, body, options, geometry, sink, window)
     else:
-        name, sep, rest = re.match(r"([^:@]*)([:@]?)(.*)", body).groups()
-        if name not in _KINDS:
-            raise HeadwiseError(f"unknown policy '{raw}'; use one of {', '.join(registered_policies())}")
-        kind = _KINDS[name]
-        given = {k for k, v in options.items() if v}
-        if given and not kind.options:
-            raise HeadwiseError(f"policy '{raw}': {name} has no streaming heads; +comp, +whole and +mid apply to "
-                                f"policies with streaming heads only")
-        if given - kind.options:
-            allowed = ", ".join("+" + o + ("M" if o == "mid" else "") for o in sorted(kind.options)) or "none"
-            raise HeadwiseError(f"policy '{raw}': {name} takes no option "
-                                f"{', '.join('+' + o for o in sorted(given - kind.options))} (options: {allowed})")
-        arg, amount = None, None
-        if sep == ":":
-            arg, at, amount = rest.rpartition("@") if "@" in rest else (rest, "", None)
-        elif sep == "@":
-            amount = rest
-        request = PolicyRequest(raw, name, arg or None, amount, options, geometry, atlas, context, sink, window)
-        policy = kind.build(request)
+        policy = kind.build(PolicyRequest(raw, kind.name, arg, amount, options, geometry, atlas, context, sink, window))
     policy.check(geometry)
     policy.name = raw
     return policy
 
 
-def _from_file(raw: str, path: str, options: dict[str, Any]) -> CachePolicy:
+def _from_file(raw: str, path: str, options: dict[str, Any], geometry: Geometry, sink: int | None,
+               window: int | None) -> CachePolicy:
+    if sink is not None or window is not None:
+        raise HeadwiseError(f"policy '{raw}': a saved policy has its own sinks and window; drop --sink/--window")
     policy = CachePolicy.load(path)
+    # A hand-edited file must not ask for more tokens than the model has (it would allocate them up front).
+    if isinstance(policy, HeadPolicy):
+        check_sink_window(policy.sink, policy.window, geometry, prefix=f"policy '{raw}' file: ")
     if not any(options.values()):
         return policy
     if not isinstance(policy, HeadPolicy):
@@ -241,24 +281,22 @@ def _from_file(raw: str, path: str, options: dict[str, Any]) -> CachePolicy:
 
 # ---- the built-in policies --------------------------------------------------------------------
 def _full(r: PolicyRequest) -> CachePolicy:
-    if r.arg or r.amount:
-        raise r.fail("full takes no argument")
     return HeadPolicy.full_cache(r.geometry)
 
 
 def _streaming(r: PolicyRequest) -> CachePolicy:
-    if r.arg:
-        raise r.fail("streaming takes no ':' argument; use streaming or streaming@X")
     shape = r.shape(sink=STREAMINGLLM_SINK)
-    if r.amount is not None:
+    if r.amount is not None:  # its own window, whatever --window says for the other policies of a run
         x = r.number(r.amount)
         if x <= 0:
             raise r.fail("X must be above 0: a share of the full cache (< 1) or a window in tokens (>= 1)")
         if x < 1:
             context = r.need_context("a share sizes the window")
-            window = round(x * context) - shape["sink"]
+            # X of the full cache: sinks, middle tokens and window together.
+            window = round(x * context) - shape["sink"] - shape["middle"]
             if window < 1:
-                raise r.fail(f"{x:g} of {context} tokens leaves no room for a window after {shape['sink']} sinks")
+                raise r.fail(f"{x:g} of {context} tokens leaves no room for a window after {shape['sink']} sinks"
+                             + (f" and {shape['middle']} middle tokens" if shape["middle"] else ""))
             shape["window"] = window
         elif x != int(x) or x > token_limit(r.geometry):
             raise r.fail(f"a window is a whole number of tokens up to {token_limit(r.geometry)} (the model's "
@@ -271,8 +309,6 @@ def _streaming(r: PolicyRequest) -> CachePolicy:
 def _headwise(r: PolicyRequest) -> CachePolicy:
     if r.atlas is None:
         raise r.fail("needs an atlas (--atlas DIR from headwise profile)")
-    if not r.arg:
-        raise r.fail("needs a score: headwise:SCORE@F")
     score, _, direction = r.arg.partition(":")
     if direction not in ("", "high", "low"):
         raise r.fail(f"direction must be 'high' or 'low', not '{direction}'")
@@ -293,14 +329,10 @@ def _random(r: PolicyRequest) -> CachePolicy:
 
 
 def _duo(r: PolicyRequest) -> CachePolicy:
-    if not r.arg or r.amount is None:
-        raise r.fail("needs a file and a fraction: duo:FILE@0.5")
     return HeadPolicy.from_duo_file(r.arg, r.geometry, **r.head_amount(), **r.shape())
 
 
 def _snapkv(r: PolicyRequest) -> CachePolicy:
-    if r.arg:
-        raise r.fail("snapkv takes no ':' argument; use snapkv@X")
     x = r.number(r.amount)
     if x <= 0 or (x >= 1 and (x != int(x) or x > token_limit(r.geometry))):
         raise r.fail(f"X must be a share of the prompt in (0, 1) or a whole number of tokens per head up to "
@@ -309,13 +341,14 @@ def _snapkv(r: PolicyRequest) -> CachePolicy:
 
 
 _HEAD_OPTIONS = ("comp", "whole", "mid")
-register_policy("full", _full)
-register_policy("streaming", _streaming, syntax="streaming[@X]", options=_HEAD_OPTIONS)
-register_policy("headwise", _headwise, syntax="headwise:SCORE[:high|:low]@F", options=_HEAD_OPTIONS)
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+register_policy("full", _full, amount="none")
+register_policy("streaming", _streaming, syntax="streaming[@X]", options=_HEAD_OPTIONS, amount="optional")
+register_policy("headwise", _headwise, syntax="headwise:SCORE[:high|:low]@F", options=_HEAD_OPTIONS, arg=True)
 register_policy("razor", _razor, syntax="razor@F", options=_HEAD_OPTIONS)
 register_policy("random", _random, syntax="random@F[:SEED]", options=_HEAD_OPTIONS)
-register_policy("duo", _duo, syntax="duo:FILE@F", options=_HEAD_OPTIONS)
+register_policy("duo", _duo, syntax="duo:FILE@F", options=_HEAD_OPTIONS, arg=True)
 register_policy("snapkv", _snapkv, syntax="snapkv@X")
 
-__all__ = ["OPTIONS", "PolicyRequest", "check_sink_window", "parse_policy", "register_policy", "registered_policies",
-           "token_limit"]
+__all__ = ["OPTIONS", "PolicyRequest", "check_sink_window", "check_spec", "parse_policy", "register_policy",
+           "registered_policies", "token_limit"]

@@ -37,11 +37,13 @@ class StreamingBuffer:
     One buffer per tensor: slots [0, S) hold the sinks, slots [S, S + W) the ring. Until the
     ring wraps, what a decoded query sees is the buffer's prefix, handed over without a copy.
     With middle tokens (`add_middle`, once, after a whole-prompt call) the buffer becomes
-    [S sinks | M middle | W ring].
+    [S sinks | M middle | W ring]. With `limit` (the most tokens the sequence will have, when the
+    caller knows it), a sequence shorter than S + W allocates only what it can fill, so the bytes
+    held are the policy's prediction.
     """
 
-    def __init__(self, sink: int, window: int, compensate: bool):
-        self.sink, self.window, self.compensate = sink, window, compensate
+    def __init__(self, sink: int, window: int, compensate: bool, limit: int | None = None):
+        self.sink, self.window, self.compensate, self.limit = sink, window, compensate, limit
         self.k: Tensor | None = None  # [batch, heads, S (+ M) + W, dim]
         self.v: Tensor | None = None
         self.pos: Tensor | None = None  # position held by each slot (-1: empty)
@@ -105,7 +107,7 @@ class StreamingBuffer:
         n = k.shape[2]
         n_sink = max(0, min(n, self.sink - start))
         if n_sink:
-            self._reserve(self.sink, k)
+            self._reserve(self.sink if self.limit is None else min(self.sink, self.limit), k)
             self.k[:, :, start:start + n_sink] = k[:, :, :n_sink]
             self.v[:, :, start:start + n_sink] = v[:, :, :n_sink]
             self.pos[start:start + n_sink] = torch.arange(start, start + n_sink, device=k.device)
@@ -115,7 +117,9 @@ class StreamingBuffer:
         if n == 0:
             return
         pos = torch.arange(start + n_sink, start + n_sink + n, device=k.device)
-        self._reserve(self.ring_at + self.window, k)
+        need = min(self.window, self.ring_len + n)  # a sequence longer than `limit` still gets its slots
+        self._reserve(self.ring_at + (self.window if self.limit is None else
+                                      min(self.window, max(need, self.limit - self.sink))), k)
         s, w = self.ring_at, self.window
         ring_k, ring_v, ring_pos = self.k[:, :, s:], self.v[:, :, s:], self.pos[s:]
         if n >= w:  # the new tokens alone fill the window: everything older is evicted

@@ -5,9 +5,10 @@
     collect_samples(loaded, settings, atlas_dir)   the downsampled attention the page shows
     plot(atlas_dir) -> list[Path]        PNG figures (matplotlib; pip install headwise[plot])
 
-An atlas directory is one unit (write_unit): atlas.json, the attention samples and report.html
-are replaced together or not at all (headwise._io.staged_outputs), so no command, finished or
-interrupted, leaves a report or samples of one run beside the atlas of another.
+An atlas directory is one unit (write_unit): atlas.json, the attention samples, report.html and
+the figures plotted into it are replaced together or not at all (headwise._io.staged_outputs), so
+no command, finished or interrupted, leaves a report, samples or figures of one run beside the
+atlas of another. report and plot work on an atlas directory, never on a lone atlas file.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from typing import Any
 from ..atlas import FILENAME, Atlas
 from ..errors import HeadwiseError
 from ..profile import ProfileSettings
-from .html import REPORT_FILE, UNIT_FILES, matching_samples, render_html, unit_bytes, write_report, write_unit
+from .html import (
+    REPORT_FILE,
+    UNIT_FILES,
+    atlas_directory,
+    matching_samples,
+    render_html,
+    unit_bytes,
+    write_report,
+    write_unit,
+)
 from .samples import SAMPLES_JSON, SAMPLES_TENSORS, binding_problem, bound_settings, load_samples, sample_attention
 
 
@@ -67,7 +77,7 @@ def collect_samples(loaded: Any, settings: Any, out_dir: str | Path) -> Path:
 def collect_for_atlas(loaded: Any, atlas_dir: str | Path) -> Path:
     """Collect the attention samples for the atlas in atlas_dir, checking the model is the atlas's
     (written with the atlas as one unit; its report.html, if any, re-rendered with them)."""
-    atlas = Atlas.load(atlas_dir)
+    atlas = Atlas.load(atlas_directory(atlas_dir))
     atlas.check_model(loaded.info, loaded.geometry)
     samples = sample_attention(loaded, settings_of(atlas))
     write_unit(atlas.directory, atlas, keep_atlas=True, samples=samples, what="the attention samples")
@@ -75,12 +85,13 @@ def collect_for_atlas(loaded: Any, atlas_dir: str | Path) -> Path:
 
 
 def plot(atlas_dir: str | Path, out_dir: str | Path | None = None, score: str | None = None) -> list[Path]:
-    """Static PNG figures (grid, layer trends, pattern map) of the atlas in atlas_dir."""
+    """Static PNG figures (grid, layer trends, pattern map) of the atlas in atlas_dir; by default into
+    atlas_dir/figures, as part of the atlas's unit (figures.plot_atlas)."""
     from .figures import plot_atlas
 
     return plot_atlas(atlas_dir, out_dir, score)
 
 
-__all__ = ["REPORT_FILE", "SAMPLES_JSON", "SAMPLES_TENSORS", "UNIT_FILES", "collect_for_atlas", "collect_samples",
-           "load_samples", "plot", "render_html", "sample_attention", "settings_of", "show", "unit_bytes",
-           "write_report", "write_unit"]
+__all__ = ["REPORT_FILE", "SAMPLES_JSON", "SAMPLES_TENSORS", "UNIT_FILES", "atlas_directory", "collect_for_atlas",
+           "collect_samples", "load_samples", "plot", "render_html", "sample_attention", "settings_of", "show",
+           "unit_bytes", "write_report", "write_unit"]

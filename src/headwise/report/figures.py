@@ -39,14 +39,21 @@ def _roles_in_order(atlas) -> list[str]:
 
 
 def plot_atlas(atlas_dir: str | Path, out_dir: str | Path | None = None, score: str | None = None) -> list[Path]:
-    """Write the figures into out_dir (default ATLAS/figures) as one unit: all three, or none."""
-    from .._io import output_location, staged_outputs
-    from ..atlas import Atlas
-    from .html import UNIT_FILES, matching_samples
+    """Write the figures into out_dir (default ATLAS/figures), all three or none.
+
+    Figures inside the atlas directory (the default ATLAS/figures, or ATLAS itself) join the atlas's
+    unit: a command that writes a new atlas there removes them with the old atlas they showed, and
+    `headwise report` keeps them. Figures elsewhere are a unit of their own. The atlas is checked
+    against the directory's manifest first, as `headwise report` checks it.
+    """
+    from .._io import MANIFEST_FILE, output_location, staged_outputs, verify_unit
+    from ..atlas import FILENAME, Atlas
+    from .html import UNIT_FILES, atlas_directory, matching_samples
 
     plt = _pyplot()
-    atlas = Atlas.load(atlas_dir)
+    atlas = Atlas.load(atlas_directory(atlas_dir))
     atlas_dir = atlas.directory
+    verify_unit(atlas_dir, [FILENAME])
     names = atlas.score_names
     if not names:
         raise HeadwiseError(f"the atlas in {atlas_dir} has no scores to plot")
@@ -54,17 +61,35 @@ def plot_atlas(atlas_dir: str | Path, out_dir: str | Path | None = None, score: 
         raise HeadwiseError(f"this atlas has no score '{score}' (it has: {', '.join(names)})")
     samples = matching_samples(atlas.data, atlas_dir)  # the pattern map's features: only samples of this atlas
     out = Path(out_dir) if out_dir else atlas_dir / "figures"
-    with output_location(out, what="the figures"), staged_outputs(out, what="the figures") as stage:
-        paths = _draw(plt, atlas, samples, score, stage)
-        if out.resolve() == atlas_dir.resolve():  # the figures join the atlas's unit (even one without a manifest)
+    prefix = _inside(out, atlas_dir)
+    inside = prefix is not None
+    unit = atlas_dir if inside else out
+    since = {"since": atlas.unit_version} if inside else {}  # the unit as the atlas drawn was read
+    with output_location(out, what="the figures"), staged_outputs(unit, what="the figures", **since) as stage:
+        paths = _draw(plt, atlas, samples, score, stage, prefix or "")
+        if inside:  # the figures join the atlas's unit (even one without a manifest)
             for name in UNIT_FILES:
-                if (out / name).is_file():
+                if (unit / name).is_file():
                     stage.keep(name)
+            if prefix and (out / MANIFEST_FILE).is_file():  # figures/ was a unit of its own before it joined
+                stage.remove(prefix + MANIFEST_FILE)
         stage.keep_others()
     return [out / p for p in paths]
 
 
-def _draw(plt, atlas, samples, score, stage) -> list[str]:
+def _inside(out: Path, atlas_dir: Path) -> str | None:
+    """Where `out` lies in the atlas directory, as a prefix of unit names ("" for the directory itself,
+    "figures/"), or None when it lies elsewhere."""
+    out, base = out.resolve(), atlas_dir.resolve()
+    if not out.is_relative_to(base):
+        return None
+    where = out.relative_to(base).as_posix()
+    if where.startswith(".headwise"):  # headwise's own hidden names: not a place for a unit's files
+        return None
+    return "" if where == "." else where + "/"
+
+
+def _draw(plt, atlas, samples, score, stage, prefix: str) -> list[str]:
     names = atlas.score_names
     g = atlas.geometry
     spec = str(atlas.model.get("spec", ""))
@@ -98,7 +123,7 @@ def _draw(plt, atlas, samples, score, stage) -> list[str]:
         ax.axis("off")
     fig.suptitle(f"{spec}: scores per head (white lines: KV-head groups)", fontsize=9)
     fig.tight_layout()
-    paths.append(_save(fig, stage, "grid.png", plt))
+    paths.append(_save(fig, stage, prefix, "grid.png", plt))
 
     # layer trends
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 0.5, 1.9 * rows + 0.5), squeeze=False)
@@ -118,7 +143,7 @@ def _draw(plt, atlas, samples, score, stage) -> list[str]:
         ax.axis("off")
     fig.suptitle(f"{spec}: each score per layer (median, interquartile band, heads)", fontsize=9)
     fig.tight_layout()
-    paths.append(_save(fig, stage, "layer_trends.png", plt))
+    paths.append(_save(fig, stage, prefix, "layer_trends.png", plt))
 
     # pattern map
     layout = pattern_map(atlas.data, samples)
@@ -138,13 +163,13 @@ def _draw(plt, atlas, samples, score, stage) -> list[str]:
     ax.legend(fontsize=7, frameon=False)
     ax.set_title(f"{spec}: heads by attention pattern ({len(layout['features'])} features, PCA)", fontsize=9)
     fig.tight_layout()
-    paths.append(_save(fig, stage, "pattern_map.png", plt))
+    paths.append(_save(fig, stage, prefix, "pattern_map.png", plt))
     return paths
 
 
-def _save(fig, stage, name: str, plt) -> str:
+def _save(fig, stage, prefix: str, name: str, plt) -> str:
     # No timestamps in the PNG metadata: the same atlas gives the same bytes.
-    fig.savefig(stage.path(name), dpi=150, metadata={"Software": None})
+    fig.savefig(stage.reserve(prefix + name), dpi=150, metadata={"Software": None})
     plt.close(fig)
     return name
 

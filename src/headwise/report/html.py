@@ -12,7 +12,6 @@ import base64
 import html
 import json
 import math
-import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,10 @@ import numpy as np
 
 from .._io import staged_outputs, verify_unit
 from .._schema import one_line
-from ..atlas import FILENAME, SAMPLES_FILES, VIEW_FILES, Atlas
+from ..atlas import FILENAME, SAMPLES_FILES, VIEW_FILES, Atlas, atlas_file, bound_samples, is_lone_file
 from ..errors import HeadwiseError
 from ..scores import score_info
-from .layout import pattern_map
+from .layout import distance_profile, pattern_map
 from .samples import (
     SAMPLES_JSON,
     SAMPLES_TENSORS,
@@ -175,7 +174,8 @@ def report_data(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None) -
                        "values": [h for row in p["values"] for h in row]}
                 for name, p in atlas_data.get("profiles", {}).items()
                 if isinstance(p, dict) and isinstance(p.get("values"), list) and len(p["values"]) == L
-                and all(isinstance(r, list) and len(r) == H for r in p["values"])}
+                and all(isinstance(r, list) and len(r) == H for r in p["values"])
+                and (name != "distance" or distance_profile(atlas_data) is not None)}  # the page draws its bins
     settings = {k: v for k, v in atlas_data.get("settings", {}).items() if k != "probes"}
     labels = atlas_data.get("roles", {}).get("labels") or [[[] for _ in range(H)] for _ in range(L)]
     model = atlas_data.get("model", {})
@@ -217,10 +217,19 @@ def matching_samples(atlas_data: dict[str, Any], directory: str | Path | None) -
     return samples
 
 
+def atlas_directory(path: str | Path) -> Path:
+    """The atlas directory `path` names (DIR or DIR/atlas.json). A lone atlas file is refused: a report,
+    samples and figures belong to DIR/atlas.json, written as one unit with it."""
+    if is_lone_file(path):
+        raise HeadwiseError(f"headwise report and plot work on an atlas directory, and {path} is a lone atlas file; "
+                            f"copy it into a directory of its own as atlas.json and run the command on that directory")
+    return atlas_file(path).parent
+
+
 def write_report(atlas_dir: str | Path) -> Path:
     """Write atlas_dir/report.html from atlas_dir/atlas.json and the attention samples beside it (refused
     unless they belong to the atlas), as one unit with them."""
-    atlas = Atlas.load(atlas_dir)
+    atlas = Atlas.load(atlas_directory(atlas_dir))
     verify_unit(atlas.directory, [FILENAME])
     write_unit(atlas.directory, atlas, keep_atlas=True, samples="keep", report=True, what="the report")
     return atlas.directory / REPORT_FILE
@@ -259,16 +268,9 @@ def _samples_for(atlas: Atlas | None, directory: Path, samples: Any) -> tuple[tu
         found = read_samples(directory)
         return (found[:2], found[2], found[3]) if found is not None else (None, b"", b"")
     # "keep-if-bound": a new atlas keeps the samples that still belong to it (bound by model and
-    # settings, whatever the manifest says) and drops others rather than keep them beside it.
-    try:
-        found = read_samples(directory)
-        problem = binding_problem(atlas.data, found[1]) if found is not None and atlas is not None else None
-    except HeadwiseError as e:
-        found, problem = None, str(e)
-    if problem is not None:
-        print(f"headwise: note: the attention samples in {directory} are removed: {problem}; "
-              f"{recollect(directory)}", file=sys.stderr)
-        return None, b"", b""
+    # settings, whatever the manifest says: they are rewritten from the bytes checked) and drops others,
+    # with a note, rather than keep them beside it: atlas.bound_samples, the rule Atlas.save follows too.
+    found = bound_samples(atlas.data, directory, read=read_samples) if atlas is not None else read_samples(directory)
     return (found[:2], found[2], found[3]) if found is not None else (None, b"", b"")
 
 
@@ -283,10 +285,15 @@ def write_unit(directory: str | Path, atlas: Atlas | None, *, keep_atlas: bool =
     there if they belong to the atlas, else removed (with a note).
     report: True renders report.html, False removes it, None re-renders it if there was one: a
     new atlas never sits beside the report of an old one.
-    Files the old unit held besides these (figures plotted into the directory) are kept with a
-    kept atlas and removed with a new one (they showed the old atlas).
+    Files the old unit held besides these (the figures `headwise plot` writes into DIR/figures, or
+    into DIR itself) are kept with a kept atlas and removed with a new one (they showed the old atlas).
+    With a kept atlas, the commit refuses if another command committed to the directory since the
+    atlas was loaded (its page or samples would belong to another atlas.json).
     """
     directory = Path(directory)
+    # The unit as the kept atlas was read (Atlas.load); a new atlas replaces whatever is there.
+    read = atlas is not None and keep_atlas and atlas.path == directory / FILENAME
+    since = {"since": atlas.unit_version} if read else {}
     pair, tensor_bytes, meta_bytes = _samples_for(atlas, directory, samples)
     if report is None:
         report = (directory / REPORT_FILE).is_file() and atlas is not None
@@ -294,7 +301,7 @@ def write_unit(directory: str | Path, atlas: Atlas | None, *, keep_atlas: bool =
         raise HeadwiseError(f"no atlas in {directory} to write a report of; run headwise profile --out {directory}")
     page = render_html(atlas.data, pair) if report else None
     try:
-        with staged_outputs(directory, what=what) as stage:
+        with staged_outputs(directory, what=what, **since) as stage:
             if atlas is not None and keep_atlas and (directory / FILENAME).is_file():
                 stage.keep(FILENAME)
             elif atlas is not None and not keep_atlas:
@@ -320,9 +327,9 @@ def write_unit(directory: str | Path, atlas: Atlas | None, *, keep_atlas: bool =
         raise HeadwiseError(f"could not write {what} to {directory} ({e.strerror or e}); the files there are left "
                             f"as they were; free some space or choose another output directory") from None
     if atlas is not None and not keep_atlas:
-        atlas.directory = directory
+        atlas.located_at(directory / FILENAME)
     return directory
 
 
-__all__ = ["REPORT_FILE", "UNIT_FILES", "json_for_script", "matching_samples", "render_html", "report_data",
-           "unit_bytes", "write_report", "write_unit"]
+__all__ = ["REPORT_FILE", "UNIT_FILES", "atlas_directory", "json_for_script", "matching_samples", "render_html",
+           "report_data", "unit_bytes", "write_report", "write_unit"]

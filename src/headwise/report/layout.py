@@ -38,17 +38,34 @@ def short_offset_features(short_map: np.ndarray, block: int, prefix: int) -> tup
     return out, names
 
 
+def distance_profile(atlas_data: dict[str, Any]) -> tuple[np.ndarray, list[str]] | None:
+    """The distance profile as [L, H, bins] masses and the bins' names, or None when the atlas has none
+    this can use: no values (a profile of records), or bins that are not [lo, hi] pairs, one per value.
+    (An atlas the schema checked always qualifies; the report also renders documents it never checked.)"""
+    g = atlas_data["geometry"]
+    dist = atlas_data.get("profiles", {}).get("distance")
+    bins = dist.get("bins") if isinstance(dist, dict) else None
+    if not isinstance(bins, list) or not bins or not all(isinstance(b, list) and len(b) == 2 for b in bins):
+        return None
+    try:
+        values = np.asarray(dist.get("values"), dtype=float)
+    except (TypeError, ValueError):  # ragged, or not numbers
+        return None
+    if values.shape != (g["n_layers"], g["n_heads"], len(bins)):
+        return None
+    return values, [f"distance {lo}-{hi}" for lo, hi in bins]
+
+
 def head_features(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None
                   ) -> tuple[np.ndarray, list[str], bool]:
     """[L * H, features], the feature names, and whether they are attention masses (else scores)."""
     g = atlas_data["geometry"]
     L, H = g["n_layers"], g["n_heads"]
     parts, names = [], []
-    dist = atlas_data.get("profiles", {}).get("distance")
-    if dist:
-        values = np.asarray(dist["values"], dtype=float)
-        parts.append(values.reshape(L, H, -1))
-        names += [f"distance {lo}-{hi}" for lo, hi in dist["bins"]]
+    dist = distance_profile(atlas_data)
+    if dist is not None:
+        parts.append(dist[0])
+        names += dist[1]
     if samples is not None:
         arrays, meta = samples
         short = meta.get("short", {})
@@ -107,4 +124,4 @@ def pattern_map(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None) -
             "features": [n for n, k in zip(names, keep) if k], "explained": [round(e, 4) for e in explained]}
 
 
-__all__ = ["head_features", "pattern_map", "pca_2d", "short_offset_features"]
+__all__ = ["distance_profile", "head_features", "pattern_map", "pca_2d", "short_offset_features"]

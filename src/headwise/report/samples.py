@@ -18,7 +18,8 @@ tokens, probe settings, region definitions and the model they came from), so the
 rebuilt without the model. Never pickle. The JSON binds the samples to their atlas: the model's
 weights hash, the profile settings they depend on (BOUND_SETTINGS) and the sha256 of the
 .safetensors file; `binding_problem` says why samples do not belong beside an atlas, and the
-report refuses them rather than pair a map with another run's tokens.
+report refuses them rather than pair a map with another run's tokens. (The binding and the reading of
+the two files live in atlas.py, below the report, so that Atlas.save keeps samples by the same rule.)
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ from torch import Tensor
 
 from .._progress import progress
 from .._schema import one_line
-from ..atlas import SAMPLES_FILES
+from ..atlas import (
+    BOUND_SETTINGS,
+    MAX_TENSOR_BYTES,
+    SAMPLES_FILES,
+    binding_problem,
+    bound_settings,
+    read_samples_files,
+    recollect,
+)
 from ..errors import HeadwiseError
 from ..geometry import Geometry
 from ..instrument import AttentionChunk, Observer, Session
@@ -206,42 +215,7 @@ def meta_text(meta: dict[str, Any]) -> str:
     return json.dumps(meta, ensure_ascii=False, indent=1) + "\n"
 
 
-# ---- reading them back, and binding them to an atlas -------------------------------------------
-BOUND_SETTINGS = ("context", "seed", "text", "block_len", "window")  # the profile settings the samples depend on
-MAX_TENSOR_BYTES = 2**30
-
-
-def bound_settings(values: Any) -> dict[str, Any]:
-    """The settings the samples depend on, from ProfileSettings or an atlas's settings record (defaults
-    filled in, as ProfileSettings.from_dict fills them)."""
-    from ..scores import all_settings
-
-    known = all_settings()
-    out = {k: values[k] if k in values else known[k].default for k in BOUND_SETTINGS}
-    out["text"] = "bundled" if out["text"] is None else out["text"]
-    return out
-
-
-def recollect(directory: Any) -> str:
-    return f"re-collect them: headwise report {directory} --model MODEL"
-
-
-def binding_problem(atlas_data: dict[str, Any], meta: dict[str, Any]) -> str | None:
-    """Why samples with metadata `meta` do not belong to the atlas `atlas_data` (None: they do)."""
-    made_for, atlas_for = meta["model"].get("weights_sha256"), atlas_data["model"].get("weights_sha256")
-    if made_for != atlas_for:
-        return f"were made with another model than its atlas (weights {str(made_for)[:12]} vs {str(atlas_for)[:12]})"
-    if Geometry.from_dict(meta["geometry"]) != Geometry.from_dict(atlas_data["geometry"]):
-        return "were made for another model geometry than its atlas"
-    if "profile" not in meta or "tensors_sha256" not in meta:
-        return "were collected by an older headwise that did not record which profile settings they belong to"
-    want, have = bound_settings(atlas_data.get("settings", {})), meta["profile"]
-    differ = [f"{k} {have.get(k)!r} vs {want[k]!r}" for k in BOUND_SETTINGS if have.get(k) != want[k]]
-    if differ:
-        return f"were collected with other profile settings than its atlas ({', '.join(differ)})"
-    return None
-
-
+# ---- reading them back, and binding them to an atlas (atlas.py: Atlas.save uses the same rule) ----
 def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str | None:
     """Why the arrays do not fit their metadata (None: they do): shapes, dtypes, finite values, lengths."""
     g, short, long = meta["geometry"], meta["short"], meta["long"]
@@ -267,39 +241,15 @@ def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str | 
 
 
 def read_samples(atlas_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any], bytes, bytes] | None:
-    """(arrays, metadata, the .safetensors bytes, the .json bytes), checked to belong together, or None
-    when the directory has no samples."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-
-    from .._schema import load_json_file, samples_meta_schema, validate_json
-
-    atlas_dir = Path(atlas_dir)
-    tensors, meta_path = atlas_dir / SAMPLES_TENSORS, atlas_dir / SAMPLES_JSON
-    if not tensors.exists() and not meta_path.exists():
+    """(arrays, metadata, the .safetensors bytes, the .json bytes), checked to belong together (atlas.py
+    read_samples_files) and the arrays to fit their metadata, or None when the directory has no samples."""
+    found = read_samples_files(atlas_dir)
+    if found is None:
         return None
-    fix = recollect(atlas_dir)
-    if not tensors.is_file() or not meta_path.is_file():
-        present, absent = (tensors, meta_path) if tensors.is_file() else (meta_path, tensors)
-        raise HeadwiseError(f"{atlas_dir} has {present.name} but no {absent.name}; {fix}")
-    meta = load_json_file(meta_path, what="attention samples metadata", fix=fix)
-    validate_json(meta, samples_meta_schema(), source=str(meta_path), fix=fix)
-    try:
-        if tensors.stat().st_size > MAX_TENSOR_BYTES:
-            raise HeadwiseError(f"{tensors} is larger than {MAX_TENSOR_BYTES} bytes, too large for attention "
-                                f"samples; {fix}")
-        data = tensors.read_bytes()
-        arrays = load(data)
-        meta_bytes = meta_path.read_bytes()
-    except (SafetensorError, ValueError, OSError) as e:
-        raise HeadwiseError(one_line(f"attention samples in {atlas_dir} are unreadable ({e}); {fix}")) from None
-    if "tensors_sha256" in meta and hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
-        raise HeadwiseError(f"{tensors} is not the file {meta_path.name} describes (its sha256 differs from the one "
-                            f"recorded): the two come from different runs; {fix}")
-    problem = _check_arrays(arrays, meta)
+    problem = _check_arrays(found[0], found[1])
     if problem is not None:
-        raise HeadwiseError(one_line(f"the attention samples in {atlas_dir} {problem}; {fix}"))
-    return arrays, meta, data, meta_bytes
+        raise HeadwiseError(one_line(f"the attention samples in {atlas_dir} {problem}; {recollect(atlas_dir)}"))
+    return found
 
 
 def load_samples(atlas_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
@@ -308,5 +258,6 @@ def load_samples(atlas_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str
     return None if samples is None else samples[:2]
 
 
-__all__ = ["BOUND_SETTINGS", "REGIONS", "SAMPLES_JSON", "SAMPLES_TENSORS", "PooledAttention", "binding_problem",
-           "bound_settings", "load_samples", "map_side", "meta_text", "read_samples", "recollect", "sample_attention"]
+__all__ = ["BOUND_SETTINGS", "MAX_TENSOR_BYTES", "REGIONS", "SAMPLES_JSON", "SAMPLES_TENSORS", "PooledAttention",
+           "binding_problem", "bound_settings", "load_samples", "map_side", "meta_text", "read_samples", "recollect",
+           "sample_attention"]

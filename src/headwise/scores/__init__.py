@@ -55,6 +55,15 @@ def score_info(name: str) -> Score | None:
     return None
 
 
+def needs_full(name: str, recorded: str | None = None) -> NeedsFull | None:
+    """Which end of a score marks a head that needs the full KV cache: what an atlas recorded for it,
+    else what its family declares (atlases from before scores recorded it), else None."""
+    if recorded in ("high", "low"):
+        return recorded  # type: ignore[return-value]
+    info = score_info(name)
+    return info.needs_full if info is not None else None
+
+
 def default_scores() -> list[str]:
     """The battery `headwise profile` runs without --scores, in registration order."""
     return [s.name for family in FAMILIES for s in family.scores if s.default]
@@ -99,5 +108,6 @@ for _family in (PatternScores(), RazorScores(), SinkScores(), StreamingScores(),
 
 __all__ = ["CORE_SETTINGS", "FAMILIES", "ComputedScoreFamily", "NeedsFull", "PerSequence", "ProbeScoreFamily",
            "Score", "ScoreFamily", "ScoreObserver", "ScoreResult", "Setting", "all_score_names", "all_settings",
-           "default_scores", "family_of", "mean_ratio", "register", "role_rules", "score_info", "unregister",
+           "default_scores", "family_of", "mean_ratio", "needs_full", "register", "role_rules", "score_info",
+           "unregister",
            "weighted_sum"]

@@ -70,10 +70,9 @@ class Setting:
             if kind is int and float(value) != int(value):
                 raise HeadwiseError(f"{where} must be a whole number, got {value!r}")
             value = kind(value)
-            if kind is int and self.minimum == 1 and value < 1:
-                raise HeadwiseError(f"{self.cli_flag} must be a positive integer (setting {self.name}), got {value}")
             if self.minimum is not None and value < self.minimum:
-                raise HeadwiseError(f"{where} must be at least {self.minimum:g}, got {value:g}")
+                need = "a positive integer" if kind is int and self.minimum == 1 else f"at least {self.minimum:g}"
+                raise HeadwiseError(f"{self.cli_flag} must be {need} (setting {self.name}), got {value:g}")
             if self.maximum is not None and value > self.maximum:
                 raise HeadwiseError(f"{where} must be at most {self.maximum:g}, got {value:g}")
         elif not isinstance(value, kind):

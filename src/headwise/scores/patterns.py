@@ -68,14 +68,16 @@ class PatternScores(ProbeScoreFamily):
     family = "patterns"
     scores = (
         Score("previous_token", "share of attention on the previous token (TransformerLens detector, mul)",
-              default=True, role=RoleRule("previous-token", "previous_token", ">", 0.4, _TL_CUT)),
+              default=True, role=RoleRule("previous-token", "previous_token", ">", 0.4, _TL_CUT, precedence=1)),
         Score("duplicate_token", "share of attention on earlier copies of the current token (TransformerLens "
                                  "detector, mul)",
-              default=True, role=RoleRule("duplicate-token", "duplicate_token", ">", 0.4, "as previous-token")),
+              default=True, role=RoleRule("duplicate-token", "duplicate_token", ">", 0.4, "as previous-token",
+                                          precedence=2)),
         # Induction heads copy from anywhere in the context: RazorAttention keeps their whole cache.
         Score("induction", "share of attention on the token after an earlier copy of the current one "
                            "(TransformerLens, mul)",
-              needs_full="high", default=True, role=RoleRule("induction", "induction", ">", 0.4, "as previous-token")),
+              needs_full="high", default=True,
+              role=RoleRule("induction", "induction", ">", 0.4, "as previous-token", precedence=3)),
     )
     settings = (
         BLOCK_LEN,

@@ -196,7 +196,7 @@ class RetrievalScores(ComputedScoreFamily):
                            "recalling > 50% of the needle)",
               needs_full="high",
               role=RoleRule("retrieval", "retrieval", ">", 0.1,
-                            "Wu et al. 2024 (arXiv 2404.15574): retrieval score > 0.1")),
+                            "Wu et al. 2024 (arXiv 2404.15574): retrieval score > 0.1", precedence=5)),
         Score("retrieval_mass", "HeadKV (Fu et al. 2024): per decode step, attention mass inside the needle among "
                                 "the head's top-k keys (k = needle length), no token match; mean over answered "
                                 "trials", needs_full="high"),

@@ -40,7 +40,8 @@ class SinkScores(ProbeScoreFamily):
                     # A sink head parks its attention on the first token, which every cache keeps.
                     needs_full="low", default=True,
                     role=RoleRule("sink", "sink", ">", 0.3,
-                                  "Gu et al. 2024 (arXiv 2410.10781): sink heads put > 0.3 on the first token")),)
+                                  "Gu et al. 2024 (arXiv 2410.10781): sink heads put > 0.3 on the first token",
+                                  precedence=0)),)
     settings = TEXT_SETTINGS
 
     def probe_key(self, settings: Any) -> tuple:

@@ -52,7 +52,7 @@ class StreamingScores(ProbeScoreFamily):
                     needs_full="low", default=True,
                     role=RoleRule("streaming", "streamable_mass", ">=", 0.95,
                                   "headwise: a sink + recent-window cache keeps >= 95% of the head's attention "
-                                  "mass")),)
+                                  "mass", precedence=4)),)
     settings = TEXT_SETTINGS + (
         Setting("sink_tokens", 64, "S of streamable_mass: the sink tokens a streaming cache keeps", minimum=1),
         Setting("window", 256, "W of streamable_mass: the recent tokens a streaming cache keeps", minimum=1),

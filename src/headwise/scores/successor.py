@@ -168,7 +168,7 @@ class SuccessorScores(ComputedScoreFamily):
                                   "Gould et al. 2023 (arXiv 2312.09230) report the succession score (fraction of "
                                   "ordinal tokens whose successor the head's OV circuit ranks top in its sequence) "
                                   "without a cut; headwise: the head increments most (> 50%) of the probe's ordinal "
-                                  "tokens")),)
+                                  "tokens", precedence=6)),)
 
     def compute(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:
         tasks = ordinal_tasks(loaded.tokenizer)

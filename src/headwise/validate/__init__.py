@@ -57,6 +57,11 @@ def registered_roles() -> list[str]:
     return sorted(_TASKS)
 
 
+def registered_task(role: str) -> ValidationTask | None:
+    """The task `headwise validate --role ROLE` runs (None: the role has none)."""
+    return _TASKS[role].task if role in _TASKS else None
+
+
 def _score_for(role: str, atlas: Atlas | None = None) -> tuple[str, bool]:
     """The score ranking a role's heads, and whether larger means more of the role: the registered
     score, else the role's rule as the atlas recorded it, else as the score families declare it."""
@@ -93,6 +98,9 @@ def validate(loaded: Any, atlas: Atlas, role: str, k: int | None = None, draws: 
         raise HeadwiseError(f"the random control needs at least {MIN_DRAWS} draws; got {draws}")
     score_name, larger = _score_for(role, atlas)
     task = task or _TASKS[role].task
+    check = getattr(task, "check_atlas", None)  # a task made for one atlas's data (an attribution) refuses another's
+    if check is not None:
+        check(atlas, role)
     scores = atlas.score(score_name)
     g = loaded.geometry
     labelled = atlas.heads_with_role(role)
@@ -192,5 +200,5 @@ register_task("previous-token", _IN_CONTEXT)
 register_task("successor", SuccessorTask())
 
 __all__ = ["InContextLossTask", "RetrievalTask", "SuccessorTask", "TaskOutcome", "ValidationTask", "ablation_scale",
-           "format_validation", "greedy_replies", "register_task", "registered_roles", "validate", "validate_and_store",
-           "validate_labelled_roles"]
+           "format_validation", "greedy_replies", "register_task", "registered_roles", "registered_task", "validate",
+           "validate_and_store", "validate_labelled_roles"]
