@@ -275,17 +275,22 @@ class Stage:
     def keep(self, name: str) -> None:
         """Carry an existing file into the new unit unchanged (checked against the old manifest). A file
         that is gone (a figure the user deleted) is simply not part of the new unit."""
-        name = _unit_name(name)
-        if not (self.directory / name).exists():
+        self._keep([name])
+
+    def _keep(self, names: list[str]) -> None:
+        names = [_unit_name(n) for n in names]
+        for name in [n for n in names if not (self.directory / n).exists()]:
             self.remove(name)
-            return
-        verify_unit(self.directory, [name])
-        if not (self.directory / name).is_file():
-            raise _fail(f"{self.directory / name} is not a file; remove it or re-run the command that wrote "
-                        f"{self.directory}")
-        self._staged.discard(name)
-        self._removed.discard(name)
-        self._kept[name] = _digest(self.directory / name)
+            names.remove(name)
+        # One reading of the manifest for all of them; a verified file's digest is the manifest's entry.
+        verified = verify_unit(self.directory, names)
+        for name in names:
+            if not (self.directory / name).is_file():
+                raise _fail(f"{self.directory / name} is not a file; remove it or re-run the command that wrote "
+                            f"{self.directory}")
+            self._staged.discard(name)
+            self._removed.discard(name)
+            self._kept[name] = verified.get(name) or _digest(self.directory / name)
 
     def old_files(self) -> list[str]:
         """The files the directory's last unit holds, by its manifest ([] without one)."""
@@ -300,9 +305,7 @@ class Stage:
         """Keep every file of the last unit this stage has not written, removed or kept, so that a command
         adding files to a directory another command wrote leaves that unit whole."""
         touched = self._staged | self._removed | set(self._kept)
-        for name in self.old_files():
-            if name not in touched:
-                self.keep(name)
+        self._keep([name for name in self.old_files() if name not in touched])
 
 
 # ---- locks ---------------------------------------------------------------------------------------
@@ -449,17 +452,19 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     return doc
 
 
-def verify_unit(directory: str | Path, names: list[str]) -> None:
+def verify_unit(directory: str | Path, names: list[str]) -> dict[str, dict[str, Any]]:
     """Refuse files of `directory` that are not the ones its last unit wrote (a mix of two runs, or
-    edited since). A directory without a manifest passes: older versions wrote none."""
+    edited since); returns their verified manifest entries. A directory without a manifest passes
+    ({}): older versions wrote none."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if manifest is None:
-        return
+        return {}
     fix = f"re-run the command that wrote {directory}"
     if manifest.get("complete") is False:
         raise _fail(f"{directory} was left half-written by an interrupted command, so its files may be a mix of "
                     f"two runs; {fix}")
+    verified = {}
     for name in names:
         path, entry = directory / name, manifest["files"].get(_unit_name(name))
         if entry is None:
@@ -470,6 +475,8 @@ def verify_unit(directory: str | Path, names: list[str]) -> None:
         if path.stat().st_size != entry["size"] or _digest(path) != entry:
             raise _fail(f"{path} was changed after headwise wrote it, so {directory} holds a mix of two runs or an "
                         f"edited file; {fix}")
+        verified[_unit_name(name)] = entry
+    return verified
 
 
 __all__ = ["MANIFEST_FILE", "Stage", "check_output_dir", "check_output_file", "deferred_interrupt", "output_location",

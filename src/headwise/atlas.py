@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 
 from ._io import check_output_file, staged_outputs, unit_version, write_text_atomic
+from ._schema import ATLAS as SCHEMA
 from ._schema import load_json_file, one_line, samples_meta_schema, validate_atlas, validate_json
 from .errors import HeadwiseError
 from .geometry import Geometry
 from .roles import RoleRule, assign_roles
 
-SCHEMA = "headwise.atlas/1"
 FILENAME = "atlas.json"
 # What an atlas directory holds besides atlas.json (headwise.report writes them): the attention
 # samples, bound to the atlas by its model and settings, and the views of the atlas, stale once it changes.

@@ -103,12 +103,9 @@ def _run_report(args: argparse.Namespace) -> None:
     check_output_dir(atlas.directory, what="report.html", need_bytes=need)
     if args.model:
         from .load import load
-        from .report import sample_attention, settings_of, write_unit
+        from .report import collect_for_atlas
 
-        loaded = load(args.model)
-        atlas.check_model(loaded.info, loaded.geometry)
-        samples = sample_attention(loaded, settings_of(atlas))
-        write_unit(atlas.directory, atlas, keep_atlas=True, samples=samples, report=True, what="the report")
+        collect_for_atlas(load(args.model), atlas, report=True)
     else:
         write_report(atlas.directory)
     path = atlas.directory / REPORT_FILE

@@ -261,7 +261,7 @@ def _kv_atlas(geometry, seed):
     L, H, GS = geometry.n_layers, geometry.n_heads, geometry.group_size
     atlas = Atlas.new({"spec": f"kv-{geometry.model_type}", "weights_sha256": "0" * 64}, geometry, {})
     full_layers = [layer for layer, t in enumerate(geometry.layer_types) if t != "sliding"]
-    for name, needs_full in (("retrieval", "high"), ("streamable_mass", "low"), ("sink", "low"), ("induction", None)):
+    for name, needs_full in (("retrieval", "high"), ("streamable_mass", "low"), ("sink", "low"), ("copying", None)):
         values = rng.integers(-3, 4, (L, H)) / 4
         values[rng.random((L, H)) < 0.15] = np.nan
         values[full_layers[-1], :GS] = np.nan  # a whole KV group without a value: its need is -inf

@@ -151,7 +151,7 @@ def _run_eval(args: argparse.Namespace) -> None:
                             fillers=tuple(f.strip() for f in args.fillers.split(",") if f.strip()), sink=args.sink,
                             window=args.window, seed=args.seed, text=args.text, speed_context=args.speed_context,
                             perplexity_context=args.perplexity_context)
-    settings.check()  # every setting before the model loads; the sizes again with it
+    settings.check()  # every setting before the model loads; evaluate() checks the sizes again with it
     specs = [s.strip() for s in args.policies.split(",") if s.strip()]
     if not specs:
         raise HeadwiseError("--policies is empty; give at least one policy spec, e.g. --policies streaming")
@@ -163,7 +163,6 @@ def _run_eval(args: argparse.Namespace) -> None:
         raise HeadwiseError(f"--out {out} names the plot's file; give the results a .json name")
     with output_location(out, what="the eval results", file=True):
         loaded = load(args.model)
-        settings.check(loaded.geometry)
         atlas = _load_atlas(args, loaded)
         first = [True]
 

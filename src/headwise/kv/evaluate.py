@@ -26,11 +26,11 @@ from typing import Any
 
 from .._io import write_bytes_atomic
 from .._progress import progress
+from .._schema import EVAL as SCHEMA
 from ..errors import HeadwiseError
 from .spec import parse_policy
 
 TASKS = ("passkey", "needle", "multi_needle", "perplexity", "speed")
-SCHEMA = "headwise.kv-eval/1"
 
 
 @dataclass

@@ -23,10 +23,10 @@ from typing import Any, ClassVar
 import numpy as np
 from transformers.cache_utils import CacheLayerMixin
 
+from .._schema import POLICY as SCHEMA
 from ..errors import HeadwiseError
 from ..geometry import Geometry
 
-SCHEMA = "headwise.kv-policy/1"
 # How a policy's layers read a prompt: "bounded" (each prompt query of a streaming head sees only
 # what that head keeps, so work and memory stay bounded, DuoAttention's way) or "whole" (the whole
 # prompt in one call, attended in full, then cut: RazorAttention's and SnapKV's way).

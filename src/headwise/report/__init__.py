@@ -74,13 +74,16 @@ def collect_samples(loaded: Any, settings: Any, out_dir: str | Path) -> Path:
     return out_dir / SAMPLES_TENSORS
 
 
-def collect_for_atlas(loaded: Any, atlas_dir: str | Path) -> Path:
-    """Collect the attention samples for the atlas in atlas_dir, checking the model is the atlas's
-    (written with the atlas as one unit; its report.html, if any, re-rendered with them)."""
-    atlas = Atlas.load(atlas_directory(atlas_dir))
+def collect_for_atlas(loaded: Any, atlas: Atlas | str | Path, report: bool | None = None) -> Path:
+    """Collect the attention samples for an atlas (or the one in an atlas directory), checking the model
+    is the atlas's, and write them with the atlas as one unit; report.html is rendered (report=True),
+    removed (False) or, by default, re-rendered if there was one."""
+    if not isinstance(atlas, Atlas):
+        atlas = Atlas.load(atlas_directory(atlas))
     atlas.check_model(loaded.info, loaded.geometry)
     samples = sample_attention(loaded, settings_of(atlas))
-    write_unit(atlas.directory, atlas, keep_atlas=True, samples=samples, what="the attention samples")
+    write_unit(atlas.directory, atlas, keep_atlas=True, samples=samples, report=report,
+               what="the report" if report else "the attention samples")
     return atlas.directory / SAMPLES_TENSORS
 
 

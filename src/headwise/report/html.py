@@ -22,7 +22,7 @@ from .._io import staged_outputs, verify_unit
 from .._schema import one_line
 from ..atlas import FILENAME, SAMPLES_FILES, VIEW_FILES, Atlas, atlas_file, bound_samples, is_lone_file
 from ..errors import HeadwiseError
-from ..scores import score_info
+from ..scores import needs_full
 from .layout import distance_profile, pattern_map
 from .samples import (
     SAMPLES_JSON,
@@ -154,20 +154,12 @@ def _samples_payload(samples: tuple[dict, dict] | None) -> dict[str, Any] | None
     return _clean(out)
 
 
-def _needs_full(name: str, entry: dict[str, Any]) -> str | None:
-    """What the atlas records; atlases from before it recorded this: what the score's family declares."""
-    if entry.get("needs_full") in ("high", "low"):
-        return entry["needs_full"]
-    info = score_info(name) if "needs_full" not in entry else None
-    return info.needs_full if info is not None else None
-
-
 def report_data(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None) -> dict[str, Any]:
     """Everything the page shows, as plain JSON."""
     g = atlas_data["geometry"]
     L, H = int(g["n_layers"]), int(g["n_heads"])
     scores = [{"name": name, "description": e.get("description", ""), "family": e.get("family", ""),
-               "probe": e.get("probe"), "needs_full": _needs_full(name, e),
+               "probe": e.get("probe"), "needs_full": needs_full(name, e.get("needs_full")),
                "values": [x for row in e["heads"] for x in row]}
               for name, e in atlas_data.get("scores", {}).items()]
     profiles = {name: {"bins": p.get("bins"), "description": p.get("description", ""), "probe": p.get("probe"),

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .._progress import progress
-from .._schema import one_line
+from .._schema import SAMPLES, one_line
 from ..atlas import (
     BOUND_SETTINGS,
     MAX_TENSOR_BYTES,
@@ -195,7 +195,7 @@ def sample_attention(loaded: Any, settings: Any) -> tuple[bytes, dict[str, Any]]
         "long_last_row": long_obs.last_row.numpy().astype(np.float16),
     })
     meta = {
-        "schema": "headwise.attention_samples/1",
+        "schema": SAMPLES,
         "model": loaded.info.to_dict(),
         "geometry": geometry.to_dict(),
         "tensors_sha256": hashlib.sha256(data).hexdigest(),
