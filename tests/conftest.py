@@ -63,6 +63,49 @@ def tiny_model(arch: str, seed: int = 0):
     return model
 
 
+def _vision_configs():
+    from transformers import DeiTConfig, Dinov2WithRegistersConfig, ViTConfig
+
+    # 12 x 12 pixels in 3 x 3 patches: a 4 x 4 grid, so offsets and distances vary.
+    common = dict(image_size=12, patch_size=3, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, num_labels=10)
+    return {
+        "vit": ("ViTForImageClassification", ViTConfig(intermediate_size=64, **common)),  # CLS + 16 patches
+        "deit": ("DeiTForImageClassificationWithTeacher", DeiTConfig(intermediate_size=64, **common)),  # + distillation
+        "dinov2-registers": ("Dinov2WithRegistersForImageClassification",
+                             Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **common)),  # CLS + 2 reg
+    }
+
+
+VISION_ARCHS = list(_vision_configs())
+
+
+def tiny_vision_model(arch: str, seed: int = 0):
+    """A random-weight image classifier of a tiny geometry (attention sharpened as for the LMs)."""
+    import transformers
+
+    cls_name, config = _vision_configs()[arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in ("q_proj", "k_proj", ".query.", ".key.")):
+                p.mul_(4.0)
+    return model
+
+
+@pytest.fixture(params=VISION_ARCHS)
+def vision_arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_vision(vision_arch):
+    import headwise
+
+    return headwise.from_model(tiny_vision_model(vision_arch), name=f"tiny-{vision_arch}")
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param

@@ -27,6 +27,12 @@ PROFILE = ["--context", "96", "--text-sequences", "1", "--block-len", "8", "--re
            "--scores", "previous_token,sink,mean_distance"]
 
 
+def vit(w: W, *extra: str) -> list[str]:
+    """Profile the tiny image classifier of the workspace."""
+    return ["profile", "--model", str(w.root / "vit"), "--scores", "attention_distance", *extra,
+            "--out", str(w.tmp / "p")]
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Two tiny models, a text, and an atlas directory (atlas, samples, report) profiled from the first."""
@@ -34,6 +40,9 @@ def base(tmp_path_factory):
     for name, seed in (("model", 0), ("other", 1)):
         tiny_model("llama-gqa", seed=seed).save_pretrained(root / name)
         tiny_tokenizer().save_pretrained(root / name)
+    from tests.conftest import tiny_vision_model
+
+    tiny_vision_model("vit").save_pretrained(root / "vit")
     (root / "text.txt").write_text(" ".join(f"t{(i * 7) % 90}" for i in range(3000)))
     for name, model, context in (("atlas", "model", "96"), ("atlas-other", "other", "96"),
                                  ("atlas-ctx", "model", "80")):
@@ -260,6 +269,20 @@ CASES = [
     Case("profile out read-only", lambda w: prof(w, out=str(w.read_only(w.tmp / "ro"))), "is not writable",
          early=True),
     Case("profile disk full", lambda w: w.no_space() or prof(w), "not enough free space"),
+    # ---- profile: images ------------------------------------------------------------------------
+    Case("profile image score on a language model", lambda w: prof(w, "--scores", "attention_distance"),
+         "cannot measure text models"),
+    Case("profile importance_accuracy on a language model", lambda w: prof(w, "--scores", "importance_accuracy"),
+         "importance_accuracy measures image classifiers"),
+    Case("profile image count 0", lambda w: prof(w, "--image-count", "0"), "--image-count must be a positive",
+         early=True),
+    Case("profile images dir missing", lambda w: vit(w, "--images", str(w.tmp / "none")), "no such directory"),
+    Case("profile images dir without images", lambda w: vit(w, "--images", str(w.tmp)), "holds no .png"),
+    Case("profile unreadable image", lambda w: vit(w, "--images", str(Path(w.file("bad.png", "not a png")).parent)),
+         "cannot read image"),
+    Case("validate important on a language-model atlas",
+         lambda w: ["validate", "--atlas", str(w.atlas()), "--model", w.model, "--role", "important", "--k", "2"],
+         "validated on images"),
     Case("profile unknown model", lambda w: prof(w, out=str(w.tmp / "q")) + ["--model", str(w.tmp / "none")],
          "none"),
     Case("profile model with a corrupt config",

@@ -44,3 +44,37 @@ def test_version_and_threads(model_dir, tmp_path, capsys):
         assert "--threads must be a positive integer" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_image_model_end_to_end_profile_validate_report_plot(tmp_path, capsys):
+    """An image classifier directory and a directory of images through every command that reads an atlas."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import tiny_vision_model
+
+    model = tmp_path / "vit"
+    tiny_vision_model("deit").save_pretrained(model, safe_serialization=True)
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(images / f"im{i:02d}.png")
+    out = tmp_path / "atlas"
+    assert main(["profile", "--model", str(model), "--images", str(images), "--image-count", "6",
+                 "--pattern-epochs", "2", "--out", str(out)]) in (0, None)
+    printed = capsys.readouterr().out
+    atlas = Atlas.load(out)
+    assert atlas.geometry.prefix_tokens == 2 and "attention_distance" in printed
+    assert {"importance_accuracy", "attention_distance", "pattern_ae_error"} <= set(atlas.score_names)
+    assert atlas.data["settings"]["probes"]["importance_images"]["labels"] == "the model's clean predictions"
+    assert main(["validate", "--atlas", str(out), "--model", str(model), "--role", "important", "--k", "2"]) \
+        in (0, None)
+    assert "important@k2" in Atlas.load(out).data["validation"]
+    assert main(["report", str(out)]) in (0, None)
+    assert "patch_grid" in (out / "report.html").read_text()
+    assert main(["plot", str(out)]) in (0, None)
+    assert (out / "figures").is_dir()
+    # A language-model score on an image model is one line naming the scores that fit.
+    assert main(["profile", "--model", str(model), "--scores", "induction", "--out", str(tmp_path / "x")]) == 2
+    assert "cannot measure image models" in capsys.readouterr().err

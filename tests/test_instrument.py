@@ -8,7 +8,7 @@ import headwise
 from headwise import Session, ablation_scale, single_head_ablation_scales
 from headwise.errors import HeadwiseError
 from headwise.instrument import Observer
-from tests.conftest import tiny_model, tiny_tokenizer
+from tests.conftest import tiny_model, tiny_tokenizer, tiny_vision_model
 from tests.reference import eager_attentions
 
 
@@ -145,3 +145,49 @@ def test_geometry_is_verified_from_the_layers_themselves(tiny):
     assert g.n_layers == 3 and g.n_heads == 4 and g.n_heads % g.n_kv_heads == 0
     if g.model_type == "gemma3_text":
         assert g.layer_types == ("sliding", "sliding", "full") and g.sliding_window == (8, 8, None)
+
+
+# ---- image models ---------------------------------------------------------------------------
+def test_image_geometry_counts_prefix_tokens_from_the_layers(tiny_vision, vision_arch):
+    g = tiny_vision.geometry
+    prefix = {"vit": 1, "deit": 2, "dinov2-registers": 3}[vision_arch]  # CLS; + distillation; + 2 registers
+    assert g.modality == "image" and g.patch_grid == (4, 4) and g.prefix_tokens == prefix and g.n_tokens == 16 + prefix
+    assert headwise.Geometry.from_dict(g.to_dict()) == g
+
+
+def test_image_model_forward_through_headwise_equals_eager(tiny_vision, vision_arch):
+    pixels = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    eager = tiny_vision_model(vision_arch)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        ours, ref = tiny_vision.model(pixel_values=pixels).logits, eager(pixel_values=pixels).logits
+        with Session(tiny_vision.geometry, [_Null()]):  # the observed (explicit) path too
+            observed = tiny_vision.model(pixel_values=pixels).logits
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(observed, ref, atol=1e-5, rtol=1e-5)
+
+
+class _Null(Observer):
+    def observe(self, chunk):
+        pass
+
+
+def test_text_geometry_json_is_unchanged_by_image_fields(tiny):
+    assert "patch_grid" not in tiny.geometry.to_dict() and tiny.geometry.modality == "text"
+
+
+@pytest.mark.parametrize("arch, prefix, suffix", [("clip", 1, 0), ("siglip", 0, 0), ("beit", 1, 0), ("yolos", 1, 5)])
+def test_more_image_architectures_attach_without_adapters(arch, prefix, suffix):
+    """CLIP and SigLIP vision towers, BEiT and YOLOS (whose detection tokens come after the patches)."""
+    import transformers
+
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=3)
+    cls, config = {"clip": ("CLIPVisionModel", "CLIPVisionConfig"),
+                   "siglip": ("SiglipVisionModel", "SiglipVisionConfig"),
+                   "beit": ("BeitForImageClassification", "BeitConfig"),
+                   "yolos": ("YolosForObjectDetection", "YolosConfig")}[arch]
+    extra = {"image_size": [12, 12], "num_detection_tokens": 5} if arch == "yolos" else {"image_size": 12}
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config)(**common, **extra))
+    g = headwise.from_model(model, name=arch).geometry
+    assert (g.patch_grid, g.prefix_tokens, g.suffix_tokens) == ((4, 4), prefix, suffix)

@@ -14,9 +14,11 @@ PACKAGE = SRC / "headwise"
 # Lower layers never import higher ones. One entry per module or package (a package covers its
 # modules, which may import each other within it as noted below).
 LAYERS: list[set[str]] = [
-    {"headwise.errors", "headwise._progress", "headwise._jsonl", "headwise._schema", "headwise._io"},
+    {"headwise.errors", "headwise._progress", "headwise._jsonl", "headwise._schema", "headwise._io",
+     "headwise.digits"},
     {"headwise.geometry", "headwise.roles"},
     {"headwise.instrument"},  # the one attention function; load attaches every model to it
+    {"headwise.vit_digits"},  # trains the bundled image model; load asks for it
     {"headwise.load", "headwise.parts", "headwise.probes"},
     {"headwise.ablation", "headwise.decode"},
     {"headwise.scores"},
@@ -28,10 +30,10 @@ LAYERS: list[set[str]] = [
 ]
 # Inside these packages, the files that must not import one another (one method, one file).
 SIBLINGS = {
-    "headwise.scores": {"distance", "duo", "importance", "patterns", "razor", "retrieval", "sink", "streaming",
-                        "successor"},
+    "headwise.scores": {"autoencoder", "distance", "duo", "importance", "patterns", "razor", "retrieval", "sink",
+                        "spatial", "streaming", "successor"},
     "headwise.kv": {"heads", "snapkv"},
-    "headwise.validate": {"retrieval", "in_context", "successor"},
+    "headwise.validate": {"retrieval", "in_context", "successor", "image_accuracy"},
 }
 
 

@@ -123,3 +123,46 @@ def test_gemma3_bundled_model_geometry():
 
     cached = json.loads((_cache_root() / "sha256-index.json").read_text())
     assert cached  # hashes are memoised so warm loads do not re-read the file
+
+
+# ---- image models ---------------------------------------------------------------------------
+@pytest.fixture
+def vit_dir(tmp_path):
+    """A tiny ViT classifier saved as a Hugging Face directory (safetensors + config, no processor file)."""
+    from tests.conftest import tiny_vision_model
+
+    d = tmp_path / "tiny-vit"
+    tiny_vision_model("vit").save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def test_load_image_classifier_directory_with_a_default_processor(vit_dir):
+    m = headwise.load(str(vit_dir))
+    assert m.geometry.modality == "image" and m.geometry.patch_grid == (4, 4) and m.tokenizer is None
+    assert m.preprocessor is m.processor and m.processor.size == {"height": 12, "width": 12}
+    assert type(m.model).__name__ == "ViTForImageClassification"
+
+
+def test_load_image_model_uses_its_own_processor(vit_dir):
+    from transformers import ViTImageProcessorPil
+
+    ViTImageProcessorPil(size={"height": 12, "width": 12}, image_mean=[0.1] * 3, image_std=[0.2] * 3) \
+        .save_pretrained(vit_dir)
+    assert list(headwise.load(str(vit_dir)).processor.image_mean) == [0.1] * 3
+
+
+def test_load_vision_encoder_without_classifier(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    d = tmp_path / "dino"
+    Dinov2Model(Dinov2Config(image_size=12, patch_size=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             mlp_ratio=2)).save_pretrained(d, safe_serialization=True)
+    m = headwise.load(str(d))
+    assert type(m.model).__name__ == "Dinov2Model" and m.geometry.prefix_tokens == 1
+
+
+def test_corrupt_processor_file_is_one_line(vit_dir):
+    (vit_dir / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(HeadwiseError, match="preprocessor_config.json could not be read") as e:
+        headwise.load(str(vit_dir))
+    assert "\n" not in str(e.value)

@@ -1,5 +1,9 @@
 """Probes are deterministic, sized as asked, and refuse text that cannot fill them."""
 
+import dataclasses
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +98,53 @@ def test_needle_by_number_is_a_bundled_needle_or_a_clear_error():
     assert case.needles[0] == bundled_needles()[n - 1]
     with pytest.raises(HeadwiseError, match=f"{n} bundled needles"):
         needle_case(tok, context=200, depth=0.5, needle=n)
+
+
+# ---- images ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vit():
+    import headwise
+    from tests.conftest import tiny_vision_model
+
+    return headwise.from_model(tiny_vision_model("vit"), name="tiny-vit")
+
+
+def test_digit_probe_is_seeded_labelled_and_held_out_images_are_disjoint(vit):
+    from headwise.probes import image_probe
+
+    a = image_probe(vit.processor, vit.geometry, count=8, seed=3)
+    b = image_probe(vit.processor, vit.geometry, count=8, seed=3)
+    held = image_probe(vit.processor, vit.geometry, count=8, seed=3, offset=8)
+    assert torch.equal(a.pixel_values, b.pixel_values) and a.pixel_values.shape == (8, 3, 12, 12)
+    assert a.labels is not None and a.labels.shape == (8,) and a.thumbnails.shape == (8, 64, 64, 3)
+    assert not set(a.sources) & set(held.sources) and a.length == 17
+    assert a.model_inputs(a.pixel_values).keys() == {"pixel_values"}
+
+
+def test_directory_probe_reads_png_and_jpeg_through_the_processor(vit, tmp_path):
+    from PIL import Image
+
+    from headwise.probes import image_probe
+
+    rng = np.random.default_rng(0)
+    for name in ("b.png", "a.jpg", "c.JPEG"):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    p = image_probe(vit.processor, vit.geometry, count=10, images=str(tmp_path))
+    assert [Path(s).name for s in p.sources] == ["a.jpg", "b.png", "c.JPEG"] and p.labels is None
+    assert p.pixel_values.shape == (3, 3, 12, 12)
+
+
+def test_bad_image_inputs_are_one_line_errors(vit, tmp_path):
+    from headwise.probes import image_probe
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    for images, message in [(tmp_path, "cannot read image .*broken.png"), (tmp_path / "absent", "no such directory"),
+                            (tmp_path / "empty", "holds no .png")]:
+        if images.name == "empty":
+            images.mkdir()
+        with pytest.raises(HeadwiseError, match=message) as e:
+            image_probe(vit.processor, vit.geometry, count=4, images=str(images))
+        assert "\n" not in str(e.value)
+    with pytest.raises(HeadwiseError, match="needs an image model"):
+        image_probe(vit.processor, dataclasses.replace(vit.geometry, patch_grid=None), count=4)

@@ -237,3 +237,34 @@ def test_retrieval_task_runs_every_case_under_every_condition(tmp_path):
     assert len(out.values) == 2 and all(0 <= v <= 1 for v in out.values)
     assert all(set(d["correct"]) <= set(labels) for d in out.details)
     assert task.settings()["context"] == 200
+
+
+# ---- image classifiers ----------------------------------------------------------------------
+def test_important_heads_are_validated_on_held_out_images():
+    import headwise
+    from headwise.profile import ProfileSettings, profile
+    from tests.conftest import tiny_vision_model
+
+    m = headwise.from_model(tiny_vision_model("vit"), name="tiny-vit")
+    atlas = profile(m, ["importance_accuracy"], ProfileSettings(image_count=8))
+    result = V.validate(m, atlas, "important", k=2, draws=5)
+    assert result["task"] == "image_accuracy" and result["score"] == "importance_accuracy"
+    assert result["task_settings"]["offset"] == 8 and result["task_settings"]["count"] == 256
+    assert len(result["random"]) == 5 and result["verdict"].startswith(("passes", "FAILS"))
+    # Each condition's accuracy equals a plain run with those heads zeroed.
+    from headwise.ablation import class_logits
+    from headwise.probes import image_probe
+
+    held = image_probe(m.processor, m.geometry, count=256, seed=0, offset=8)
+    targeted = [(layer, head) for layer, head, _ in result["targeted_heads"]]
+    with torch.no_grad(), headwise.Session(m.geometry, head_scale=V.ablation_scale(m.geometry, targeted)):
+        acc = float((class_logits(m.model, held.pixel_values).argmax(-1) == held.labels).double().mean())
+    assert result["targeted"] == pytest.approx(acc)
+
+
+def test_image_validation_refuses_a_language_model_atlas(tiny):
+    from headwise.profile import ProfileSettings, profile
+
+    atlas = profile(tiny, ["previous_token"], ProfileSettings(block_len=8, repeated_sequences=2))
+    with pytest.raises(HeadwiseError, match="validated on images"):
+        V.validate(tiny, atlas, "important", k=2)

@@ -42,7 +42,7 @@ MAX_NAME = 256  # score, profile, role and key names
 MAX_TEXT = 1 << 16  # descriptions, paths, policy specs, replies
 MAX_ENTRIES = 4096  # entries of a mapping or of a list not tied to the geometry
 MAX_LAYERS = MAX_HEADS = 1024
-MAX_BINS = 4096  # values per head in a profile
+MAX_BINS = 1 << 16  # values per head in a profile (a 128 x 128 patch grid's relative-position map)
 MAX_RECORDS = 1 << 20  # retrieval trial records, eval rows
 MAX_TOKENS = 1 << 22  # tokens of a sample prompt
 MAX_INT = 1 << 53  # token counts, windows, byte sizes (exact in a float)
@@ -100,9 +100,13 @@ def geometry_schema(n_layers: int | None = None) -> dict[str, Any]:
         "n_kv_heads": _int(1, MAX_HEADS), "head_dim": _int(1, 1 << 16),
         "layer_types": {"type": "array", **per_layer, "items": {"enum": ["full", "sliding"]}},
         "sliding_window": {"type": "array", **per_layer, "items": _int(1, null=True)},
-        "max_positions": _int(1, null=True), "vocab_size": _int(1, 1 << 24),
+        "max_positions": _int(1, null=True), "vocab_size": _int(0, 1 << 24),
+        "patch_grid": {**_list(_int(1, 1 << 12), 2), "description": "[rows, columns] of an image model's patches"},
+        "prefix_tokens": _int(0, 1 << 12), "suffix_tokens": _int(0, 1 << 12),
     }
-    return _obj(props, [k for k in props if k != "max_positions"])  # Geometry.from_dict defaults max_positions
+    # Geometry.from_dict defaults max_positions; text geometries have no patch fields
+    return _obj(props, [k for k in props if k not in ("max_positions", "patch_grid", "prefix_tokens",
+                                                      "suffix_tokens")])  # Geometry.from_dict defaults max_positions
 
 
 def _versions() -> dict[str, Any]:
@@ -195,13 +199,27 @@ def samples_meta_schema() -> dict[str, Any]:
                  "needle_span": _list(_int(0), 2), "region_queries": _int(0), "tokens": tokens,
                  "needle": _str(MAX_TEXT, null=True), "question": _str(MAX_TEXT, null=True)},
                 ["length", "side", "row_bins", "regions", "window", "needle_span", "tokens"])
+    # An image model's samples (report/samples.py sample_images): its first images instead of the two prompts.
+    few = 64  # images of the samples (report.samples.SAMPLE_IMAGES is 4)
+    classes = {**_list(_int(0), max_items=few), "type": ["array", "null"]}
+    images = _obj({"probe": _str(MAX_TEXT), "count": _int(1, few), "tokens": _int(1, MAX_TOKENS),
+                   "sources": _list(_str(MAX_TEXT), max_items=few), "labels": classes, "predictions": classes,
+                   "class_names": _obj(values=_str(MAX_TEXT)), "prefix_names": _list(_str(), max_items=1 << 12),
+                   "queries": _list(_int(0), max_items=MAX_TOKENS),
+                   "query_grid": _list(_list(_int(0), max_items=1 << 12), 2), "thumbnail_side": _int(1, 4096),
+                   "note": _str(MAX_TEXT)},
+                  ["count", "tokens", "sources", "labels", "predictions", "prefix_names", "queries", "query_grid",
+                   "thumbnail_side"])
     props = {"schema": {"const": SAMPLES}, "model": model_schema(), "geometry": geometry_schema(),
-             "short": short, "long": long}
+             "short": short, "long": long, "images": images}
     # What binds the samples to their atlas (optional here: older files lack them, and the report
     # refuses those with its own message): the sha256 of the .safetensors file they describe and
     # the profile settings they depend on.
     bound = {"tensors_sha256": {**_str(64), "minLength": 64}, "profile": _obj()}
-    return _obj({**props, **bound}, list(props))
+    s = _obj({**props, **bound}, ["schema", "model", "geometry"])
+    # A language model's samples hold the short and long prompts, an image model's the images.
+    s.update({"if": {"required": ["images"]}, "else": {"required": ["short", "long"]}})
+    return s
 
 
 def manifest_schema() -> dict[str, Any]:

@@ -10,6 +10,9 @@ exact (the same numbers as one forward pass per head) and saves work two ways:
 Memory is bounded by `max_tokens` (rows x sequence length per pass) and by reading the
 vocabulary logits a few rows at a time.
 
+Image classifiers go through `class_ablation_effects`, the same engine read out at the class
+logits: per image, the loss increase and whether the prediction stops being right.
+
 Used by the importance scores, the successor and DuoAttention scores' helpers, attribution
 and validation: it is the engine, not a score.
 """
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._progress import progress
+from .errors import HeadwiseError
 from .geometry import Geometry
 from .instrument import Session, single_head_ablation_scales
 from .parts import decoder_layers, final_hidden, lm_logits
@@ -172,4 +176,58 @@ def head_ablation_effects(model: torch.nn.Module, geometry: Geometry, input_ids:
                 on_chunk(k)
     return effects
 
-__all__ = ["Readout", "head_ablation_effects", "replay_below", "sequence_losses"]
+# ---- image classifiers --------------------------------------------------------------------
+def class_logits(model: torch.nn.Module, pixel_values: Tensor) -> Tensor:
+    """[n, classes] float32 logits of an image classifier."""
+    out = model(pixel_values=pixel_values)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise HeadwiseError(f"{type(model).__name__} has no classifier head (no logits); head importance on images "
+                            f"needs an image-classification model")
+    return logits.float()
+
+
+def class_ablation_effects(model: torch.nn.Module, geometry: Geometry, pixel_values: Tensor, labels: Tensor,
+                           heads: Sequence[tuple[int, int]] | None = None, max_images: int = 512,
+                           desc: str = "ablating heads") -> tuple[Tensor, Tensor, Tensor]:
+    """Per image and head, zeroing that head alone: (loss increase [n, L, H], correct before minus correct
+    after [n, L, H], clean correct [n]). NaN for heads not asked for.
+
+    Exact, as head_ablation_effects: many heads per pass (one per copy of the images), layers below
+    the lowest ablated one replayed from the clean pass.
+    """
+    heads = sorted(heads if heads is not None else
+                   [(layer, head) for layer in range(geometry.n_layers) for head in range(geometry.n_heads)])
+    n = pixel_values.shape[0]
+    device = next(model.parameters()).device
+    pixel_values, labels = pixel_values.to(device), labels.to(device)
+    layers = decoder_layers(model, geometry)
+    loss_up = torch.full((n, geometry.n_layers, geometry.n_heads), float("nan"), dtype=torch.float64)
+    right_lost = loss_up.clone()
+    per_pass = max(1, max_images // max(1, n))
+    with torch.inference_mode():
+        with _capture_layer_outputs(layers) as clean_outputs:
+            clean = class_logits(model, pixel_values)
+        if clean.shape[-1] <= int(labels.max()):
+            raise HeadwiseError(f"labels go up to {int(labels.max())} but the model has {clean.shape[-1]} classes")
+        clean_loss = torch.nn.functional.cross_entropy(clean, labels, reduction="none").double()
+        clean_right = (clean.argmax(-1) == labels).double()
+        chunks = [heads[i:i + per_pass] for i in range(0, len(heads), per_pass)]
+        for chunk in progress(chunks, desc=desc, total=len(chunks), unit="pass"):
+            k = len(chunk)
+            start = chunk[0][0]
+            scale = single_head_ablation_scales(geometry, chunk).repeat_interleave(n, 0).to(device)
+            with replay_below(layers, start, clean_outputs[start - 1] if start else None, k), \
+                    Session(geometry, head_scale=scale):
+                logits = class_logits(model, pixel_values.repeat(k, 1, 1, 1))
+            rows = labels.repeat(k)
+            loss = torch.nn.functional.cross_entropy(logits, rows, reduction="none").double().reshape(k, n)
+            right = (logits.argmax(-1) == rows).double().reshape(k, n)
+            for i, (layer, head) in enumerate(chunk):
+                loss_up[:, layer, head] = (loss[i] - clean_loss).cpu()
+                right_lost[:, layer, head] = (clean_right - right[i]).cpu()
+    return loss_up, right_lost, clean_right.cpu()
+
+
+__all__ = ["Readout", "class_ablation_effects", "class_logits", "head_ablation_effects", "replay_below",
+           "sequence_losses"]

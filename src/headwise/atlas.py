@@ -114,17 +114,29 @@ def _finite(obj: Any) -> Any:
 
 # ---- the attention samples beside an atlas (written by headwise.report; read here for Atlas.save) ----
 BOUND_SETTINGS = ("context", "seed", "text", "block_len", "window")  # the profile settings the samples depend on
+# An image model's samples are the first images of its image probe: they depend on these instead (a text
+# atlas's binding stays as it was, so samples written before images existed still belong to their atlas).
+IMAGE_BOUND_SETTINGS = ("seed", "images", "image_count")
 MAX_TENSOR_BYTES = 2**30
 
 
-def bound_settings(values: Any) -> dict[str, Any]:
-    """The settings the samples depend on, from ProfileSettings or an atlas's settings record (defaults
-    filled in, as ProfileSettings.from_dict fills them)."""
+def bound_names(modality: str | None = None) -> tuple[str, ...]:
+    """The profile settings the samples of a kind of model ("text" or "image") depend on; None: those of
+    either kind (binding_problem compares only the ones of its atlas's kind)."""
+    if modality is None:
+        return tuple(dict.fromkeys(BOUND_SETTINGS + IMAGE_BOUND_SETTINGS))
+    return IMAGE_BOUND_SETTINGS if modality == "image" else BOUND_SETTINGS
+
+
+def bound_settings(values: Any, modality: str | None = None) -> dict[str, Any]:
+    """The settings the samples of a kind of model depend on (bound_names), from ProfileSettings or an
+    atlas's settings record (defaults filled in, as ProfileSettings.from_dict fills them)."""
     from .scores import all_settings
 
     known = all_settings()
-    out = {k: values[k] if k in values else known[k].default for k in BOUND_SETTINGS}
-    out["text"] = "bundled" if out["text"] is None else out["text"]
+    out = {k: values[k] if k in values else known[k].default if k in known else None for k in bound_names(modality)}
+    if "text" in out:
+        out["text"] = "bundled" if out["text"] is None else out["text"]
     return out
 
 
@@ -141,8 +153,9 @@ def binding_problem(atlas_data: dict[str, Any], meta: dict[str, Any]) -> str | N
         return "were made for another model geometry than its atlas"
     if "profile" not in meta or "tensors_sha256" not in meta:
         return "were collected by an older headwise that did not record which profile settings they belong to"
-    want, have = bound_settings(atlas_data.get("settings", {})), meta["profile"]
-    differ = [f"{k} {have.get(k)!r} vs {want[k]!r}" for k in BOUND_SETTINGS if have.get(k) != want[k]]
+    modality = Geometry.from_dict(atlas_data["geometry"]).modality
+    want, have = bound_settings(atlas_data.get("settings", {}), modality), meta["profile"]
+    differ = [f"{k} {have.get(k)!r} vs {want[k]!r}" for k in bound_names(modality) if have.get(k) != want[k]]
     if differ:
         return f"were collected with other profile settings than its atlas ({', '.join(differ)})"
     return None
@@ -374,6 +387,6 @@ class Atlas:
         return atlas
 
 
-__all__ = ["Atlas", "BOUND_SETTINGS", "FILENAME", "SAMPLES_FILES", "SCHEMA", "VIEW_FILES", "atlas_file",
-           "binding_problem", "bound_samples", "bound_settings", "is_lone_file", "read_samples_files", "recollect",
-           "versions"]
+__all__ = ["Atlas", "BOUND_SETTINGS", "FILENAME", "IMAGE_BOUND_SETTINGS", "SAMPLES_FILES", "SCHEMA", "VIEW_FILES",
+           "atlas_file", "binding_problem", "bound_names", "bound_samples", "bound_settings", "is_lone_file",
+           "read_samples_files", "recollect", "versions"]

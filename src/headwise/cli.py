@@ -21,9 +21,12 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     from .scores import all_settings
 
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="bundled name (smollm2-135m, gemma3-270m), model directory, .gguf file, or cached hub id")
+                   help="bundled name (smollm2-135m, gemma3-270m, vit-digits), model directory, .gguf file, or "
+                        "cached hub id")
     p.add_argument("--out", default=None, help="output directory for atlas.json (default: atlas-<model>)")
-    p.add_argument("--scores", default=None, help="comma-separated score names (default: the pattern battery)")
+    p.add_argument("--scores", default=None, help="comma-separated score names (default: the battery for the model's "
+                                                  "kind: patterns for language models, importance, spatial and "
+                                                  "pattern summary for image models)")
     p.add_argument("--validate", action="store_true",
                    help="then causally test every role label that has a task (headwise validate) and store the results")
     p.add_argument("--no-report", action="store_true",
@@ -64,7 +67,8 @@ def _run_profile(args: argparse.Namespace) -> None:
     # Checked before the model loads; a refused run removes the directory it made.
     with output_location(out, what="the atlas"):
         loaded = load(args.model)
-        need = unit_bytes(loaded.geometry, len(scores or default_scores()), settings.context, report)
+        need = unit_bytes(loaded.geometry, len(scores or default_scores(loaded.geometry.modality)), settings.context,
+                          report)
         check_output_dir(out, what="the atlas", need_bytes=need)
         atlas = profile(loaded, scores, settings)  # every probe and setting is checked before any pass
         samples = sample_attention(loaded, settings) if report else None

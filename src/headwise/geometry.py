@@ -14,6 +14,11 @@ class Geometry:
 
     `layer_types[l]` is "full" or "sliding"; `sliding_window[l]` is the window of a sliding
     layer (None for full layers). Query head h of a layer reads KV head h // group_size.
+
+    Image models add where their patches sit in the token sequence: `prefix_tokens` tokens
+    (CLS, distillation, register tokens) come first, then the `patch_grid` (rows, columns) in
+    row-major order, then `suffix_tokens` (YOLOS's detection tokens). Language models have no
+    grid; their `vocab_size` is the vocabulary's (0 for image models).
     """
 
     model_type: str
@@ -25,12 +30,29 @@ class Geometry:
     sliding_window: tuple[int | None, ...]
     max_positions: int | None
     vocab_size: int
+    patch_grid: tuple[int, int] | None = None
+    prefix_tokens: int = 0
+    suffix_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
             raise HeadwiseError(f"{self.n_heads} query heads do not split evenly over {self.n_kv_heads} KV heads")
         if len(self.layer_types) != self.n_layers or len(self.sliding_window) != self.n_layers:
             raise HeadwiseError("geometry lists one layer type and window per layer")
+
+    @property
+    def modality(self) -> str:
+        """"image" for models whose tokens are patches of an image, else "text"."""
+        return "image" if self.patch_grid is not None else "text"
+
+    @property
+    def n_patches(self) -> int:
+        return 0 if self.patch_grid is None else self.patch_grid[0] * self.patch_grid[1]
+
+    @property
+    def n_tokens(self) -> int | None:
+        """Tokens of every input of an image model (prefix + patches + suffix); None for text."""
+        return None if self.patch_grid is None else self.prefix_tokens + self.n_patches + self.suffix_tokens
 
     @property
     def group_size(self) -> int:
@@ -49,6 +71,11 @@ class Geometry:
         d = asdict(self)
         d["layer_types"] = list(self.layer_types)
         d["sliding_window"] = list(self.sliding_window)
+        if self.patch_grid is None:  # text geometries are written as before images existed
+            for key in ("patch_grid", "prefix_tokens", "suffix_tokens"):
+                del d[key]
+        else:
+            d["patch_grid"] = list(self.patch_grid)
         return d
 
     @classmethod
@@ -61,8 +88,10 @@ class Geometry:
                 sliding_window=tuple(None if w is None else int(w) for w in d["sliding_window"]),
                 max_positions=None if d.get("max_positions") is None else int(d["max_positions"]),
                 vocab_size=int(d["vocab_size"]),
+                patch_grid=None if d.get("patch_grid") is None else (int(d["patch_grid"][0]), int(d["patch_grid"][1])),
+                prefix_tokens=int(d.get("prefix_tokens", 0)), suffix_tokens=int(d.get("suffix_tokens", 0)),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, IndexError) as e:
             raise HeadwiseError(f"geometry record is incomplete or malformed ({e!r})") from None
 
     @classmethod
@@ -84,7 +113,8 @@ class Geometry:
         return cls(
             model_type=str(config.model_type), n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
             head_dim=int(head_dim), layer_types=tuple(types), sliding_window=tuple(windows),
-            max_positions=None if max_pos is None else int(max_pos), vocab_size=int(config.vocab_size),
+            max_positions=None if max_pos is None else int(max_pos),
+            vocab_size=int(getattr(config, "vocab_size", None) or 0),
         )
 
     def check_context(self, n_tokens: int) -> None:

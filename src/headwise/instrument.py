@@ -262,11 +262,20 @@ def attach(model: Any) -> Geometry:
     from transformers import AttentionInterface
 
     AttentionInterface.register(IMPLEMENTATION, probe)
+    grid = image_grid(model)
     try:
         device = next(model.parameters()).device
-        ids = torch.tensor([[1, 2, 3, 4]], device=device) % geometry.vocab_size
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
+            if grid is not None:
+                model(pixel_values=torch.zeros(1, *grid[1], device=device))
+            else:
+                ids = torch.tensor([[1, 2, 3, 4]], device=device) % max(1, geometry.vocab_size)
+                model(input_ids=ids, use_cache=False)
+    except HeadwiseError:
+        raise
+    except Exception as e:
+        raise HeadwiseError(f"{name} failed on a test input ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                            f"headwise cannot instrument it") from None
     finally:
         AttentionInterface.register(IMPLEMENTATION, headwise_attention)
     if len(seen) != geometry.n_layers:
@@ -281,10 +290,39 @@ def attach(model: Any) -> Geometry:
                                 f"{geometry.head_dim}; headwise cannot trust this model's geometry")
         if window is not None:  # the layer itself says how far it sees
             windows[layer], types[layer] = int(window), "sliding"
+    image: dict[str, Any] = {}
+    if grid is not None:  # where the patches sit: measured from the tokens the layers saw, not assumed
+        (rows, cols), _ = grid
+        n_tokens = seen[0][1][2]
+        suffix = int(getattr(model.config, "num_detection_tokens", 0) or 0)  # YOLOS appends its detection tokens
+        prefix = n_tokens - rows * cols - suffix
+        if prefix < 0:
+            raise HeadwiseError(f"{name} attends over {n_tokens} tokens, fewer than its {rows} x {cols} patches; "
+                                f"headwise cannot tell which tokens are patches")
+        image = {"patch_grid": (rows, cols), "prefix_tokens": prefix, "suffix_tokens": suffix}
     return Geometry(model_type=geometry.model_type, n_layers=geometry.n_layers, n_heads=geometry.n_heads,
                     n_kv_heads=geometry.n_kv_heads, head_dim=geometry.head_dim, layer_types=tuple(types),
                     sliding_window=tuple(windows), max_positions=geometry.max_positions,
-                    vocab_size=geometry.vocab_size)
+                    vocab_size=geometry.vocab_size, **image)
+
+
+def image_grid(model: Any) -> tuple[tuple[int, int], tuple[int, int, int]] | None:
+    """((rows, columns) of patches, (channels, height, width) of an input) for a model that reads
+    pixel_values, from its config; None for models that read tokens."""
+    if getattr(model, "main_input_name", "input_ids") != "pixel_values":
+        return None
+    config = model.config
+    config = getattr(config, "vision_config", None) or config
+
+    def pair(value: Any) -> tuple[int, int]:
+        return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
+
+    try:
+        (height, width), (ph, pw) = pair(config.image_size), pair(config.patch_size)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        raise HeadwiseError(f"{type(model).__name__} reads images but its config gives no image_size and "
+                            f"patch_size; headwise cannot place its patches") from None
+    return (height // ph, width // pw), (int(getattr(config, "num_channels", 3)), height, width)
 
 
 def sink_window_mask(query_positions: Tensor, key_positions: Tensor, sink: int, window: int) -> Tensor:
@@ -312,4 +350,4 @@ def single_head_ablation_scales(geometry: Geometry, heads: Sequence[tuple[int, i
 
 
 __all__ = ["AttentionChunk", "DEFAULT_CHUNK_BYTES", "IMPLEMENTATION", "Observer", "Session", "ablation_scale",
-           "attach", "headwise_attention", "single_head_ablation_scales", "sink_window_mask"]
+           "attach", "image_grid", "headwise_attention", "single_head_ablation_scales", "sink_window_mask"]

@@ -1,4 +1,8 @@
-"""Load a causal LM offline, from a directory, the local HF cache, a GGUF file or a bundled name.
+"""Load a model offline, from a directory, the local HF cache, a GGUF file or a bundled name.
+
+Causal LMs come with their tokenizer; image transformers (ViT, DeiT, BEiT, DINOv2, CLIP/SigLIP
+vision towers, ...) with their image processor. The bundled image model, vit-digits, is
+trained by headwise itself on scikit-learn's digits the first time it is asked for.
 
 GGUF files are de-quantized once (20-60 s) into a cache of safetensors + tokenizer files
 keyed by the file's SHA-256, so later loads take about a second. Nothing here ever reaches
@@ -25,7 +29,7 @@ import torch
 from ._progress import note
 from .errors import HeadwiseError
 from .geometry import Geometry
-from .instrument import attach
+from .instrument import attach, image_grid
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -59,6 +63,7 @@ def _gemma3_gguf() -> Path:
 
 
 BUNDLED = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+BUNDLED_TRAINED = ("vit-digits",)  # trained, not converted: see headwise/vit_digits.py
 
 
 @dataclass(frozen=True)
@@ -77,16 +82,25 @@ class ModelInfo:
 
 @dataclass
 class LoadedModel:
-    """A model ready for headwise: eval mode, attention routed through headwise's function."""
+    """A model ready for headwise: eval mode, attention routed through headwise's function.
+
+    `tokenizer` for language models; `processor` (an image processor) for image models.
+    """
 
     model: Any
     tokenizer: Any
     geometry: Geometry
     info: ModelInfo
+    processor: Any = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def preprocessor(self) -> Any:
+        """What turns raw inputs into the model's: the image processor of an image model, else the tokenizer."""
+        return self.processor if self.geometry.modality == "image" else self.tokenizer
 
 
 def _cache_root() -> Path:
@@ -215,6 +229,10 @@ def _convert_gguf(path: Path, sha: str) -> Path:
 
 def _resolve(spec: str) -> tuple[str, Path, Path | None]:
     """Map a spec to (kind, model directory, GGUF file it came from)."""
+    if spec == "vit-digits":
+        from .vit_digits import vit_digits_dir
+
+        return "bundled", vit_digits_dir(_cache_root()), None
     if spec in BUNDLED:
         gguf = BUNDLED[spec]()
         return "bundled", _convert_gguf(gguf, file_sha256(gguf)), gguf
@@ -243,8 +261,8 @@ def _resolve(spec: str) -> tuple[str, Path, Path | None]:
     if spec.lower().endswith(".gguf") or "/" in spec or os.sep in spec:
         raise HeadwiseError(f"no such file or directory: {spec}")
     raise HeadwiseError(
-        f"unknown model '{spec}'; pass one of {', '.join(BUNDLED)}, a model directory, a .gguf file, "
-        f"or a hub id already in the local cache"
+        f"unknown model '{spec}'; pass one of {', '.join([*BUNDLED, *BUNDLED_TRAINED])}, a model directory, "
+        f"a .gguf file, or a hub id already in the local cache"
     )
 
 
@@ -260,13 +278,13 @@ def _weights_sha256_of_dir(directory: Path) -> str:
 
 
 def load(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Load a causal LM and route its attention through headwise.
+    """Load a causal LM or an image transformer and route its attention through headwise.
 
-    `spec`: a bundled name (smollm2-135m, gemma3-270m), a Hugging Face model directory, a
-    .gguf file, or a hub id already in the local cache.
+    `spec`: a bundled name (smollm2-135m, gemma3-270m, vit-digits), a Hugging Face model
+    directory, a .gguf file, or a hub id already in the local cache.
     """
     kind, directory, gguf = _resolve(spec)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     with _quiet_transformers():
         try:
@@ -276,31 +294,82 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, devic
         if any(f.name.endswith(".bin") for f in directory.glob("*.bin")) and not any(directory.glob("*.safetensors")):
             raise HeadwiseError(f"{directory} only has pickled *.bin weights, which headwise never loads; "
                                 f"convert them to safetensors first")
+        auto, what = _model_class(config)
+        processor = tokenizer = None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=dtype,
-                                                         use_safetensors=True)
+            model = auto.from_pretrained(directory, local_files_only=True, dtype=dtype, use_safetensors=True)
+            if what == "image model":
+                processor = _image_processor(directory, model)
+            else:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except HeadwiseError:
+            raise
         except Exception as e:
-            raise HeadwiseError(f"could not load a causal LM from {directory} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]})") from None
+            raise HeadwiseError(f"could not load {'an' if what[0] in 'aeiou' else 'a'} {what} from {directory} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     model.to(device).eval()
     weights = file_sha256(gguf) if gguf is not None else _weights_sha256_of_dir(directory)
     info = ModelInfo(spec=spec, kind=kind, path=str(gguf or directory), weights_sha256=weights,
                      config_sha256=config_sha256(config))
-    return _wrap(model, tokenizer, info)
+    return _wrap(model, tokenizer, info, processor)
 
 
-def from_model(model: Any, tokenizer: Any, name: str = "in-memory") -> LoadedModel:
-    """Use a model the caller already built or loaded (hashing its parameters for provenance)."""
+def _model_class(config: Any) -> tuple[Any, str]:
+    """The Auto class for this config: a causal LM, an image classifier, or a bare vision encoder."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", "")
+    architectures = getattr(config, "architectures", None) or []
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not any("ImageClassification" in a for a in architectures):
+        return AutoModelForCausalLM, "causal LM"
+    if model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and (
+            not architectures or any("ImageClassification" in a for a in architectures)):
+        return AutoModelForImageClassification, "image model"
+    if hasattr(config, "image_size") and hasattr(config, "patch_size"):
+        return AutoModel, "image model"  # a vision encoder without a classifier (DINOv2, CLIP's vision tower)
+    return AutoModelForCausalLM, "causal LM"
+
+
+def _image_processor(directory: Path | None, model: Any) -> Any:
+    """The model's own image processor, or (when the directory has none) one that resizes to the config's
+    image size and normalises to [-1, 1], as ViT's default does."""
+    from transformers import AutoImageProcessor
+    from transformers import ViTImageProcessorPil as ViTImageProcessor  # the default backend needs torchvision
+
+    if directory is not None and (directory / "preprocessor_config.json").is_file():
+        try:
+            return AutoImageProcessor.from_pretrained(directory, local_files_only=True)
+        except Exception as e:
+            raise HeadwiseError(f"{directory}/preprocessor_config.json could not be read "
+                                f"({str(e).splitlines()[0][:200]}); fix or remove it") from None
+    grid = image_grid(model)
+    _, (channels, height, width) = grid
+    return ViTImageProcessor(do_resize=True, size={"height": height, "width": width}, do_normalize=True,
+                             image_mean=[0.5] * channels, image_std=[0.5] * channels)
+
+
+def from_model(model: Any, tokenizer: Any = None, name: str = "in-memory", processor: Any = None) -> LoadedModel:
+    """Use a model the caller already built or loaded (hashing its parameters for provenance).
+
+    Language models need their tokenizer; image models take their image processor (default: resize
+    to the config's image size and normalise to [-1, 1])."""
     model.eval()
     info = ModelInfo(spec=name, kind="in-memory", path=None, weights_sha256=weights_sha256(model),
                      config_sha256=config_sha256(model.config))
-    return _wrap(model, tokenizer, info)
+    return _wrap(model, tokenizer, info, processor)
 
 
-def _wrap(model: Any, tokenizer: Any, info: ModelInfo) -> LoadedModel:
+def _wrap(model: Any, tokenizer: Any, info: ModelInfo, processor: Any = None) -> LoadedModel:
     geometry = attach(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, geometry=geometry, info=info)
+    if geometry.modality == "image" and processor is None:
+        processor = _image_processor(None, model)
+    return LoadedModel(model=model, tokenizer=tokenizer, geometry=geometry, info=info, processor=processor)
 
 
-__all__ = ["BUNDLED", "DEFAULT_MODEL", "LoadedModel", "ModelInfo", "from_model", "load"]
+__all__ = ["BUNDLED", "BUNDLED_TRAINED", "DEFAULT_MODEL", "LoadedModel", "ModelInfo", "from_model", "load"]

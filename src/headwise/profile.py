@@ -23,6 +23,7 @@ from .scores import (
     ScoreFamily,
     ScoreResult,
     all_settings,
+    check_modality,
     default_scores,
     family_of,
     score_info,
@@ -110,21 +111,25 @@ def profile(model: LoadedModel | str, scores: Sequence[str] | None = None,
     """Score every head of `model` (a LoadedModel or a spec for headwise.load)."""
     loaded = load(model) if isinstance(model, str) else model
     settings = settings or ProfileSettings()
-    names = list(dict.fromkeys(scores or default_scores()))
+    geometry = loaded.geometry
+    names = list(dict.fromkeys(scores or default_scores(geometry.modality)))
     if not names:
         raise HeadwiseError("no scores requested")
-    geometry = loaded.geometry
+    for name in names:
+        family_of(name)  # an unknown name fails here, with the known ones listed
+    check_modality(names, geometry.modality)
     groups, computed = _plan(names, settings)
     # Build and check every probe, and let every computed family check its settings, before any work.
     probes = {}
     for key, families in groups.items():
-        probe = families[0].make_probe(loaded.tokenizer, geometry, settings)
+        probe = families[0].make_probe(loaded.preprocessor, geometry, settings)
         geometry.check_context(probe.length)
         for family in families:
             family.check_probe(probe, settings)
         probes[key] = probe
-    for family in computed:
+    for family, wanted in computed.items():
         family.check(geometry, settings)
+        family.check_names(geometry, wanted)
 
     atlas = Atlas.new(loaded.info.to_dict(), geometry, {"scores": names, **settings.to_dict()})
     torch.manual_seed(settings.seed)
@@ -139,7 +144,7 @@ def profile(model: LoadedModel | str, scores: Sequence[str] | None = None,
                                   unit="batch"):
                 for observer in observers:
                     observer.begin(batch)
-                loaded.model(input_ids=batch.to(loaded.device), use_cache=False, logits_to_keep=1)
+                loaded.model(**probe.model_inputs(batch.to(loaded.device)))
         atlas.set_probe(probe.name, probe.settings)
         for family, observer in zip(families, observers):
             _store(atlas, family, observer.result(), names, probe.name)

@@ -175,3 +175,71 @@ _PROSE = (
     "other way. There were a king with a large jaw and a queen with a plain face, on the throne of England; "
     "there were a king with a large jaw and a queen with a fair face, on the throne of France. "
 )
+
+
+# ---- image classifiers: the paper's pruning metrics ---------------------------------------------
+def _image_reference(arch, pixels, labels):
+    """One eager forward per head with that head's slice of the output projection's input zeroed by a hook."""
+    from headwise.parts import output_projection
+    from tests.conftest import tiny_vision_model
+
+    model = tiny_vision_model(arch)
+    model.set_attn_implementation("eager")
+    attn = [m for m in model.modules() if hasattr(m, "o_proj") or type(m).__name__.endswith("SelfOutput")]
+    projs = [output_projection(m) if hasattr(m, "o_proj") else m.dense for m in attn]
+    L, H = len(projs), model.config.num_attention_heads
+    hd = model.config.hidden_size // H
+    with torch.no_grad():
+        clean = model(pixel_values=pixels).logits
+    loss0 = torch.nn.functional.cross_entropy(clean, labels, reduction="none")
+    right0 = (clean.argmax(-1) == labels).double()
+    loss_up, acc_drop, grad = np.zeros((L, H)), np.zeros((L, H)), np.zeros((L, H))
+    for layer in range(L):
+        for head in range(H):
+            def mask(mod, args, head=head):
+                x = args[0].clone()
+                x[..., head * hd:(head + 1) * hd] = 0
+                return (x,)
+            handle = projs[layer].register_forward_pre_hook(mask)
+            with torch.no_grad():
+                out = model(pixel_values=pixels).logits
+            handle.remove()
+            loss_up[layer, head] = float((torch.nn.functional.cross_entropy(out, labels, reduction="none")
+                                          - loss0).mean())
+            acc_drop[layer, head] = float((right0 - (out.argmax(-1) == labels).double()).mean())
+    # Michel et al.: per image, d loss / d xi for a mask xi = 1 on the head's slice.
+    for i in range(pixels.shape[0]):
+        xis = [torch.ones(H, requires_grad=True) for _ in range(L)]
+        handles = [p.register_forward_pre_hook(lambda mod, args, xi=xi: (
+            (args[0].reshape(*args[0].shape[:-1], H, hd) * xi[:, None]).reshape(args[0].shape),))
+            for p, xi in zip(projs, xis)]
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels[i:i + 1]).logits, labels[i:i + 1])
+        for layer, g in enumerate(torch.autograd.grad(loss, xis)):
+            grad[layer] += g.abs().numpy() / pixels.shape[0]
+        for h in handles:
+            h.remove()
+    return loss_up, acc_drop, grad
+
+
+@pytest.mark.parametrize("arch", ["vit", "deit", "dinov2-registers"])
+def test_image_importance_equals_one_pruned_head_at_a_time(arch):
+    import headwise
+    from headwise.scores.shared_probes import make_image_probe
+    from tests.conftest import tiny_vision_model
+
+    lm = headwise.from_model(tiny_vision_model(arch), name=arch)
+    settings = ProfileSettings(image_count=6, ablation_tokens=3 * 6 * lm.geometry.n_tokens)  # 3 heads per pass
+    atlas = profile(lm, ["importance_accuracy", "importance_ablation", "importance_grad"], settings)
+    probe = make_image_probe(lm.preprocessor, lm.geometry, settings)
+    loss_up, acc_drop, grad = _image_reference(arch, probe.pixel_values, probe.labels)
+    np.testing.assert_allclose(atlas.score("importance_ablation"), loss_up, atol=2e-5)
+    np.testing.assert_allclose(atlas.score("importance_accuracy"), acc_drop, atol=1e-6)  # the atlas keeps 6 digits
+    np.testing.assert_allclose(atlas.score("importance_grad"), grad, rtol=1e-3, atol=1e-6)
+    assert atlas.data["settings"]["probes"]["importance_images"]["labels"] == "true labels"
+
+
+def test_importance_accuracy_is_refused_for_language_models(tiny):
+    from headwise.errors import HeadwiseError
+
+    with pytest.raises(HeadwiseError, match="importance_accuracy measures image classifiers"):
+        profile(tiny, ["importance_accuracy"], ProfileSettings())

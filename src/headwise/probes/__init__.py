@@ -5,10 +5,11 @@ equal-length token sequences plus the settings needed to reproduce them.
 """
 
 from .base import Probe, adds_bos, content_token_ids
+from .images import ImageProbe, image_probe
 from .ordinal import ORDINAL_SEQUENCES, OrdinalPrompts, OrdinalTask, ordinal_prompts, ordinal_tasks
 from .repeated import repeated_tokens
 from .text import bundled_text_files, load_text, natural_text
 
-__all__ = ["Probe", "adds_bos", "content_token_ids", "repeated_tokens", "natural_text", "load_text",
-           "bundled_text_files", "ORDINAL_SEQUENCES", "OrdinalPrompts", "OrdinalTask", "ordinal_prompts",
+__all__ = ["Probe", "ImageProbe", "image_probe", "adds_bos", "content_token_ids", "repeated_tokens", "natural_text",
+           "load_text", "bundled_text_files", "ORDINAL_SEQUENCES", "OrdinalPrompts", "OrdinalTask", "ordinal_prompts",
            "ordinal_tasks"]

@@ -18,6 +18,11 @@ class Probe:
     input_ids: Tensor
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def model_inputs(self, batch: Tensor) -> dict[str, Any]:
+        """The keyword arguments of one forward pass over a batch of this probe (no cache, one logit row:
+        observers read attention, not predictions)."""
+        return {"input_ids": batch, "use_cache": False, "logits_to_keep": 1}
+
     @property
     def n_sequences(self) -> int:
         return int(self.input_ids.shape[0])

@@ -4,6 +4,11 @@ The data goes into a <script type="application/json"> element with '<', '>' and 
 as \\u003c, \\u003e and \\u0026, so no string in it (a token such as '</script>') can close the
 element; the page's script reads it with JSON.parse and inserts every piece of text with
 textContent, never as markup. Attention maps travel as base64 uint8 (sqrt-scaled per head).
+
+An image model's page (geometry.patch_grid) swaps the text-only views (token maps, needle regions,
+the KV-cache preview) for image ones: every head's attention over a sampled image from a query patch,
+relative-position maps and strength-vs-distance curves, the pattern summary's layouts with each
+group's maps, and the heads ranked by importance with their validation.
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ from .._schema import one_line
 from ..atlas import FILENAME, SAMPLES_FILES, VIEW_FILES, Atlas, atlas_file, bound_samples, is_lone_file
 from ..errors import HeadwiseError
 from ..scores import needs_full
-from .layout import distance_profile, pattern_map
+from .layout import (
+    PATTERN_LAYOUTS,
+    distance_profile,
+    pattern_layouts,
+    pattern_map,
+    relative_position_map,
+    spatial_distance_profile,
+)
 from .samples import (
     SAMPLES_JSON,
     SAMPLES_TENSORS,
@@ -137,10 +149,23 @@ def _flat_heads(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
+def _images_payload(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
+    """An image model's samples: every head's rows per row max (layer-major heads, then images, then query
+    rows: [L * H, images * queries, tokens]), the thumbnails as RGB bytes, and the metadata."""
+    a = np.asarray(arrays["image_attention"], dtype=np.float64)  # [images, L, H, queries, tokens]
+    n, L, H, Q, T = a.shape
+    rows = a.transpose(1, 2, 0, 3, 4).reshape(L * H, n * Q, T)
+    thumbnails = np.ascontiguousarray(arrays["thumbnails"], dtype=np.uint8)
+    return {**meta["images"], "attention": _quantize(rows),
+            "thumbnails": {"shape": list(thumbnails.shape), "b64": base64.b64encode(thumbnails.tobytes()).decode()}}
+
+
 def _samples_payload(samples: tuple[dict, dict] | None) -> dict[str, Any] | None:
     if samples is None:
         return None
     arrays, meta = samples
+    if "image_attention" in arrays and isinstance(meta.get("images"), dict):
+        return _clean({"model": meta.get("model", {}), "images": _images_payload(arrays, meta)})
     short, long = dict(meta.get("short", {})), dict(meta.get("long", {}))
     out: dict[str, Any] = {"model": meta.get("model", {})}
     if "short_map" in arrays:
@@ -162,12 +187,16 @@ def report_data(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None) -
                "probe": e.get("probe"), "needs_full": needs_full(name, e.get("needs_full")),
                "values": [x for row in e["heads"] for x in row]}
               for name, e in atlas_data.get("scores", {}).items()]
+    # The image views (report.js) draw these profiles themselves; the detail lists any other profile's values.
+    own = {"relative_position", *(name for name, _ in PATTERN_LAYOUTS)}
     profiles = {name: {"bins": p.get("bins"), "description": p.get("description", ""), "probe": p.get("probe"),
                        "values": [h for row in p["values"] for h in row]}
                 for name, p in atlas_data.get("profiles", {}).items()
                 if isinstance(p, dict) and isinstance(p.get("values"), list) and len(p["values"]) == L
                 and all(isinstance(r, list) and len(r) == H for r in p["values"])
-                and (name != "distance" or distance_profile(atlas_data) is not None)}  # the page draws its bins
+                and (name != "distance" or distance_profile(atlas_data) is not None)  # the page draws its bins
+                and (name != "spatial_distance" or spatial_distance_profile(atlas_data) is not None)
+                and name not in own}
     settings = {k: v for k, v in atlas_data.get("settings", {}).items() if k != "probes"}
     labels = atlas_data.get("roles", {}).get("labels") or [[[] for _ in range(H)] for _ in range(L)]
     model = atlas_data.get("model", {})
@@ -179,7 +208,60 @@ def report_data(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None) -
         "roles": {"rules": atlas_data.get("roles", {}).get("rules", []), "labels": [h for row in labels for h in row]},
         "validation": _validation(atlas_data.get("validation"), L, H),
         "samples": _samples_payload(samples), "layout": pattern_map(atlas_data, samples),
+        "modality": "image" if g.get("patch_grid") is not None else "text",
+        "pattern_layouts": [_layout_payload(x) for x in pattern_layouts(atlas_data)],
+        "relative_position": _relative_position_payload(atlas_data),
+        "importance": _importance(atlas_data, L, H),
     })
+
+
+def _layout_payload(layout: dict[str, Any]) -> dict[str, Any]:
+    """A pattern summary layout for the page: coordinates rounded as the report's own map's, group maps as
+    uint8 (sqrt of the map over its max; the page shows their shape, hover gives the values)."""
+    records = [{"group": r["group"], "heads": r["heads"], "side": r["side"],
+                "decoded": _quantize(r["decoded"].clip(min=0)[None, None]),
+                "mean_map": _quantize(r["mean_map"].clip(min=0)[None, None])} for r in layout["records"]]
+    settings = layout["settings"]
+    return {**layout, "x": [round(float(v), 5) for v in layout["x"]], "y": [round(float(v), 5) for v in layout["y"]],
+            "records": records,
+            "settings": {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool)) or v is None}}
+
+
+def _relative_position_payload(atlas_data: dict[str, Any]) -> dict[str, Any] | None:
+    """Every head's relative-position map [L * H, 2R-1, 2C-1] as uint8 (sqrt per head; NaN cells as 0)."""
+    maps = relative_position_map(atlas_data)
+    if maps is None:
+        return None
+    p = atlas_data["profiles"]["relative_position"]
+    return {"grid": atlas_data["geometry"]["patch_grid"], "description": str(p.get("description") or ""),
+            "map": _quantize(maps.reshape(-1, 1, *maps.shape[2:]))}
+
+
+def _importance(atlas_data: dict[str, Any], L: int, H: int) -> dict[str, Any] | None:
+    """The heads ranked by importance_accuracy, and each validation of the "important" role
+    (validate/__init__.py validate: the metric unablated, with the top-k heads zeroed, with random k)."""
+    scores = atlas_data.get("scores", {})
+    if "importance_accuracy" not in scores:
+        return None
+    checks = []
+    for key, v in (atlas_data.get("validation") or {}).items():
+        if not (str(key).startswith("important@") and isinstance(v, dict)):
+            continue
+        random = v.get("random") if isinstance(v.get("random"), list) else []
+        checks.append({"key": str(key), "k": v.get("k"), "metric": _short(v.get("metric", "")),
+                       "task": _short(v.get("task", "")), "higher_is_better": v.get("higher_is_better"),
+                       "baseline": _number(v.get("baseline")), "targeted": _number(v.get("targeted")),
+                       "random": [x for x in map(_number, random) if x is not None],
+                       "passes": v.get("passes") if isinstance(v.get("passes"), bool) else None,
+                       "verdict": _short(v.get("verdict", ""), 400),
+                       "targeted_heads": _head_pairs(v.get("targeted_heads"), L, H) or []})
+    names = [n for n in ("importance_accuracy", "importance_ablation", "importance_grad", "importance_norm")
+             if n in scores]
+    return {"score": "importance_accuracy", "columns": names, "validations": checks}
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def render_html(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None = None) -> str:
@@ -234,8 +316,17 @@ def unit_bytes(geometry: Any, n_scores: int, context: int, with_report: bool) ->
 
     heads = geometry.n_total_heads
     atlas = heads * (3 * n_scores + 16) * 14 + 2**20  # ~14 characters a number; the distance profile's 16 bins
+    if getattr(geometry, "patch_grid", None) is not None:  # image models: relative-position maps in the atlas
+        rows, cols = geometry.patch_grid
+        atlas += heads * (2 * rows - 1) * (2 * cols - 1) * 14
     if not with_report:
         return atlas
+    if getattr(geometry, "patch_grid", None) is not None:
+        from .samples import IMAGE_BUDGET
+
+        samples = 2 * IMAGE_BUDGET + 2**20  # float16 rows, thumbnails
+        page = IMAGE_BUDGET * 4 // 3 + heads * (2 * rows - 1) * (2 * cols - 1) + atlas + 2**20
+        return atlas + samples + page
     cells = map_side(geometry, SHORT_SIDE) ** 2 + map_side(geometry, LONG_SIDE) ** 2 + ROW_BINS
     samples = heads * (2 * cells + 32) + 64 * context
     page = heads * cells * 4 // 3 + atlas + samples // 4 + 2**20  # base64 uint8 maps, the data again, the assets

@@ -14,13 +14,21 @@ mass distributions, which keeps a few large masses from drowning the rest), cent
 projected on the first two principal components. Not standardised: every feature is a mass on
 the same scale, and z-scoring would blow near-constant, noisy ones up to equal weight. An
 atlas without profile or samples falls back to its scores, which are z-scored (their scales differ).
+
+Image models' features: the spatial_distance profile (mass per ring of patch distance), when the
+atlas has one, and from the image samples the mass a patch query puts on the prefix tokens and on
+its own patch. Atlases whose pattern summary ran (scores/autoencoder.py) also carry the
+autoencoder's and PCA's own layouts of the heads (pattern_layouts); the page offers all of them.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
+
+from ..scores.autoencoder import neighbour_role_agreement
 
 
 def short_offset_features(short_map: np.ndarray, block: int, prefix: int) -> tuple[np.ndarray, list[str]]:
@@ -56,6 +64,71 @@ def distance_profile(atlas_data: dict[str, Any]) -> tuple[np.ndarray, list[str]]
     return values, [f"distance {lo}-{hi}" for lo, hi in bins]
 
 
+def _profile_values(atlas_data: dict[str, Any], name: str, n_bins: int | None = None) -> np.ndarray | None:
+    """A profile's values as [L, H, bins] floats, or None when it is absent or not that shape."""
+    g = atlas_data["geometry"]
+    p = atlas_data.get("profiles", {}).get(name)
+    if not isinstance(p, dict) or not isinstance(p.get("bins"), list):
+        return None
+    try:
+        values = np.asarray(p.get("values"), dtype=float)
+    except (TypeError, ValueError):  # ragged, or not numbers
+        return None
+    want = (g["n_layers"], g["n_heads"], len(p["bins"]) if n_bins is None else n_bins)
+    return values if values.shape == want and len(p["bins"]) == want[2] else None
+
+
+def spatial_distance_profile(atlas_data: dict[str, Any]) -> tuple[np.ndarray, list[str]] | None:
+    """An image atlas's spatial_distance profile ([L, H, rings] attention per patch pair, rings [lo, hi) in
+    patches) and its bins' names, or None."""
+    values = _profile_values(atlas_data, "spatial_distance")
+    if values is None:
+        return None
+    bins = atlas_data["profiles"]["spatial_distance"]["bins"]
+    if not all(isinstance(b, list) and len(b) == 2 for b in bins):
+        return None
+    return values, [f"patch distance {lo}-{hi}" for lo, hi in bins]
+
+
+def relative_position_map(atlas_data: dict[str, Any]) -> np.ndarray | None:
+    """An image atlas's relative_position profile as [L, H, 2R-1, 2C-1] (row dy, column dx; the centre is the
+    query's own patch), placed by each bin's (dy, dx), or None when it is absent or does not fit the grid."""
+    g = atlas_data["geometry"]
+    grid = g.get("patch_grid")
+    if not (isinstance(grid, list) and len(grid) == 2):
+        return None
+    R, C = int(grid[0]), int(grid[1])
+    values = _profile_values(atlas_data, "relative_position", (2 * R - 1) * (2 * C - 1))
+    if values is None:
+        return None
+    bins = atlas_data["profiles"]["relative_position"]["bins"]
+    try:
+        dy = np.array([int(b["dy"]) for b in bins]) + R - 1
+        dx = np.array([int(b["dx"]) for b in bins]) + C - 1
+    except (TypeError, KeyError, ValueError):
+        return None
+    if dy.min() < 0 or dy.max() > 2 * R - 2 or dx.min() < 0 or dx.max() > 2 * C - 2:
+        return None
+    out = np.full((g["n_layers"], g["n_heads"], 2 * R - 1, 2 * C - 1), np.nan)
+    out[:, :, dy, dx] = values
+    return out
+
+
+def image_sample_features(attention: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """[L, H, 2]: the mass a patch query puts on the prefix tokens and on its own patch, averaged over the
+    sampled images and query patches (an image model's attention samples)."""
+    n, L, H, Q, T = attention.shape
+    prefix = int(meta["geometry"].get("prefix_tokens", 0))
+    queries = meta["images"]["queries"]
+    patch_rows = [j for j, q in enumerate(queries) if q >= prefix]
+    if not patch_rows:
+        return np.zeros((L, H, 0)), []
+    a = np.asarray(attention, dtype=np.float64)[:, :, :, patch_rows]  # [n, L, H, q, T]
+    own = np.stack([a[:, :, :, j, queries[r]] for j, r in enumerate(patch_rows)], -1)  # [n, L, H, q]
+    out = np.stack([a[..., :prefix].sum(-1).mean((0, 3)), own.mean((0, 3))], -1)
+    return out, ["image: prefix tokens", "image: own patch"]
+
+
 def head_features(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None
                   ) -> tuple[np.ndarray, list[str], bool]:
     """[L * H, features], the feature names, and whether they are attention masses (else scores)."""
@@ -77,6 +150,14 @@ def head_features(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None
         if "long_regions_mean" in arrays:
             parts.append(arrays["long_regions_mean"].astype(float))
             names += [f"long: {r}" for r in meta.get("long", {}).get("regions", ["sink", "needle", "recent", "other"])]
+    spatial = spatial_distance_profile(atlas_data)
+    if spatial is not None:
+        parts.append(spatial[0])
+        names += spatial[1]
+    if samples is not None and "image_attention" in samples[0]:
+        f, n = image_sample_features(samples[0]["image_attention"], samples[1])
+        parts.append(f)
+        names += n
     masses = bool(parts)
     if not parts:
         for name, entry in atlas_data.get("scores", {}).items():
@@ -124,4 +205,74 @@ def pattern_map(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None) -
             "features": [n for n, k in zip(names, keep) if k], "explained": [round(e, 4) for e in explained]}
 
 
-__all__ = ["distance_profile", "head_features", "pattern_map", "pca_2d", "short_offset_features"]
+PATTERN_LAYOUTS = (("pattern_ae", "autoencoder"), ("pattern_pca", "PCA of the maps"))  # scores/autoencoder.py
+
+
+def pattern_layouts(atlas_data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pattern summary's layouts of the heads (pattern_ae, pattern_pca profiles), each {"name", "label",
+    "x", "y", "group" (per head, layer-major; group None where missing), "method", "description",
+    "settings", "records": [{"group", "heads", "decoded", "mean_map" (arrays [rows, cols]), "side"}]}.
+    Profiles that do not have that shape are left out (the page also renders documents no schema checked)."""
+    out = []
+    for name, label in PATTERN_LAYOUTS:
+        values = _profile_values(atlas_data, name, 3)
+        if values is None:
+            continue
+        p = atlas_data["profiles"][name]
+        flat = values.reshape(-1, 3)
+        if not np.isfinite(flat[:, :2]).all():
+            continue
+        groups = [int(g) if np.isfinite(g) and g == int(g) and g >= 0 else None for g in flat[:, 2]]
+        records = []
+        for r in p.get("records") or []:
+            record = _pattern_record(r)
+            if record is not None:
+                records.append(record)
+        out.append({"name": name, "label": label, "x": flat[:, 0], "y": flat[:, 1], "group": groups,
+                    "method": str(p.get("method") or ""), "description": str(p.get("description") or ""),
+                    "settings": p.get("settings") if isinstance(p.get("settings"), dict) else {},
+                    "records": records})
+    return out
+
+
+def _pattern_record(r: Any) -> dict[str, Any] | None:
+    """One group's record with its maps as [rows, cols] arrays, or None when it does not hold together."""
+    if not isinstance(r, dict) or not isinstance(r.get("group"), int) or not isinstance(r.get("side"), list):
+        return None
+    side = r["side"]
+    if len(side) != 2 or not all(isinstance(v, int) and v > 0 for v in side):
+        return None
+    maps = {}
+    for key in ("decoded", "mean_map"):
+        try:
+            a = np.asarray(r.get(key), dtype=float)
+        except (TypeError, ValueError):
+            return None
+        if a.shape != (side[0] * side[1],) or not np.isfinite(a).all():
+            return None
+        maps[key] = a.reshape(side)
+    heads = [h[:2] for h in r.get("heads") or [] if isinstance(h, list) and len(h) >= 2
+             and all(isinstance(v, int) and not isinstance(v, bool) for v in h[:2])]
+    return {"group": r["group"], "heads": heads, "side": side, **maps}
+
+
+def neighbour_role_share(x: Any, y: Any, labels: list[list[str]], k: int = 3) -> tuple[float, float]:
+    """(share of (head, neighbour) pairs, over each head's k nearest neighbours in this 2D layout, whose role
+    labels intersect (scores.autoencoder.neighbour_role_agreement); the same share over all pairs of distinct
+    heads, the rate by chance). The page computes both in JavaScript."""
+    coords = np.stack([np.asarray(x, dtype=float), np.asarray(y, dtype=float)], -1)
+    n = len(coords)
+    if n < 2:
+        return float("nan"), float("nan")
+    sets = [frozenset(lab) or frozenset(["none"]) for lab in labels]
+    # By chance: pairs of distinct heads, counted per distinct label set.
+    counts = Counter(sets)
+    kinds = list(counts)
+    same = sum(counts[a] * (counts[a] - 1) / 2 if i == j else counts[a] * counts[b]
+               for i, a in enumerate(kinds) for j, b in enumerate(kinds[i:], i) if a & b)
+    return neighbour_role_agreement(coords, [set(s) for s in sets], k), same / (n * (n - 1) / 2)
+
+
+__all__ = ["PATTERN_LAYOUTS", "distance_profile", "head_features", "image_sample_features", "neighbour_role_share",
+           "pattern_layouts", "pattern_map", "pca_2d", "relative_position_map", "short_offset_features",
+           "spatial_distance_profile"]

@@ -13,6 +13,12 @@ Two forward passes with an Observer that keeps, per head, only small summaries:
   the queries that can see the needle and for the last query alone, and the last query's
   attention over the prompt pooled to `ROW_BINS` bins.
 
+An image model instead gets, for the first `SAMPLE_IMAGES` images of its image probe, every head's
+attention from a set of query tokens (every prefix token: CLS, distillation, registers; and the
+patches, or an evenly spread sub-grid of at most `MAX_QUERY_PATCHES` of them) over all the image's
+tokens, with the images' thumbnails, labels and the model's predictions. Big models keep fewer
+query patches (and then fewer images) so that all heads' rows stay within `IMAGE_BUDGET` cells.
+
 Saved as DIR/attention_samples.safetensors (the arrays) and DIR/attention_samples.json (the
 tokens, probe settings, region definitions and the model they came from), so the report can be
 rebuilt without the model. Never pickle. The JSON binds the samples to their atlas: the model's
@@ -37,6 +43,7 @@ from .._progress import progress
 from .._schema import SAMPLES, one_line
 from ..atlas import (
     BOUND_SETTINGS,
+    IMAGE_BOUND_SETTINGS,
     MAX_TENSOR_BYTES,
     SAMPLES_FILES,
     binding_problem,
@@ -55,6 +62,10 @@ MAP_BUDGET = 2 * 2**20  # bytes of one uint8 map per head across all heads, as t
 ROW_BINS = 128
 SINK_TOKENS = 4  # StreamingLLM's attention sinks
 REGIONS = ("sink", "needle", "recent", "other")
+SAMPLE_IMAGES = 4  # images of an image model's samples
+MAX_QUERY_PATCHES = 64  # query patches per image: all of an 8 x 8 grid, a sub-grid of a larger one
+MIN_QUERY_PATCHES = 16  # below this many query patches per image, keep fewer images instead
+IMAGE_BUDGET = 3 * 2**20  # attention cells (one uint8 each in the page) of all heads, images and query rows
 
 
 def map_side(geometry: Geometry, side: int) -> int:
@@ -170,6 +181,8 @@ def sample_attention(loaded: Any, settings: Any) -> tuple[bytes, dict[str, Any]]
     from ..probes import repeated_tokens
 
     geometry: Geometry = loaded.geometry
+    if geometry.modality == "image":
+        return sample_images(loaded, settings)
     tok = loaded.tokenizer
     block = min(int(settings.block_len), (SHORT_SIDE - 1) // 2)  # BOS + 2 blocks fit one 64 x 64 map
     short = repeated_tokens(tok, geometry.vocab_size, block_len=block, repeats=2, n_sequences=1, seed=settings.seed,
@@ -199,7 +212,7 @@ def sample_attention(loaded: Any, settings: Any) -> tuple[bytes, dict[str, Any]]
         "model": loaded.info.to_dict(),
         "geometry": geometry.to_dict(),
         "tensors_sha256": hashlib.sha256(data).hexdigest(),
-        "profile": bound_settings(settings),
+        "profile": bound_settings(settings, "text"),
         "short": {"probe": "repeated random tokens", **short.settings, "length": int(short_ids.shape[1]),
                   "side": short_obs.side, "tokens": _token_strings(tok, short_ids[0].tolist())},
         "long": {**long_settings, "length": int(long_ids.shape[1]),
@@ -211,6 +224,126 @@ def sample_attention(loaded: Any, settings: Any) -> tuple[bytes, dict[str, Any]]
     return data, meta
 
 
+# ---- image models -------------------------------------------------------------------------------
+def query_grid(rows: int, cols: int, patches: int) -> tuple[list[int], list[int]]:
+    """(grid rows, grid columns) of an evenly spread sub-grid of at most `patches` patches: every patch when
+    the grid has no more, else the centres of near-equal bands (so a central patch is among them)."""
+    if rows * cols <= patches:
+        return list(range(rows)), list(range(cols))
+    scale = (patches / (rows * cols)) ** 0.5
+    n_rows = max(1, min(rows, int(rows * scale)))
+    n_cols = max(1, min(cols, patches // n_rows))
+    return ([(2 * k + 1) * rows // (2 * n_rows) for k in range(n_rows)],
+            [(2 * k + 1) * cols // (2 * n_cols) for k in range(n_cols)])
+
+
+def image_sample_plan(geometry: Geometry, images: int = SAMPLE_IMAGES) -> tuple[int, list[int], list[int]]:
+    """(images kept, sub-grid rows, sub-grid columns): every head's rows of every query of every image within
+    IMAGE_BUDGET cells; fewer query patches first, then (below MIN_QUERY_PATCHES) fewer images."""
+    rows, cols = geometry.patch_grid
+    tokens, heads = geometry.n_tokens, geometry.n_total_heads
+    while True:
+        per_image = IMAGE_BUDGET // max(1, images * heads * tokens) - geometry.prefix_tokens
+        patches = max(1, min(MAX_QUERY_PATCHES, per_image))
+        if patches >= min(MIN_QUERY_PATCHES, rows * cols) or images == 1:
+            return (images, *query_grid(rows, cols, patches))
+        images -= 1
+
+
+def prefix_names(geometry: Geometry) -> list[str]:
+    """What each prefix token is: the class token first, then DeiT's distillation token or registers."""
+    names = []
+    for k in range(geometry.prefix_tokens):
+        if k == 0:
+            names.append("CLS")
+        elif k == 1 and geometry.model_type.startswith("deit"):
+            names.append("distillation")
+        else:
+            names.append(f"register {k - (2 if geometry.model_type.startswith('deit') else 1)}")
+    return names
+
+
+class QueryRows(Observer):
+    """Per layer: the attention rows [batch, heads, queries, tokens] of the chosen query tokens."""
+
+    def __init__(self, geometry: Geometry, queries: list[int], images: int):
+        self.queries = torch.tensor(queries)
+        self.rows = torch.zeros(images, geometry.n_layers, geometry.n_heads, len(queries), geometry.n_tokens)
+
+    def observe(self, chunk: AttentionChunk) -> None:
+        if chunk.key_offset != 0 or chunk.weights.shape[-1] != self.rows.shape[-1]:
+            raise HeadwiseError("image attention samples need every token of the image in one forward pass")
+        qi = chunk.query_index.cpu()
+        hit = torch.isin(self.queries, qi)  # the chosen queries among this chunk's rows
+        if hit.any():
+            where = torch.searchsorted(qi, self.queries[hit])
+            self.rows[:, chunk.layer].index_copy_(2, hit.nonzero().flatten(), chunk.weights[:, :, where].float().cpu())
+
+
+def _class_names(model: Any, ids: list[int]) -> dict[str, str]:
+    """Names of the classes in `ids` from the model's config, when it has real ones (not LABEL_3)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = {}
+    for i in sorted(set(ids)):
+        name = id2label.get(i, id2label.get(str(i)))
+        if isinstance(name, str) and name and name != f"LABEL_{i}":
+            names[str(i)] = name[:200]
+    return names
+
+
+def sample_images(loaded: Any, settings: Any) -> tuple[bytes, dict[str, Any]]:
+    """An image model's samples: (the .safetensors file's bytes, its metadata). See the module docstring."""
+    from types import SimpleNamespace
+
+    from safetensors.numpy import save
+
+    from ..scores.shared_probes import make_image_probe
+
+    geometry: Geometry = loaded.geometry
+    n_images, grid_rows, grid_cols = image_sample_plan(geometry, min(SAMPLE_IMAGES, int(settings.image_count)))
+    # The probe picks a seeded permutation of the digits, or a directory's files sorted by name, and takes the
+    # first image_count: its first n images are the profile's first n, without preparing the rest.
+    probe = make_image_probe(loaded.preprocessor, geometry,
+                             SimpleNamespace(image_count=n_images, seed=settings.seed, images=settings.images))
+    n_images = int(probe.pixel_values.shape[0])
+    R, C = geometry.patch_grid
+    P = geometry.prefix_tokens
+    patches = [r * C + c for r in grid_rows for c in grid_cols]
+    queries = list(range(P)) + [P + p for p in patches]
+    observer = QueryRows(geometry, queries, n_images)
+    with torch.inference_mode(), Session(geometry, [observer]):
+        out = loaded.model(**probe.model_inputs(probe.pixel_values.to(loaded.device)))
+    logits = getattr(out, "logits", None)
+    predictions = None
+    if isinstance(logits, Tensor) and logits.dim() == 2 and logits.shape[0] == n_images:
+        predictions = [int(x) for x in logits.argmax(-1).tolist()]
+    labels = None if probe.labels is None else [int(x) for x in probe.labels.tolist()]
+    thumbnails = np.ascontiguousarray(probe.thumbnails[:n_images], dtype=np.uint8)
+    data = save({
+        # float16, as the text maps: plenty for overlays drawn with 256 colours
+        "image_attention": observer.rows.numpy().astype(np.float16),  # [images, L, H, queries, tokens]
+        "thumbnails": thumbnails,  # [images, side, side, 3] uint8 RGB
+    })
+    subsampled = len(patches) < R * C
+    meta = {
+        "schema": SAMPLES,
+        "model": loaded.info.to_dict(),
+        "geometry": geometry.to_dict(),
+        "tensors_sha256": hashlib.sha256(data).hexdigest(),
+        "profile": bound_settings(settings, "image"),
+        "images": {
+            "probe": "the first images of the image probe", **probe.settings, "count": n_images,
+            "sources": [str(x) for x in probe.sources[:n_images]], "labels": labels, "predictions": predictions,
+            "class_names": _class_names(loaded.model, (labels or []) + (predictions or [])),
+            "tokens": int(geometry.n_tokens), "prefix_names": prefix_names(geometry),
+            "queries": queries, "query_grid": [grid_rows, grid_cols], "thumbnail_side": int(thumbnails.shape[1]),
+            "note": (f"query patches: an evenly spread {len(grid_rows)} x {len(grid_cols)} sub-grid of the {R} x {C} "
+                     f"patches, so that every head's rows fit the page" if subsampled else "every patch is a query"),
+        },
+    }
+    return data, meta
+
+
 def meta_text(meta: dict[str, Any]) -> str:
     return json.dumps(meta, ensure_ascii=False, indent=1) + "\n"
 
@@ -218,6 +351,8 @@ def meta_text(meta: dict[str, Any]) -> str:
 # ---- reading them back, and binding them to an atlas (atlas.py: Atlas.save uses the same rule) ----
 def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str | None:
     """Why the arrays do not fit their metadata (None: they do): shapes, dtypes, finite values, lengths."""
+    if "images" in meta:
+        return _check_image_arrays(arrays, meta)
     g, short, long = meta["geometry"], meta["short"], meta["long"]
     L, H = g["n_layers"], g["n_heads"]
     for part in (short, long):
@@ -240,6 +375,55 @@ def _check_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str | 
     return None
 
 
+def _is_ints(v: Any, n: int | None = None, lo: int = 0, hi: int | None = None) -> bool:
+    return (isinstance(v, list) and (n is None or len(v) == n)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= lo and (hi is None or x < hi) for x in v))
+
+
+def _check_image_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str | None:
+    """_check_arrays for an image model's samples: the queries, grid, labels and names against the geometry,
+    the arrays against them. (The metadata's schema checks types; this checks that the parts agree.)"""
+    g, im = meta["geometry"], meta["images"]
+    if not isinstance(im, dict) or not isinstance(g.get("patch_grid"), list):
+        return "describe images for a model without a patch grid"
+    L, H = g["n_layers"], g["n_heads"]
+    R, C = g["patch_grid"]
+    P, T = g.get("prefix_tokens", 0), g.get("prefix_tokens", 0) + R * C + g.get("suffix_tokens", 0)
+    n, queries, grid = im.get("count"), im.get("queries"), im.get("query_grid")
+    if not (isinstance(n, int) and 1 <= n <= SAMPLE_IMAGES) or im.get("tokens") != T:
+        return f"describe {n!r} images of {im.get('tokens')!r} tokens, not 1 to {SAMPLE_IMAGES} images of {T}"
+    if not (isinstance(grid, list) and len(grid) == 2 and _is_ints(grid[0], None, 0, R)
+            and _is_ints(grid[1], None, 0, C) and grid[0] and grid[1]):
+        return "describe a query grid that is not rows and columns of the patch grid"
+    want = list(range(P)) + [P + r * C + c for r in grid[0] for c in grid[1]]
+    if queries != want:
+        return "list query tokens other than the prefix tokens and the patches of their query grid"
+    for key in ("labels", "predictions"):
+        if im.get(key) is not None and not _is_ints(im[key], n):
+            return f"hold {key} that are not {n} class numbers"
+    names, prefix = im.get("class_names", {}), im.get("prefix_names")
+    if (not _is_strings(im.get("sources"), n) or not _is_strings(prefix, P) or not isinstance(names, dict)
+            or not _is_strings(list(names.values()))):
+        return f"hold sources, prefix names or class names that are not {n}, {P} and any strings"
+    side = im.get("thumbnail_side")
+    want_shapes = {"image_attention": ((n, L, H, len(want), T), "f"), "thumbnails": ((n, side, side, 3), "u")}
+    for name, (shape, kind) in want_shapes.items():
+        a = arrays.get(name)
+        if a is None:
+            return f"lack the array {name}"
+        if a.shape != shape or a.dtype.kind != kind:
+            return f"hold {name} as {a.dtype} {list(a.shape)}, not {'floats' if kind == 'f' else 'uint8'} {list(shape)}"
+    if arrays["thumbnails"].dtype != np.uint8:
+        return "hold thumbnails that are not uint8"
+    if not np.isfinite(arrays["image_attention"]).all():
+        return "hold values in image_attention that are not finite"
+    return None
+
+
+def _is_strings(v: Any, n: int | None = None) -> bool:
+    return isinstance(v, list) and (n is None or len(v) == n) and all(isinstance(x, str) for x in v)
+
+
 def read_samples(atlas_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any], bytes, bytes] | None:
     """(arrays, metadata, the .safetensors bytes, the .json bytes), checked to belong together (atlas.py
     read_samples_files) and the arrays to fit their metadata, or None when the directory has no samples."""
@@ -258,6 +442,7 @@ def load_samples(atlas_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str
     return None if samples is None else samples[:2]
 
 
-__all__ = ["BOUND_SETTINGS", "MAX_TENSOR_BYTES", "REGIONS", "SAMPLES_JSON", "SAMPLES_TENSORS", "PooledAttention",
-           "binding_problem", "bound_settings", "load_samples", "map_side", "meta_text", "read_samples", "recollect",
-           "sample_attention"]
+__all__ = ["BOUND_SETTINGS", "IMAGE_BOUND_SETTINGS", "IMAGE_BUDGET", "MAX_QUERY_PATCHES", "MAX_TENSOR_BYTES", "REGIONS",
+           "SAMPLES_JSON", "SAMPLES_TENSORS", "SAMPLE_IMAGES", "PooledAttention", "QueryRows", "binding_problem",
+           "bound_settings", "image_sample_plan", "load_samples", "map_side", "meta_text", "query_grid", "read_samples",
+           "recollect", "sample_attention", "sample_images"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..errors import HeadwiseError
 from ..roles import RoleRule
+from .autoencoder import AutoencoderPatterns
 from .base import (
     CORE_SETTINGS,
     ComputedScoreFamily,
@@ -29,6 +30,7 @@ from .patterns import PatternScores
 from .razor import RazorScores
 from .retrieval import RetrievalScores
 from .sink import SinkScores
+from .spatial import SpatialScores
 from .streaming import StreamingScores
 from .successor import SuccessorScores
 
@@ -64,9 +66,19 @@ def needs_full(name: str, recorded: str | None = None) -> NeedsFull | None:
     return info.needs_full if info is not None else None
 
 
-def default_scores() -> list[str]:
-    """The battery `headwise profile` runs without --scores, in registration order."""
-    return [s.name for family in FAMILIES for s in family.scores if s.default]
+def default_scores(modality: str = "text") -> list[str]:
+    """The battery `headwise profile` runs without --scores for a kind of model, in registration order."""
+    return [s.name for family in FAMILIES if modality in family.modalities for s in family.scores
+            if s.default_for(modality)]
+
+
+def check_modality(names: list[str], modality: str) -> None:
+    """Refuse scores that cannot measure this kind of model (one line naming those that can)."""
+    wrong = [n for n in names if modality not in family_of(n).modalities]
+    if wrong:
+        fits = [n for f in FAMILIES if modality in f.modalities for n in f.names]
+        raise HeadwiseError(f"score(s) {', '.join(wrong)} cannot measure {modality} models; for this model "
+                            f"choose from {', '.join(fits) or 'none registered'}")
 
 
 def role_rules() -> list[RoleRule]:
@@ -103,11 +115,11 @@ def unregister(family_name: str) -> None:
 
 
 for _family in (PatternScores(), RazorScores(), SinkScores(), StreamingScores(), DistanceScores(),
-                RetrievalScores(), ImportanceScores(), SuccessorScores(), DuoScores()):
+                RetrievalScores(), ImportanceScores(), SuccessorScores(), DuoScores(), SpatialScores(),
+                AutoencoderPatterns()):
     register(_family)
 
 __all__ = ["CORE_SETTINGS", "FAMILIES", "ComputedScoreFamily", "NeedsFull", "PerSequence", "ProbeScoreFamily",
            "Score", "ScoreFamily", "ScoreObserver", "ScoreResult", "Setting", "all_score_names", "all_settings",
-           "default_scores", "family_of", "mean_ratio", "needs_full", "register", "role_rules", "score_info",
-           "unregister",
-           "weighted_sum"]
+           "check_modality", "default_scores", "family_of", "mean_ratio", "needs_full", "register", "role_rules",
+           "score_info", "unregister", "weighted_sum"]

@@ -100,12 +100,19 @@ class Score:
     description: str
     # Which end of the scale marks a head that needs the full KV cache (None: the score does not say).
     needs_full: NeedsFull | None = None
-    default: bool = False  # in the battery `headwise profile` runs without --scores
+    # In the battery `headwise profile` runs without --scores: True for every modality the family
+    # measures, or a tuple of modalities ("text", "image").
+    default: bool | tuple[str, ...] = False
     role: RoleRule | None = None  # the label a head earns past a threshold
+
+    def default_for(self, modality: str) -> bool:
+        return self.default if isinstance(self.default, bool) else modality in self.default
 
     def __post_init__(self) -> None:
         if self.needs_full not in (None, "high", "low"):
             raise HeadwiseError(f"score {self.name}: needs_full must be 'high', 'low' or None")
+        if not isinstance(self.default, bool) and not set(self.default) <= {"text", "image"}:
+            raise HeadwiseError(f"score {self.name}: default must be True, False or a tuple of 'text'/'image'")
         if self.role is not None and self.role.score != self.name:
             raise HeadwiseError(f"score {self.name}: its role rule reads score {self.role.score!r}")
 
@@ -123,6 +130,8 @@ class ScoreFamily(ABC):
     family: ClassVar[str]
     scores: ClassVar[tuple[Score, ...]]
     settings: ClassVar[tuple[Setting, ...]] = ()
+    # The kinds of model it can measure: "text" (language models), "image" (geometry.modality).
+    modalities: ClassVar[tuple[str, ...]] = ("text",)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -160,7 +169,8 @@ class ProbeScoreFamily(ScoreFamily):
     def probe_key(self, settings: Any) -> Hashable: ...
 
     @abstractmethod
-    def make_probe(self, tokenizer: Any, geometry: Geometry, settings: Any) -> Probe: ...
+    def make_probe(self, preprocessor: Any, geometry: Geometry, settings: Any) -> Probe:
+        """preprocessor: the tokenizer of a language model, the image processor of an image model."""
 
     def check_probe(self, probe: Probe, settings: Any) -> None:
         """Refuse (HeadwiseError) a probe this family cannot measure, whichever family made it."""
@@ -177,6 +187,9 @@ class ComputedScoreFamily(ScoreFamily):
 
     def check(self, geometry: Geometry, settings: Any) -> None:
         """Refuse settings this family cannot run with, before any family spends time."""
+
+    def check_names(self, geometry: Geometry, names: list[str]) -> None:
+        """Refuse requested scores this model cannot have (one score of a family may fit one modality only)."""
 
     @abstractmethod
     def compute(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:

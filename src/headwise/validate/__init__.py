@@ -11,7 +11,8 @@ otherwise the result says FAILS, with the numbers. Tasks are plug-ins, one file 
 `register_task(role, task)` maps a role to any ValidationTask. Built in:
 - retrieval: passkey and needle accuracy (retrieval.py);
 - induction, previous-token: in-context loss on a repeated random block (in_context.py);
-- successor: next-ordinal accuracy (successor.py).
+- successor: next-ordinal accuracy (successor.py);
+- important (image classifiers): accuracy on held-out images (image_accuracy.py).
 headwise.attribute registers a task for each attribution it computes.
 """
 
@@ -29,6 +30,7 @@ from ..errors import HeadwiseError
 from ..instrument import ablation_scale
 from ..scores import role_rules
 from .base import TaskOutcome, ValidationTask
+from .image_accuracy import ImageAccuracyTask
 from .in_context import InContextLossTask
 from .retrieval import RetrievalTask
 from .successor import SuccessorTask
@@ -181,15 +183,20 @@ def validate_and_store(loaded: Any, atlas: Atlas, role: str, **kwargs: Any) -> d
 
 
 def validate_labelled_roles(loaded: Any, atlas: Atlas, draws: int = MIN_DRAWS, seed: int = 0) -> list[dict[str, Any]]:
-    """Validate (and store) every role that has a task and at least one labelled head, k = its head count."""
+    """Validate (and store) every role that has a task and at least one labelled head, k = its head count (at
+    most a quarter of the model's heads, so that the random draws from the others vary)."""
     results = []
     for role in registered_roles():
         try:
             _score_for(role, atlas)
         except HeadwiseError:
             continue
-        if atlas.heads_with_role(role):
-            results.append(validate_and_store(loaded, atlas, role, draws=draws, seed=seed))
+        labelled = len(atlas.heads_with_role(role))
+        if labelled:
+            # A role many heads carry leaves too few others for a varied random control (at half the heads,
+            # every draw is the same complement): test its top quarter of the model's heads.
+            k = max(1, min(labelled, loaded.geometry.n_total_heads // 4))
+            results.append(validate_and_store(loaded, atlas, role, k=k, draws=draws, seed=seed))
     return results
 
 
@@ -198,7 +205,8 @@ register_task("retrieval", RetrievalTask())
 register_task("induction", _IN_CONTEXT)
 register_task("previous-token", _IN_CONTEXT)
 register_task("successor", SuccessorTask())
+register_task("important", ImageAccuracyTask(), score="importance_accuracy")
 
-__all__ = ["InContextLossTask", "RetrievalTask", "SuccessorTask", "TaskOutcome", "ValidationTask", "ablation_scale",
-           "format_validation", "greedy_replies", "register_task", "registered_roles", "registered_task", "validate",
-           "validate_and_store", "validate_labelled_roles"]
+__all__ = ["ImageAccuracyTask", "InContextLossTask", "RetrievalTask", "SuccessorTask", "TaskOutcome", "ValidationTask",
+           "ablation_scale", "format_validation", "greedy_replies", "register_task", "registered_roles",
+           "registered_task", "validate", "validate_and_store", "validate_labelled_roles"]
