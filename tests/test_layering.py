@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"headwise.scores"},
     {"headwise.atlas"},
     {"headwise.profile"},
-    {"headwise.report", "headwise.kv", "headwise.validate"},
+    {"headwise.report", "headwise.kv", "headwise.validate", "headwise.prune"},
     {"headwise.attribute"},  # registers a validation task per attribution
     {"headwise.cli", "headwise"},
 ]

@@ -228,6 +228,49 @@ def _run_validate(args: argparse.Namespace) -> None:
 COMMANDS["validate"] = ("zero a role's top-k heads and k random heads; report the role's task metric for each",
                         _add_validate, _run_validate)
 
+def _add_prune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the atlas's model: bundled name, model directory, .gguf file or "
+                                                  "cached hub id")
+    p.add_argument("--atlas", required=True, help="atlas directory of that model (written by headwise profile)")
+    p.add_argument("--score", required=True,
+                   help="score ranking the heads (larger = more important, e.g. importance_norm), or 'random'")
+    p.add_argument("--fraction", type=float, required=True,
+                   help="share of each layer's pruning units to remove (KV groups for GQA models, heads otherwise)")
+    p.add_argument("--out", required=True, help="directory for the pruned model (a standard Hugging Face directory)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --score random (default 0)")
+
+
+def _run_prune(args: argparse.Namespace) -> None:
+    from ._io import output_location
+    from .atlas import Atlas
+    from .load import load
+    from .prune import check_pruned_output, provenance, prune_heads, save_pruned, select_heads
+
+    if not 0 < args.fraction < 1:
+        raise HeadwiseError(f"--fraction must be between 0 and 1 (exclusive); got {args.fraction}")
+    if args.seed < 0:
+        raise HeadwiseError(f"--seed must be a whole number >= 0; got {args.seed}")
+    atlas = Atlas.load(args.atlas)
+    with output_location(args.out, what="the pruned model"):
+        check_pruned_output(args.out)  # before the model loads
+        loaded = load(args.model)
+        heads = select_heads(atlas, loaded.geometry, args.score, args.fraction, seed=args.seed, info=loaded.info)
+        model = prune_heads(loaded, heads)
+        record = provenance(loaded, heads, score=args.score, fraction=args.fraction,
+                            seed=args.seed if args.score == "random" else None)
+        out = save_pruned(model, loaded.tokenizer, args.out, record)
+    g = loaded.geometry
+    before = sum(p.numel() for p in loaded.model.parameters())
+    after = sum(p.numel() for p in model.parameters())
+    per_layer = len(heads) // g.n_layers
+    print(f"pruned {per_layer} of {g.n_heads} query heads in each of {g.n_layers} layers by {args.score}; "
+          f"parameters {before:,} -> {after:,}")
+    print(f"pruned model written to {out}")
+
+
+COMMANDS["prune"] = ("physically remove the least important heads (same number per layer, whole KV groups) and "
+                     "save a plain transformers model", _add_prune, _run_prune)
+
 COMMANDS.update(KV_COMMANDS)
 
 
