@@ -27,6 +27,12 @@ PROFILE = ["--context", "96", "--text-sequences", "1", "--block-len", "8", "--re
            "--scores", "previous_token,sink,mean_distance"]
 
 
+def swap_model(argv: list[str], w: W) -> list[str]:
+    """The same command with the tiny image classifier as its --model."""
+    argv[argv.index("--model") + 1] = str(w.root / "vit")
+    return argv
+
+
 def vit(w: W, *extra: str) -> list[str]:
     """Profile the tiny image classifier of the workspace."""
     return ["profile", "--model", str(w.root / "vit"), "--scores", "attention_distance", *extra,
@@ -43,6 +49,7 @@ def base(tmp_path_factory):
     from tests.conftest import tiny_vision_model
 
     tiny_vision_model("vit").save_pretrained(root / "vit")
+    tiny_vision_model("vit").vit.save_pretrained(root / "vit-bare")  # the encoder alone: no classifier
     (root / "text.txt").write_text(" ".join(f"t{(i * 7) % 90}" for i in range(3000)))
     for name, model, context in (("atlas", "model", "96"), ("atlas-other", "other", "96"),
                                  ("atlas-ctx", "model", "80")):
@@ -280,9 +287,16 @@ CASES = [
     Case("profile images dir without images", lambda w: vit(w, "--images", str(w.tmp)), "holds no .png"),
     Case("profile unreadable image", lambda w: vit(w, "--images", str(Path(w.file("bad.png", "not a png")).parent)),
          "cannot read image"),
+    Case("generate with an image model", lambda w: swap_model(gen(w), w), "headwise generate needs a language model"),
+    Case("eval with an image model", lambda w: swap_model(ev(w), w), "headwise eval needs a language model"),
+    Case("attribute with an image model", lambda w: swap_model(attr(w, "--name", "x", "--atlas", str(w.tmp / "a")), w),
+         "headwise attribute needs a language model"),
+    Case("profile importance of an encoder without a classifier",
+         lambda w: ["profile", "--model", str(w.root / "vit-bare"), "--scores", "importance_accuracy",
+                    "--out", str(w.tmp / "p")], "has no image classifier"),
     Case("validate important on a language-model atlas",
          lambda w: ["validate", "--atlas", str(w.atlas()), "--model", w.model, "--role", "important", "--k", "2"],
-         "validated on images"),
+         "needs an image model"),
     Case("profile unknown model", lambda w: prof(w, out=str(w.tmp / "q")) + ["--model", str(w.tmp / "none")],
          "none"),
     Case("profile model with a corrupt config",

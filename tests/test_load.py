@@ -166,3 +166,46 @@ def test_corrupt_processor_file_is_one_line(vit_dir):
     with pytest.raises(HeadwiseError, match="preprocessor_config.json could not be read") as e:
         headwise.load(str(vit_dir))
     assert "\n" not in str(e.value)
+
+
+def test_patch_grid_is_measured_at_the_processors_size(tmp_path):
+    """DINOv2 checkpoints say 518 px but their processors crop to 224: the grid must follow the processor."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification, ViTImageProcessorPil
+
+    d = tmp_path / "dino"
+    Dinov2ForImageClassification(Dinov2Config(image_size=12, patch_size=3, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, mlp_ratio=2, num_labels=10)).save_pretrained(d)
+    ViTImageProcessorPil(size={"height": 24, "width": 24}).save_pretrained(d)
+    g = headwise.load(str(d)).geometry
+    assert g.patch_grid == (8, 8) and g.n_tokens == 65
+
+
+def test_encoder_checkpoint_without_architectures_gets_no_random_classifier(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    d = tmp_path / "vit-bare"
+    ViTModel(ViTConfig(image_size=12, patch_size=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64)).save_pretrained(d)
+    config = json.loads((d / "config.json").read_text())
+    config.pop("architectures", None)
+    (d / "config.json").write_text(json.dumps(config))
+    m = headwise.load(str(d))
+    assert type(m.model).__name__ == "ViTModel"
+    with pytest.raises(HeadwiseError, match="has no image classifier"):
+        headwise.profile(m, ["importance_accuracy"])
+
+
+def test_two_tower_models_are_refused_and_clip_classifiers_use_the_vision_config(tmp_path):
+    from transformers import CLIPConfig, CLIPForImageClassification, CLIPModel
+
+    vision = dict(image_size=12, patch_size=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64)
+    text = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+    config = CLIPConfig(vision_config=vision, text_config=text)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    with pytest.raises(HeadwiseError, match="two-tower") as e:
+        headwise.load(str(tmp_path / "clip"))
+    assert "\n" not in str(e.value)
+    g = headwise.from_model(CLIPForImageClassification(CLIPConfig(vision_config=vision, text_config=text,
+                                                                  num_labels=3)), name="clip-cls").geometry
+    assert (g.n_layers, g.patch_grid, g.prefix_tokens) == (2, (4, 4), 1)

@@ -148,3 +148,18 @@ def test_bad_image_inputs_are_one_line_errors(vit, tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(HeadwiseError, match="needs an image model"):
         image_probe(vit.processor, dataclasses.replace(vit.geometry, patch_grid=None), count=4)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(vit, tmp_path):
+    from PIL import Image
+
+    from headwise.probes import image_probe
+
+    a = (np.arange(24 * 24).reshape(24, 24) * 100).astype(np.uint16)  # 0 .. 57,500
+    Image.fromarray(a).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    p = image_probe(vit.processor, vit.geometry, count=1, images=str(tmp_path))
+    t = p.thumbnails[0]  # PIL's own conversion would clip nearly every pixel to 255
+    assert t[0, 0, 0] == 0 and t.max() == round(57_500 / 65_535 * 255) and (t < 128).mean() > 0.4
+    with pytest.raises(HeadwiseError, match="is a file, not a directory"):
+        image_probe(vit.processor, vit.geometry, count=1, images=str(tmp_path / "deep.png"))

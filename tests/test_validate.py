@@ -266,5 +266,5 @@ def test_image_validation_refuses_a_language_model_atlas(tiny):
     from headwise.profile import ProfileSettings, profile
 
     atlas = profile(tiny, ["previous_token"], ProfileSettings(block_len=8, repeated_sequences=2))
-    with pytest.raises(HeadwiseError, match="validated on images"):
+    with pytest.raises(HeadwiseError, match="needs an image model"):
         V.validate(tiny, atlas, "important", k=2)

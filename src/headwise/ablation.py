@@ -177,14 +177,18 @@ def head_ablation_effects(model: torch.nn.Module, geometry: Geometry, input_ids:
     return effects
 
 # ---- image classifiers --------------------------------------------------------------------
-def class_logits(model: torch.nn.Module, pixel_values: Tensor) -> Tensor:
-    """[n, classes] float32 logits of an image classifier."""
-    out = model(pixel_values=pixel_values)
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        raise HeadwiseError(f"{type(model).__name__} has no classifier head (no logits); head importance on images "
-                            f"needs an image-classification model")
-    return logits.float()
+def class_logits(model: torch.nn.Module, pixel_values: Tensor, batch: int | None = None) -> Tensor:
+    """[n, classes] float32 logits of an image classifier, `batch` images per forward pass (default: all)."""
+    step = batch or max(1, pixel_values.shape[0])
+    parts = []
+    for start in range(0, pixel_values.shape[0], step):
+        out = model(pixel_values=pixel_values[start:start + step])
+        logits = getattr(out, "logits", None)
+        if logits is None or logits.dim() != 2:
+            raise HeadwiseError(f"{type(model).__name__} has no image classifier head (no [images, classes] logits); "
+                                f"head importance on images needs an image-classification model")
+        parts.append(logits.float())
+    return torch.cat(parts)
 
 
 def class_ablation_effects(model: torch.nn.Module, geometry: Geometry, pixel_values: Tensor, labels: Tensor,
@@ -194,39 +198,49 @@ def class_ablation_effects(model: torch.nn.Module, geometry: Geometry, pixel_val
     after [n, L, H], clean correct [n]). NaN for heads not asked for.
 
     Exact, as head_ablation_effects: many heads per pass (one per copy of the images), layers below
-    the lowest ablated one replayed from the clean pass.
+    the lowest ablated one replayed from the clean pass. At most `max_images` images go through one
+    pass (the images are split when there are more), which bounds memory.
     """
     heads = sorted(heads if heads is not None else
                    [(layer, head) for layer in range(geometry.n_layers) for head in range(geometry.n_heads)])
     n = pixel_values.shape[0]
-    device = next(model.parameters()).device
-    pixel_values, labels = pixel_values.to(device), labels.to(device)
-    layers = decoder_layers(model, geometry)
+    step = max(1, min(n, max_images))
+    per_pass = max(1, max_images // step)
+    passes = [(start, heads[i:i + per_pass]) for start in range(0, n, step) for i in range(0, len(heads), per_pass)]
     loss_up = torch.full((n, geometry.n_layers, geometry.n_heads), float("nan"), dtype=torch.float64)
     right_lost = loss_up.clone()
-    per_pass = max(1, max_images // max(1, n))
+    clean_right = torch.empty(n, dtype=torch.float64)
+    device = next(model.parameters()).device
+    layers = decoder_layers(model, geometry)
+    clean_start, clean = -1, None
     with torch.inference_mode():
-        with _capture_layer_outputs(layers) as clean_outputs:
-            clean = class_logits(model, pixel_values)
-        if clean.shape[-1] <= int(labels.max()):
-            raise HeadwiseError(f"labels go up to {int(labels.max())} but the model has {clean.shape[-1]} classes")
-        clean_loss = torch.nn.functional.cross_entropy(clean, labels, reduction="none").double()
-        clean_right = (clean.argmax(-1) == labels).double()
-        chunks = [heads[i:i + per_pass] for i in range(0, len(heads), per_pass)]
-        for chunk in progress(chunks, desc=desc, total=len(chunks), unit="pass"):
-            k = len(chunk)
-            start = chunk[0][0]
-            scale = single_head_ablation_scales(geometry, chunk).repeat_interleave(n, 0).to(device)
-            with replay_below(layers, start, clean_outputs[start - 1] if start else None, k), \
+        for start, chunk in progress(passes, desc=desc, total=len(passes), unit="pass"):
+            pixels = pixel_values[start:start + step].to(device)
+            y = labels[start:start + step].to(device)
+            m, k = pixels.shape[0], len(chunk)
+            if start != clean_start:  # a new block of images: its clean pass, with every layer's output kept
+                with _capture_layer_outputs(layers) as clean_outputs:
+                    logits = class_logits(model, pixels)
+                if logits.shape[-1] <= int(labels.max()):
+                    raise HeadwiseError(f"labels go up to {int(labels.max())} but the model has {logits.shape[-1]} "
+                                        f"classes")
+                clean = (torch.nn.functional.cross_entropy(logits, y, reduction="none").double(),
+                         (logits.argmax(-1) == y).double(), clean_outputs)
+                clean_right[start:start + m] = clean[1].cpu()
+                clean_start = start
+            clean_loss, right0, outputs = clean
+            lowest = chunk[0][0]  # heads are sorted: the lowest layer this pass ablates
+            scale = single_head_ablation_scales(geometry, chunk).repeat_interleave(m, 0).to(device)
+            with replay_below(layers, lowest, outputs[lowest - 1] if lowest else None, k), \
                     Session(geometry, head_scale=scale):
-                logits = class_logits(model, pixel_values.repeat(k, 1, 1, 1))
-            rows = labels.repeat(k)
-            loss = torch.nn.functional.cross_entropy(logits, rows, reduction="none").double().reshape(k, n)
-            right = (logits.argmax(-1) == rows).double().reshape(k, n)
+                ablated = class_logits(model, pixels.repeat(k, 1, 1, 1))
+            rows = y.repeat(k)
+            loss = torch.nn.functional.cross_entropy(ablated, rows, reduction="none").double().reshape(k, m)
+            right = (ablated.argmax(-1) == rows).double().reshape(k, m)
             for i, (layer, head) in enumerate(chunk):
-                loss_up[:, layer, head] = (loss[i] - clean_loss).cpu()
-                right_lost[:, layer, head] = (clean_right - right[i]).cpu()
-    return loss_up, right_lost, clean_right.cpu()
+                loss_up[start:start + m, layer, head] = (loss[i] - clean_loss).cpu()
+                right_lost[start:start + m, layer, head] = (right0 - right[i]).cpu()
+    return loss_up, right_lost, clean_right
 
 
 __all__ = ["Readout", "class_ablation_effects", "class_logits", "head_ablation_effects", "replay_below",

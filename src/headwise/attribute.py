@@ -138,6 +138,7 @@ def attribute(loaded: LoadedModel, examples: list[Example], metric: str = "auto"
               max_tokens: int = 16384) -> Attribution:
     """Rank every head by how much zeroing it alone changes the model's behaviour on `examples`."""
     metric = _choose_metric(examples, metric)
+    loaded.require("text", "headwise attribute")
     encoded = [_encode(loaded.tokenizer, e, metric, chat) for e in examples]
     longest = max(len(ids) for ids, _ in encoded)
     loaded.geometry.check_context(longest)

@@ -232,8 +232,11 @@ def _register() -> None:
 _register()
 
 
-def attach(model: Any) -> Geometry:
+def attach(model: Any, pixel_shape: tuple[int, int, int] | None = None) -> Geometry:
     """Route a model's attention through headwise and return its verified geometry.
+
+    pixel_shape: (channels, height, width) of the images an image model will be fed (what its image
+    processor produces; default: the config's image size). The patch grid is measured at that size.
 
     Raises HeadwiseError when the architecture computes attention outside transformers'
     AttentionInterface (headwise could neither observe nor edit its heads).
@@ -249,7 +252,10 @@ def attach(model: Any) -> Geometry:
     except Exception as e:
         raise HeadwiseError(f"{name} does not accept a custom attention implementation ({str(e).splitlines()[0]})") \
             from None
-    geometry = Geometry.from_config(model.config)
+    grid = image_grid(model, pixel_shape)
+    # An image model's geometry is its vision tower's (CLIP and SigLIP classifiers hold a text config too).
+    config = getattr(model.config, "vision_config", None) if grid is not None else None
+    geometry = Geometry.from_config(config or model.config)
 
     seen: list[tuple[torch.nn.Module, tuple[int, ...], tuple[int, ...], Any]] = []
 
@@ -262,7 +268,6 @@ def attach(model: Any) -> Geometry:
     from transformers import AttentionInterface
 
     AttentionInterface.register(IMPLEMENTATION, probe)
-    grid = image_grid(model)
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -306,9 +311,11 @@ def attach(model: Any) -> Geometry:
                     vocab_size=geometry.vocab_size, **image)
 
 
-def image_grid(model: Any) -> tuple[tuple[int, int], tuple[int, int, int]] | None:
+def image_grid(model: Any, pixel_shape: tuple[int, int, int] | None = None
+               ) -> tuple[tuple[int, int], tuple[int, int, int]] | None:
     """((rows, columns) of patches, (channels, height, width) of an input) for a model that reads
-    pixel_values, from its config; None for models that read tokens."""
+    pixel_values, from its config (or from `pixel_shape`, the size its inputs will have); None for
+    models that read tokens."""
     if getattr(model, "main_input_name", "input_ids") != "pixel_values":
         return None
     config = model.config
@@ -322,7 +329,19 @@ def image_grid(model: Any) -> tuple[tuple[int, int], tuple[int, int, int]] | Non
     except (AttributeError, TypeError, ValueError, IndexError):
         raise HeadwiseError(f"{type(model).__name__} reads images but its config gives no image_size and "
                             f"patch_size; headwise cannot place its patches") from None
-    return (height // ph, width // pw), (int(getattr(config, "num_channels", 3)), height, width)
+    channels = int(getattr(config, "num_channels", 3))
+    if pixel_shape is not None:
+        channels, height, width = (int(x) for x in pixel_shape)
+    return (height // ph, width // pw), (channels, height, width)
+
+
+def check_tokens(chunk: AttentionChunk, n_tokens: int | None) -> None:
+    """Refuse attention over another number of tokens than the image geometry places on its grid (an input
+    of another size than the geometry was measured with would put patches in the wrong cells)."""
+    if n_tokens is not None and chunk.weights.shape[-1] != n_tokens:
+        raise HeadwiseError(f"layer {chunk.layer} attends over {chunk.weights.shape[-1]} tokens per image, but the "
+                            f"model's geometry places {n_tokens}; feed images of the size the geometry was measured "
+                            f"with (the model's image processor does so)")
 
 
 def sink_window_mask(query_positions: Tensor, key_positions: Tensor, sink: int, window: int) -> Tensor:
@@ -350,4 +369,5 @@ def single_head_ablation_scales(geometry: Geometry, heads: Sequence[tuple[int, i
 
 
 __all__ = ["AttentionChunk", "DEFAULT_CHUNK_BYTES", "IMPLEMENTATION", "Observer", "Session", "ablation_scale",
-           "attach", "image_grid", "headwise_attention", "single_head_ablation_scales", "sink_window_mask"]
+           "attach", "check_tokens", "image_grid", "headwise_attention", "single_head_ablation_scales",
+           "sink_window_mask"]

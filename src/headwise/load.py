@@ -97,6 +97,13 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def require(self, modality: str, what: str) -> None:
+        """Refuse, in one line, a command made for the other kind of model."""
+        if self.geometry.modality != modality:
+            kind = "an image model" if self.geometry.modality == "image" else "a language model"
+            need = "an image model" if modality == "image" else "a language model"
+            raise HeadwiseError(f"{self.info.spec} is {kind}; {what} needs {need}")
+
     @property
     def preprocessor(self) -> Any:
         """What turns raw inputs into the model's: the image processor of an image model, else the tokenizer."""
@@ -328,9 +335,14 @@ def _model_class(config: Any) -> tuple[Any, str]:
     architectures = getattr(config, "architectures", None) or []
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not any("ImageClassification" in a for a in architectures):
         return AutoModelForCausalLM, "causal LM"
-    if model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and (
-            not architectures or any("ImageClassification" in a for a in architectures)):
+    # Only a checkpoint that says it is a classifier loads as one: otherwise transformers would add a random head.
+    if model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and any("ImageClassification" in a
+                                                                         for a in architectures):
         return AutoModelForImageClassification, "image model"
+    if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        raise HeadwiseError(f"{model_type} is a two-tower (image + text) model; headwise profiles one tower: save "
+                            f"its vision tower on its own (e.g. CLIPVisionModel.from_pretrained(DIR).save_pretrained("
+                            f"OUT)) and pass that directory")
     if hasattr(config, "image_size") and hasattr(config, "patch_size"):
         return AutoModel, "image model"  # a vision encoder without a classifier (DINOv2, CLIP's vision tower)
     return AutoModelForCausalLM, "causal LM"
@@ -366,10 +378,27 @@ def from_model(model: Any, tokenizer: Any = None, name: str = "in-memory", proce
 
 
 def _wrap(model: Any, tokenizer: Any, info: ModelInfo, processor: Any = None) -> LoadedModel:
-    geometry = attach(model)
-    if geometry.modality == "image" and processor is None:
-        processor = _image_processor(None, model)
+    shape = None
+    if image_grid(model) is not None:
+        processor = processor or _image_processor(None, model)
+        shape = _processed_shape(processor, model)
+    geometry = attach(model, pixel_shape=shape)
     return LoadedModel(model=model, tokenizer=tokenizer, geometry=geometry, info=info, processor=processor)
+
+
+def _processed_shape(processor: Any, model: Any) -> tuple[int, int, int]:
+    """(channels, height, width) the processor makes of an image: the patch grid is measured at that size,
+    which need not be the config's (DINOv2 checkpoints say 518 px, their processors crop to 224)."""
+    from PIL import Image
+
+    _, (channels, height, width) = image_grid(model)
+    blank = Image.new("L" if channels == 1 else "RGB", (width, height))
+    try:
+        pixels = processor(images=[blank], return_tensors="pt")["pixel_values"]
+    except Exception as e:
+        raise HeadwiseError(f"the model's image processor failed on a blank image ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160]})") from None
+    return tuple(int(x) for x in pixels.shape[1:])
 
 
 __all__ = ["BUNDLED", "BUNDLED_TRAINED", "DEFAULT_MODEL", "LoadedModel", "ModelInfo", "from_model", "load"]

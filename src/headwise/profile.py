@@ -129,7 +129,7 @@ def profile(model: LoadedModel | str, scores: Sequence[str] | None = None,
         probes[key] = probe
     for family, wanted in computed.items():
         family.check(geometry, settings)
-        family.check_names(geometry, wanted)
+        family.check_names(loaded, wanted)
 
     atlas = Atlas.new(loaded.info.to_dict(), geometry, {"scores": names, **settings.to_dict()})
     torch.manual_seed(settings.seed)

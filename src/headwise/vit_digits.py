@@ -149,8 +149,9 @@ def _processor(recipe: dict):
         from transformers import ViTImageProcessor as Processor
     size = recipe["config"]["image_size"]
     norm = recipe["normalize"]
-    # A PIL 'L' image of the digit at 0..255 maps to the same [-1, 1] pixels the training saw.
-    return Processor(do_resize=False, size={"height": size, "width": size}, do_rescale=True,
+    # A PIL 'L' image of the digit at 0..255 maps to the same [-1, 1] pixels the training saw (an 8 x 8 image is
+    # left as it is by the resize); images of other sizes (--images DIR) are resized to the model's 8 x 8.
+    return Processor(do_resize=True, size={"height": size, "width": size}, do_rescale=True,
                      rescale_factor=1 / 255, do_normalize=True, image_mean=[norm["mean"]], image_std=[norm["std"]])
 
 

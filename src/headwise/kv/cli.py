@@ -72,6 +72,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         raise HeadwiseError("--prefill-chunk must be a positive number of tokens")
     check_sink_window(args.sink, args.window)
     loaded = load(args.model)
+    loaded.require("text", "headwise generate")
     tok = loaded.tokenizer
     if args.chat:
         if not getattr(tok, "chat_template", None):
@@ -163,6 +164,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         raise HeadwiseError(f"--out {out} names the plot's file; give the results a .json name")
     with output_location(out, what="the eval results", file=True):
         loaded = load(args.model)
+        loaded.require("text", "headwise eval")
         atlas = _load_atlas(args, loaded)
         first = [True]
 

@@ -62,6 +62,8 @@ def _digit_images(count: int, seed: int, offset: int) -> tuple[list[Any], list[i
 def _directory_images(directory: Path, count: int, offset: int) -> tuple[list[Any], list[str]]:
     from PIL import Image, UnidentifiedImageError
 
+    if directory.is_file():
+        raise HeadwiseError(f"--images {directory} is a file, not a directory; pass a directory of PNG/JPEG files")
     if not directory.is_dir():
         raise HeadwiseError(f"--images {directory}: no such directory; pass a directory of PNG/JPEG files")
     files = sorted(f for f in directory.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
@@ -75,11 +77,22 @@ def _directory_images(directory: Path, count: int, offset: int) -> tuple[list[An
         try:
             with Image.open(f) as im:
                 im.load()
-                images.append(im.copy())
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+                images.append(_eight_bit(im))
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise HeadwiseError(f"cannot read image {f} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                                 f"remove or replace it") from None
     return images, [str(f) for f in files]
+
+
+def _eight_bit(image: Any) -> Any:
+    """16-bit and 32-bit greyscale scaled to 8 bits (PIL's convert would clip them to white); others as they are."""
+    from PIL import Image
+
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return image.copy()
+    a = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") else max(float(a.max()), 1.0)
+    return Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), mode="L")
 
 
 def _thumbnail(image: Any) -> np.ndarray:
@@ -109,7 +122,8 @@ def image_probe(processor: Any, geometry: Geometry, *, count: int = 64, seed: in
     except Exception as e:
         raise HeadwiseError(f"the model's image processor failed on the probe images ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160]})") from None
-    settings = {"source": "digits (test split)" if images is None else str(images), "count": len(pil),
+    where = {} if images is None else {"directory": str(Path(images).expanduser().resolve())}
+    settings = {"source": "digits (test split)" if images is None else str(images), **where, "count": len(pil),
                 "seed": seed, "offset": offset, "pixel_shape": list(pixels.shape[1:]), "labels": labels is not None}
     return ImageProbe(name=name, input_ids=pixels, settings=settings,
                       labels=None if labels is None else torch.tensor(labels), sources=sources,

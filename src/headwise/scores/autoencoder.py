@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from .._progress import progress
 from ..errors import HeadwiseError
 from ..geometry import Geometry
-from ..instrument import AttentionChunk, Observer, Session
+from ..instrument import AttentionChunk, Observer, Session, check_tokens
 from ..probes import Probe, natural_text
 from .base import ComputedScoreFamily, Score, ScoreResult, Setting
 from .shared_probes import IMAGE_SETTINGS, make_image_probe
@@ -101,8 +101,10 @@ class _PatchMaps(Observer):
         self.slot[geometry.prefix_tokens + torch.from_numpy(patches)] = torch.arange(len(patches))
         self.maps = torch.zeros(geometry.n_layers, geometry.n_heads, n_images, len(patches), geometry.n_patches)
         self.start = 0
+        self.n_tokens = geometry.n_tokens
 
     def observe(self, chunk: AttentionChunk) -> None:
+        check_tokens(chunk, self.n_tokens)
         slots = self.slot[chunk.query_index.cpu()]
         rows = torch.nonzero(slots >= 0).flatten()
         if len(rows) == 0:

@@ -188,8 +188,9 @@ class ComputedScoreFamily(ScoreFamily):
     def check(self, geometry: Geometry, settings: Any) -> None:
         """Refuse settings this family cannot run with, before any family spends time."""
 
-    def check_names(self, geometry: Geometry, names: list[str]) -> None:
-        """Refuse requested scores this model cannot have (one score of a family may fit one modality only)."""
+    def check_names(self, loaded: Any, names: list[str]) -> None:
+        """Refuse requested scores this model (a LoadedModel) cannot have, before any family spends time
+        (one score of a family may fit one modality only, or need a classifier)."""
 
     @abstractmethod
     def compute(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:

@@ -132,12 +132,12 @@ def clean_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
         return float(sequence_losses(model, hidden, Readout.language_model(input_ids)).mean())
 
 
-def image_labels(model: torch.nn.Module, probe: ImageProbe) -> torch.Tensor:
+def image_labels(model: torch.nn.Module, probe: ImageProbe, batch: int = 64) -> torch.Tensor:
     """The probe's labels, or the model's own clean predictions for unlabelled images."""
     if probe.labels is not None:
         return probe.labels
     with torch.no_grad():  # not inference_mode: importance_grad differentiates a loss against these labels
-        return class_logits(model, probe.pixel_values.to(next(model.parameters()).device)).argmax(-1).cpu()
+        return class_logits(model, probe.pixel_values.to(next(model.parameters()).device), batch).argmax(-1).cpu()
 
 
 def image_gradient_importance(model: torch.nn.Module, geometry: Geometry, pixel_values: torch.Tensor,
@@ -188,10 +188,14 @@ class ImportanceScores(ComputedScoreFamily):
         if geometry.modality == "text":
             geometry.check_context(settings.importance_context)
 
-    def check_names(self, geometry: Geometry, names: list[str]) -> None:
-        if geometry.modality == "text" and "importance_accuracy" in names:
+    def check_names(self, loaded: Any, names: list[str]) -> None:
+        if loaded.geometry.modality == "text" and "importance_accuracy" in names:
             raise HeadwiseError("importance_accuracy measures image classifiers; for a language model use "
                                 "importance_ablation (the LM-loss increase)")
+        if loaded.geometry.modality == "image" and "ImageClassification" not in type(loaded.model).__name__:
+            raise HeadwiseError(f"{type(loaded.model).__name__} has no image classifier, so the importance scores "
+                                f"(loss and accuracy of its predictions) cannot be measured; profile it with "
+                                f"--scores attention_distance,local_attention,prefix_attention,pattern_ae_error")
 
     def compute(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:
         if loaded.geometry.modality == "image":
@@ -222,15 +226,17 @@ class ImportanceScores(ComputedScoreFamily):
         if "importance_norm" in names:
             scores["importance_norm"] = probe_norm_importance(model, g, probe, settings.importance_batch,
                                                               settings.chunk_bytes)
-        loss_up, right_lost, clean_right = class_ablation_effects(
-            model, g, probe.pixel_values, labels, max_images=max(1, settings.ablation_tokens // probe.length),
-            desc="importance (ablation)")
-        if "importance_ablation" in names:
-            scores["importance_ablation"] = loss_up.mean(0).numpy()
-        if "importance_accuracy" in names:
-            scores["importance_accuracy"] = right_lost.mean(0).numpy()
+        rows = max(1, settings.ablation_tokens // probe.length)  # images per pass: bounds memory
+        if {"importance_ablation", "importance_accuracy"} & set(names):
+            loss_up, right_lost, _ = class_ablation_effects(model, g, probe.pixel_values, labels, max_images=rows,
+                                                            desc="importance (ablation)")
+            if "importance_ablation" in names:
+                scores["importance_ablation"] = loss_up.mean(0).numpy()
+            if "importance_accuracy" in names:
+                scores["importance_accuracy"] = right_lost.mean(0).numpy()
         with torch.inference_mode():
-            logits = class_logits(model, probe.pixel_values.to(loaded.device)).cpu()
+            logits = class_logits(model, probe.pixel_values.to(loaded.device), rows).cpu()
+        clean_right = (logits.argmax(-1) == labels).double()
         run = {**probe.settings, "probe": "importance_images", "labels": "true labels" if probe.labels is not None else
                "the model's clean predictions", "clean_accuracy": round(float(clean_right.mean()), 6),
                "clean_loss": round(float(torch.nn.functional.cross_entropy(logits, labels)), 6),

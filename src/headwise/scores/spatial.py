@@ -41,7 +41,7 @@ import torch
 
 from ..errors import HeadwiseError
 from ..geometry import Geometry
-from ..instrument import AttentionChunk
+from ..instrument import AttentionChunk, check_tokens
 from ..probes import ImageProbe, Probe
 from ..roles import RoleRule
 from .base import ProbeScoreFamily, Score, ScoreObserver, ScoreResult
@@ -60,6 +60,7 @@ class _SpatialObserver(ScoreObserver):
         self.grid = geometry.patch_grid
         rows, cols = self.grid
         self.prefix, self.n_patches, self.probe_name = geometry.prefix_tokens, rows * cols, probe_name
+        self.n_tokens = geometry.n_tokens
         n_layers, n_heads = geometry.n_layers, geometry.n_heads
         # Built once: each (query patch, key patch) pair's flattened offset and distance; each offset's ring.
         p = torch.arange(self.n_patches)
@@ -87,14 +88,12 @@ class _SpatialObserver(ScoreObserver):
 
     def observe(self, chunk: AttentionChunk) -> None:
         qi, p0, n = chunk.query_index, self.prefix, self.n_patches
+        check_tokens(chunk, self.n_tokens)
         # query_index is consecutive: the chunk's patch queries are one slice (a view, no copy).
         lo = int((qi < p0).sum())
         hi = lo + int(((qi >= p0) & (qi < p0 + n)).sum())
         if hi == lo:
             return
-        if chunk.weights.shape[-1] < p0 + n:
-            raise HeadwiseError(f"layer {chunk.layer} attends over {chunk.weights.shape[-1]} keys, fewer than the "
-                                f"{p0} prefix tokens and {n} patches; the spatial scores need every patch")
         if chunk.weights.device not in self._on:
             self._on[chunk.weights.device] = (self.offset.to(chunk.weights.device),
                                               self.distance.to(chunk.weights.device, chunk.weights.dtype))

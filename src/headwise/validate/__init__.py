@@ -100,6 +100,7 @@ def validate(loaded: Any, atlas: Atlas, role: str, k: int | None = None, draws: 
         raise HeadwiseError(f"the random control needs at least {MIN_DRAWS} draws; got {draws}")
     score_name, larger = _score_for(role, atlas)
     task = task or _TASKS[role].task
+    loaded.require(task.modality, f"validating role '{role}' ({task.name})")
     check = getattr(task, "check_atlas", None)  # a task made for one atlas's data (an attribution) refuses another's
     if check is not None:
         check(atlas, role)

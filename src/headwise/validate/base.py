@@ -23,6 +23,7 @@ class ValidationTask(ABC):
     name: str
     metric: str
     higher_is_better: bool
+    modality: str = "text"  # the kind of model the task runs on (geometry.modality)
 
     @abstractmethod
     def evaluate(self, loaded: Any, scales: Tensor) -> TaskOutcome:
