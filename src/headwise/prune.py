@@ -311,5 +311,5 @@ def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path, provenance: Map
     return out
 
 
-__all__ = ["PROVENANCE_FILE", "check_heads", "check_pruned_output", "prune_heads", "provenance", "pruning_units",
-           "save_pruned", "select_heads"]
+__all__ = ["PROVENANCE_FILE", "RANDOM", "check_heads", "check_pruned_output", "prune_heads", "provenance",
+           "pruning_units", "save_pruned", "select_heads"]
