@@ -208,11 +208,7 @@ def sample_attention(loaded: Any, settings: Any) -> tuple[bytes, dict[str, Any]]
         "long_last_row": long_obs.last_row.numpy().astype(np.float16),
     })
     meta = {
-        "schema": SAMPLES,
-        "model": loaded.info.to_dict(),
-        "geometry": geometry.to_dict(),
-        "tensors_sha256": hashlib.sha256(data).hexdigest(),
-        "profile": bound_settings(settings, "text"),
+        **_meta_head(loaded, data, settings),
         "short": {"probe": "repeated random tokens", **short.settings, "length": int(short_ids.shape[1]),
                   "side": short_obs.side, "tokens": _token_strings(tok, short_ids[0].tolist())},
         "long": {**long_settings, "length": int(long_ids.shape[1]),
@@ -326,11 +322,7 @@ def sample_images(loaded: Any, settings: Any) -> tuple[bytes, dict[str, Any]]:
     })
     subsampled = len(patches) < R * C
     meta = {
-        "schema": SAMPLES,
-        "model": loaded.info.to_dict(),
-        "geometry": geometry.to_dict(),
-        "tensors_sha256": hashlib.sha256(data).hexdigest(),
-        "profile": bound_settings(settings, "image"),
+        **_meta_head(loaded, data, settings),
         "images": {
             "probe": "the first images of the image probe", **probe.settings, "count": n_images,
             "sources": [str(x) for x in probe.sources[:n_images]], "labels": labels, "predictions": predictions,
@@ -342,6 +334,14 @@ def sample_images(loaded: Any, settings: Any) -> tuple[bytes, dict[str, Any]]:
         },
     }
     return data, meta
+
+
+def _meta_head(loaded: Any, data: bytes, settings: Any) -> dict[str, Any]:
+    """What every samples file records first: the model, its geometry, and what binds the file to its atlas
+    (the tensors' digest and the profile settings the samples of this kind of model depend on)."""
+    return {"schema": SAMPLES, "model": loaded.info.to_dict(), "geometry": loaded.geometry.to_dict(),
+            "tensors_sha256": hashlib.sha256(data).hexdigest(),
+            "profile": bound_settings(settings, loaded.geometry.modality)}
 
 
 def meta_text(meta: dict[str, Any]) -> str:

@@ -40,7 +40,7 @@ from ..errors import HeadwiseError
 from ..geometry import Geometry
 from ..instrument import AttentionChunk, Observer, Session
 from ..parts import attention_modules, final_hidden, lm_logits, projection_matrix
-from ..probes import ImageProbe, Probe, natural_text
+from ..probes import Probe, natural_text
 from ..roles import RoleRule
 from .base import ComputedScoreFamily, Score, ScoreResult, Setting
 from .shared_probes import IMAGE_SETTINGS, make_image_probe
@@ -132,14 +132,6 @@ def clean_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
         return float(sequence_losses(model, hidden, Readout.language_model(input_ids)).mean())
 
 
-def image_labels(model: torch.nn.Module, probe: ImageProbe, batch: int = 64) -> torch.Tensor:
-    """The probe's labels, or the model's own clean predictions for unlabelled images."""
-    if probe.labels is not None:
-        return probe.labels
-    with torch.no_grad():  # not inference_mode: importance_grad differentiates a loss against these labels
-        return class_logits(model, probe.pixel_values.to(next(model.parameters()).device), batch).argmax(-1).cpu()
-
-
 def image_gradient_importance(model: torch.nn.Module, geometry: Geometry, pixel_values: torch.Tensor,
                               labels: torch.Tensor, batch_size: int = 4) -> np.ndarray:
     """[layers, heads]: mean over images of |d cross-entropy(image) / d xi_h| (Michel et al.)."""
@@ -218,7 +210,12 @@ class ImportanceScores(ComputedScoreFamily):
     def _images(self, loaded: Any, settings: Any, names: list[str]) -> ScoreResult:
         model, g = loaded.model, loaded.geometry
         probe = make_image_probe(loaded.preprocessor, g, settings)
-        labels = image_labels(model, probe)
+        rows = max(1, settings.ablation_tokens // probe.length)  # images per pass: bounds memory
+        # One clean pass: the clean accuracy and loss, and the labels of unlabelled images (the model's own
+        # predictions). no_grad, not inference_mode: importance_grad differentiates a loss against these labels.
+        with torch.no_grad():
+            logits = class_logits(model, probe.pixel_values.to(loaded.device), rows).cpu()
+        labels = probe.labels if probe.labels is not None else logits.argmax(-1)
         scores = {}
         if "importance_grad" in names:
             scores["importance_grad"] = image_gradient_importance(model, g, probe.pixel_values, labels,
@@ -226,7 +223,6 @@ class ImportanceScores(ComputedScoreFamily):
         if "importance_norm" in names:
             scores["importance_norm"] = probe_norm_importance(model, g, probe, settings.importance_batch,
                                                               settings.chunk_bytes)
-        rows = max(1, settings.ablation_tokens // probe.length)  # images per pass: bounds memory
         if {"importance_ablation", "importance_accuracy"} & set(names):
             loss_up, right_lost, _ = class_ablation_effects(model, g, probe.pixel_values, labels, max_images=rows,
                                                             desc="importance (ablation)")
@@ -234,8 +230,6 @@ class ImportanceScores(ComputedScoreFamily):
                 scores["importance_ablation"] = loss_up.mean(0).numpy()
             if "importance_accuracy" in names:
                 scores["importance_accuracy"] = right_lost.mean(0).numpy()
-        with torch.inference_mode():
-            logits = class_logits(model, probe.pixel_values.to(loaded.device), rows).cpu()
         clean_right = (logits.argmax(-1) == labels).double()
         run = {**probe.settings, "probe": "importance_images", "labels": "true labels" if probe.labels is not None else
                "the model's clean predictions", "clean_accuracy": round(float(clean_right.mean()), 6),
@@ -245,4 +239,4 @@ class ImportanceScores(ComputedScoreFamily):
 
 
 __all__ = ["ImportanceScores", "ablation_importance", "clean_loss", "gradient_importance", "image_gradient_importance",
-           "image_labels", "importance_text", "norm_importance", "probe_norm_importance"]
+           "importance_text", "norm_importance", "probe_norm_importance"]
