@@ -28,7 +28,7 @@ def _eager(model, **inputs):
         return [a.double() for a in model(**inputs, output_attentions=True).attentions]
 
 
-@pytest.mark.parametrize("arch", ["vit", "dinov2-registers"])
+@pytest.mark.parametrize("arch", ["vit", "deit", "dinov2-registers"])
 def test_image_maps_equal_eager_loops(arch):
     loaded = headwise.from_model(tiny_vision_model(arch), name=arch)
     g = loaded.geometry
