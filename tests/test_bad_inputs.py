@@ -174,6 +174,28 @@ def val(w: W, *extra: str, atlas: Path | None = None, role: str = "previous-toke
     return ["validate", "--role", role, "--atlas", str(atlas or w.atlas()), "--model", model or w.model, *extra]
 
 
+def prn(w: W, *extra: str, out: str | None = None, atlas: Path | None = None, model: str | None = None
+        ) -> list[str]:
+    return ["prune", "--model", model or w.model, "--atlas", str(atlas or w.atlas()), "--score", "sink",
+            "--fraction", "0.5", "--out", out or str(w.tmp / "pruned"), *extra]
+
+
+def pruned_dir(w: W, source: str = "model") -> str:
+    """A model pruned from the workspace's model (or the other one, with its own atlas), in the case's copy."""
+    out = w.tmp / f"pruned-{source}"
+    if not out.exists():
+        model, atlas = (w.model, w.atlas()) if source == "model" else (w.other, w.atlas("atlas-other"))
+        assert main(prn(w, out=str(out), atlas=atlas, model=model)) == 0
+    return str(out)
+
+
+def cmp(w: W, *extra: str, pruned: list[str] | None = None, out: str | None = None) -> list[str]:
+    return ["compare", "--model", w.model, "--pruned", *(pruned or [pruned_dir(w)]), "--tasks", "none",
+            "--passkey-trials", "1", "--passkey-context", "100", "--heldout-windows", "2", "--heldout-context", "32",
+            "--speed-repeats", "1", "--speed-prompt", "8", "--speed-new-tokens", "2",
+            "--out", out or str(w.tmp / "c.json"), *extra]
+
+
 # ---- checks of runs that must succeed ------------------------------------------------------------
 def atlas_unit_at(path_of: Callable[[W], Path]) -> Callable[[W], None]:
     def check(w: W) -> None:
@@ -198,6 +220,27 @@ def figures_in(path_of: Callable[[W], Path]) -> Callable[[W], None]:
         assert sorted(p.name for p in d.glob("*.png")) == ["grid.png", "layer_trends.png", "pattern_map.png"]
         _io.verify_unit(d, ["grid.png", "layer_trends.png", "pattern_map.png"])
     return check
+
+
+def pruned_ok(w: W) -> None:
+    from transformers import AutoModelForCausalLM
+
+    d = w.tmp / "pruned"
+    record = json.loads((d / "headwise-pruned.json").read_text())
+    assert record["score"] == "sink" and record["heads_per_layer"] == {"before": 4, "after": 2}
+    assert AutoModelForCausalLM.from_pretrained(d, local_files_only=True).config.num_attention_heads == 2
+    assert not [p for p in w.tmp.iterdir() if p.name.startswith(".")]  # no staging or older copy left
+
+
+def replaced_ok(w: W) -> None:
+    record = json.loads((w.tmp / "pruned-model" / "headwise-pruned.json").read_text())
+    assert record["score"] == "random" and not [p for p in w.tmp.iterdir() if p.name.startswith(".")]
+
+
+def compare_ok(w: W) -> None:
+    doc = json.loads((w.tmp / "new" / "c.json").read_text())
+    assert doc["complete"] and [m["name"] for m in doc["models"]] == ["base", "pruned-model"]
+    assert doc["models"][0]["ratios"]["decode_tok_s"] == 1.0 and (w.tmp / "new" / "c.png").is_file()
 
 
 def eval_ok(w: W, name: str = "e.json") -> None:
@@ -547,6 +590,51 @@ CASES = [
          lambda w: eval_ok(w, "\u4e2d" * 80 + ".json")),
     Case("profile out name too long", lambda w: prof(w, out=str(w.tmp / ("a" * 300))), "is 300 bytes long",
          early=True),
+    # ---- prune ----------------------------------------------------------------------------------
+    Case("prune fraction 0", lambda w: prn(w, "--fraction", "0"), "--fraction must be between 0 and 1", early=True),
+    Case("prune fraction nan", lambda w: prn(w, "--fraction", "nan"), "--fraction must be between 0 and 1",
+         early=True),
+    Case("prune fraction that rounds to no unit", lambda w: prn(w, "--fraction", "0.1"),
+         "prunes none of the 2 KV groups per layer (it rounds to 0); this model can prune 1/2 (0.5)"),
+    Case("prune fraction that rounds to every unit", lambda w: prn(w, "--fraction", "0.8"), "prunes every one"),
+    Case("prune seed negative", lambda w: prn(w, "--seed", "-1"), "--seed must be", early=True),
+    Case("prune unknown score", lambda w: prn(w, "--score", "bogus"), "no score 'bogus'"),
+    Case("prune missing atlas", lambda w: prn(w, atlas=w.tmp / "none"), "no atlas at", early=True),
+    Case("prune corrupt atlas", lambda w: prn(w, atlas=_truncate(w.atlas() / "atlas.json")), "corrupt or truncated",
+         early=True),
+    Case("prune atlas of another model", lambda w: prn(w, atlas=w.atlas("atlas-other")), "atlas was made for model"),
+    Case("prune out is a file", lambda w: prn(w, out=w.file("f", "x")), "it is a file", early=True),
+    Case("prune out holds other files", lambda w: prn(w, out=str(Path(w.file("notes.txt", "mine")).parent)),
+         "not a pruned model headwise wrote", early=True),
+    Case("prune out read-only", lambda w: prn(w, out=str(w.read_only(w.tmp / "ro"))), "is not writable", early=True),
+    Case("prune works", lambda w: prn(w), pruned_ok),
+    Case("prune replaces an older pruned model", lambda w: prn(w, "--score", "random", out=pruned_dir(w)),
+         lambda w: replaced_ok(w)),
+    # ---- compare --------------------------------------------------------------------------------
+    Case("compare missing pruned dir", lambda w: cmp(w, pruned=[str(w.tmp / "none")]), "no such directory",
+         early=True),
+    Case("compare pruned dir that is no model", lambda w: cmp(w, pruned=[str(w.tmp)]), "is not a model directory",
+         early=True),
+    Case("compare pruned dir given twice", lambda w: cmp(w, pruned=[pruned_dir(w)] * 2), "is given twice",
+         early=True),
+    Case("compare pruned dir with a corrupt record", lambda w: cmp(w, pruned=[_spoil(pruned_dir(w))]),
+         "headwise-pruned.json is unreadable or not JSON", early=True),
+    Case("compare pruned dir of another model", lambda w: cmp(w, pruned=[pruned_dir(w, "other")]),
+         "was pruned from another model"),
+    Case("compare image model", lambda w: swap_model(cmp(w), w), "headwise compare needs a language model"),
+    Case("compare limit 0", lambda w: cmp(w, "--limit", "0"), "--limit must be a whole number >= 1", early=True),
+    Case("compare limit not a number", lambda w: cmp(w, "--limit", "all"), "invalid int value", early=True),
+    Case("compare shots negative", lambda w: cmp(w, "--shots", "-1"), "--shots must be", early=True),
+    Case("compare unknown task", lambda w: cmp(w, "--tasks", "nope"), "unknown task 'nope'", early=True),
+    Case("compare empty tasks", lambda w: cmp(w, "--tasks", " , "), "--tasks is empty", early=True),
+    Case("compare passkey context beyond the model", lambda w: cmp(w, "--passkey-context", "5000"),
+         "longer than this model allows"),
+    Case("compare out is a directory", lambda w: cmp(w, out=str(w.tmp)), "it is a directory", early=True),
+    Case("compare out read-only", lambda w: cmp(w, out=str(w.read_only(w.tmp / "ro") / "c.json")),
+         "is not writable", early=True),
+    Case("compare out names the plot", lambda w: cmp(w, "--plot", str(w.tmp / "c.json")), "names the plot's file",
+         early=True),
+    Case("compare missing parents are made", lambda w: cmp(w, out=str(w.tmp / "new" / "c.json")), compare_ok),
     # ---- any command --------------------------------------------------------------------------
     Case("unknown flag", lambda w: ["report", str(w.atlas()), "--bogus"], "unrecognized arguments: --bogus",
          early=True),
@@ -595,6 +683,13 @@ def _refused(call: Callable[[], Any], expected: str) -> None:
 
     with pytest.raises(HeadwiseError, match=expected):
         call()
+
+
+def _spoil(directory: str) -> str:
+    """A pruned model directory whose headwise-pruned.json was cut short."""
+    record = Path(directory) / "headwise-pruned.json"
+    record.write_text(record.read_text()[:50])
+    return directory
 
 
 def _truncate(path: Path, keep: int = 300) -> Path:
@@ -655,5 +750,5 @@ def test_bad_input(case, base, tmp_path, monkeypatch, capsys):
 
 def test_the_table_covers_every_command():
     commands = {c.id.split()[0] for c in CASES}
-    assert {"profile", "report", "plot", "validate", "attribute", "generate", "eval"} <= commands
+    assert {"profile", "report", "plot", "validate", "attribute", "generate", "eval", "prune", "compare"} <= commands
     assert len(CASES) >= 60

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from headwise import _io
+from headwise import prune as prune_module
 from headwise.cli import main
 from headwise.kv import evaluate as kv_evaluate
 from tests.conftest import tiny_model, tiny_tokenizer
@@ -28,6 +29,8 @@ from tests.conftest import tiny_model, tiny_tokenizer
 PROFILE = ["--context", "96", "--text-sequences", "1", "--block-len", "8", "--repeated-sequences", "1",
            "--scores", "previous_token,sink"]
 EVAL = ["--contexts", "100", "--depths", "0.5", "--sink", "4", "--window", "16", "--policies", "streaming"]
+COMPARE = ["--tasks", "none", "--passkey-trials", "1", "--passkey-context", "100", "--heldout-context", "32",
+           "--speed-repeats", "1", "--speed-prompt", "8", "--speed-new-tokens", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,20 @@ def base(tmp_path_factory):
     (root / "old-eval").mkdir()
     assert main(["eval", "--model", str(root / "model"), *EVAL, "--trials", "1",
                  "--out", str(root / "old-eval" / "kv.json")]) == 0
+    assert main(prune_argv(root, root / "old-pruned", "sink")) == 0
+    (root / "old-compare").mkdir()
+    assert main(compare_argv(root, root / "old-compare", "1")) == 0
     return root
+
+
+def prune_argv(root: Path, out: Path, score: str) -> list[str]:
+    return ["prune", "--model", str(root / "model"), "--atlas", str(root / "old-full"), "--score", score,
+            "--fraction", "0.5", "--out", str(out)]
+
+
+def compare_argv(root: Path, out: Path, windows: str) -> list[str]:
+    return ["compare", "--model", str(root / "model"), "--pruned", str(root / "old-pruned"), *COMPARE,
+            "--heldout-windows", windows, "--out", str(out / "c.json")]
 
 
 def profile_argv(root: Path, out: Path, *extra: str) -> list[str]:
@@ -63,10 +79,12 @@ SCENARIOS = {
     "plot": ("old-full", lambda r, d: ["plot", str(d)]),  # into d/figures, as part of the atlas's unit
     "eval": ("old-eval", lambda r, d: ["eval", "--model", str(r / "model"), *EVAL, "--trials", "2",
                                        "--out", str(d / "kv.json")]),
+    "prune": ("old-pruned", lambda r, d: prune_argv(r, d, "random")),  # over an older pruned model: replaced whole
+    "compare": ("old-compare", lambda r, d: compare_argv(r, d, "2")),
 }
 # The writes each scenario makes (staged files, atomic writes, renames): counted by test_write_counts.
 WRITES = {"profile": 12, "profile --no-report": 6, "report --model": 10, "validate": 12, "attribute": 12,
-          "plot": 10, "eval": 8}
+          "plot": 10, "eval": 8, "prune": 2, "compare": 10}
 
 
 class Hook:
@@ -92,6 +110,7 @@ class Hook:
         monkeypatch.setattr(_io, "write_bytes_atomic", atomic)
         monkeypatch.setattr(kv_evaluate, "write_bytes_atomic", atomic)
         monkeypatch.setattr(_io, "os", types.SimpleNamespace(**{**vars(os), "replace": replace}))
+        monkeypatch.setattr(prune_module, "os", types.SimpleNamespace(**{**vars(os), "replace": replace}))
 
     def hit(self) -> None:
         self.count += 1
@@ -180,6 +199,26 @@ def check_eval(d: Path, old: dict[str, bytes], new: dict[str, bytes]) -> None:
         assert doc["complete"] and now["kv.png"] == new["kv.png"]
 
 
+def check_compare(d: Path, old: dict[str, bytes], new: dict[str, bytes]) -> None:
+    """Old results and plot; or this run's finished models (the full run's first ones), never beside the old plot."""
+    now = snapshot(d)
+    if now == old:
+        return
+    doc, full = json.loads(now["c.json"]), json.loads(new["c.json"])
+    assert doc["models_done"] == len(doc["models"]) and (doc["complete"] or doc["speed"] is None or
+                                                         doc["models_done"] == 2)
+    for kept, reference in zip(doc["models"], full["models"], strict=False):  # deterministic except timings
+        assert {k: kept[k] for k in ("name", "parameters", "perplexity", "in_context_loss", "passkey")} == \
+            {k: reference[k] for k in ("name", "parameters", "perplexity", "in_context_loss", "passkey")}
+    if "c.png" in now:
+        assert doc["complete"] and now["c.png"][:4] == b"\x89PNG" and now["c.png"] != old["c.png"]
+
+
+def check_pruned(d: Path) -> None:
+    """Nothing staged beside the pruned model's directory (its build directory, the older copy)."""
+    assert not [p.name for p in d.parent.iterdir() if p.name.startswith(f".{d.name}.")]
+
+
 CASES = [(s, n) for s in SCENARIOS for n in range(1, WRITES[s] + 1)]
 
 
@@ -195,16 +234,26 @@ def test_ctrl_c_at_each_write_leaves_old_or_new_outputs(scenario, at, base, new_
     if scenario == "eval":
         check_eval(d, old, new_outputs[scenario])
         return
+    if scenario == "compare":
+        check_compare(d, old, new_outputs[scenario])
+        return
     now = snapshot(d)
     assert now in (old, new_outputs[scenario]), sorted(now)
+    if scenario == "prune":  # a model directory: no report to render
+        check_pruned(d)
+        return
     check_report_afterwards(d, capsys)
 
 
-CRASHES = [(s, n) for s in SCENARIOS if s != "eval" for n in range(1, WRITES[s] + 1)]
+CRASHES = [(s, n) for s in SCENARIOS if s not in ("eval", "compare") for n in range(1, WRITES[s] + 1)]
 
 
 @pytest.mark.parametrize("scenario, at", CRASHES, ids=[f"{s}@{n}" for s, n in CRASHES])
 def test_a_crash_at_any_write_is_refused_or_whole_never_mixed(scenario, at, base, tmp_path, monkeypatch, capsys):
     code, d, old, _ = run(base, tmp_path, scenario, monkeypatch, at, crash=True)
     assert code == 130
+    if scenario == "prune":  # a crash between the renames puts the older pruned model back
+        assert snapshot(d) == old
+        check_pruned(d)
+        return
     check_report_afterwards(d, capsys)

@@ -21,10 +21,13 @@ LAYERS: list[set[str]] = [
     {"headwise.vit_digits"},  # trains the bundled image model; load asks for it
     {"headwise.load", "headwise.parts", "headwise.probes"},
     {"headwise.ablation", "headwise.decode"},
+    {"headwise.tasks"},  # the in-context task suite: steering fits on it, pruning is scored on it
     {"headwise.scores"},
     {"headwise.atlas"},
     {"headwise.profile"},
-    {"headwise.report", "headwise.kv", "headwise.validate", "headwise.prune"},
+    {"headwise.report", "headwise.validate", "headwise.prune", "headwise.steer", "headwise.influence",
+     "headwise.compare"},
+    {"headwise.kv"},  # `headwise generate --steer` applies a steering
     {"headwise.attribute"},  # registers a validation task per attribution
     {"headwise.cli", "headwise"},
 ]
@@ -34,6 +37,7 @@ SIBLINGS = {
                         "spatial", "streaming", "successor"},
     "headwise.kv": {"heads", "snapkv"},
     "headwise.validate": {"retrieval", "in_context", "successor", "image_accuracy"},
+    "headwise.steer": {"soft_injection", "lofit", "act"},
 }
 
 
@@ -54,11 +58,12 @@ def _imports() -> dict[str, set[str]]:
                 base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
                 target = ".".join(base + [node.module] if node.module else base) if node.level else node.module
                 if target and target.split(".")[0] == "headwise":
-                    found.add(target)
-                    for alias in node.names:  # `from . import x` imports the module x
+                    for alias in node.names:  # `from . import x` imports the module x, not the package's API
                         sub = SRC / f"{target}.{alias.name}".replace(".", "/")
                         if sub.with_suffix(".py").exists() or sub.is_dir():
                             found.add(f"{target}.{alias.name}")
+                        else:
+                            found.add(target)
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name.split(".")[0] == "headwise"}
         graph[name] = found - {name}

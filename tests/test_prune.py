@@ -17,6 +17,7 @@ from headwise.prune import (
     provenance,
     prune_heads,
     pruning_units,
+    representable_fractions,
     save_pruned,
     select_heads,
 )
@@ -181,6 +182,27 @@ def test_select_heads_refusals_are_one_line():
         select_heads(atlas, qwen.geometry, "importance_norm", 0.5)
 
 
+def test_the_representable_fractions_are_named_when_a_fraction_is_not_one():
+    gqa = _loaded("llama-gqa")  # 2 KV groups per layer: only half
+    assert representable_fractions(gqa.geometry, gqa.model.config) == [(1, 2)]
+    atlas = _atlas(gqa, np.arange(12.0).reshape(3, 4))
+    with pytest.raises(HeadwiseError) as e:
+        select_heads(atlas, gqa.geometry, "importance_norm", 0.1, config=gqa.model.config)
+    assert str(e.value) == ("fraction 0.1 prunes none of the 2 KV groups per layer (it rounds to 0); this model can "
+                            "prune 1/2 (0.5) of each layer's 2 KV groups (whole units, the same number in every "
+                            "layer, head counts its config accepts)")
+    mqa = _loaded("gemma3-sliding")  # 4 heads of hidden size 64: Gemma3's config refuses 3 heads (64 % 3 != 0)
+    assert representable_fractions(mqa.geometry) == [(1, 4), (2, 4), (3, 4)]
+    assert representable_fractions(mqa.geometry, mqa.model.config) == [(2, 4), (3, 4)]
+    atlas = _atlas(mqa, np.ones((3, 4)))
+    with pytest.raises(HeadwiseError, match=r"rounds to 1 of 4 heads per layer \(3 heads left\), which transformers' "
+                                            r"config of this model refuses; this model can prune 2/4 \(0.5\) or "
+                                            r"3/4 \(0.75\)") as e:
+        select_heads(atlas, mqa.geometry, "importance_norm", 0.25, config=mqa.model.config)
+    assert "\n" not in str(e.value)
+    assert len(select_heads(atlas, mqa.geometry, "importance_norm", 0.7, config=mqa.model.config)) == 3 * 3
+
+
 def test_save_refuses_a_directory_with_other_files_and_replaces_an_older_pruned_model(tmp_path):
     loaded = _loaded("qwen3")
     heads = [(layer, h) for layer in range(3) for h in (0, 1)]
@@ -210,12 +232,15 @@ def test_cli_prune_end_to_end(model_dir, tmp_path, capsys):
     assert main(["prune", "--model", str(model_dir), "--atlas", str(atlas_dir), "--score", "importance_norm",
                  "--fraction", "0.5", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "pruned 2 of 4 query heads in each of 3 layers" in printed and "pruned model written to" in printed
+    assert "pruned 2 of 4 query heads (0.5) in each of 3 layers" in printed and "pruned model written to" in printed
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert model.config.num_attention_heads == 2 and model.config.num_key_value_heads == 1
     record = json.loads((out / PROVENANCE_FILE).read_text())
     atlas = Atlas.load(atlas_dir)
     assert record["score"] == "importance_norm" and record["fraction"] == 0.5 and record["seed"] is None
+    # The atlas's probes, so that headwise compare can keep its held-out text apart from what the scores read.
+    assert record["atlas"]["settings"]["probes"]["importance_text"]["context"] == 16
+    assert record["atlas"]["model"]["weights_sha256"] == record["source_model"]["weights_sha256"]
     assert record["source_model"]["weights_sha256"] == atlas.model["weights_sha256"]
     importance = atlas.score("importance_norm")
     for layer, heads in record["removed_heads"].items():

@@ -9,10 +9,18 @@
 from .atlas import Atlas
 from .errors import HeadwiseError
 from .geometry import Geometry
-from .instrument import AttentionChunk, Observer, Session, ablation_scale, attach, single_head_ablation_scales
+from .instrument import (
+           AttentionChunk,
+           HeadEdits,
+           Observer,
+           Session,
+           ablation_scale,
+           attach,
+           single_head_ablation_scales,
+)
 from .load import LoadedModel, ModelInfo, from_model, load
 from .profile import ProfileSettings, profile
 
-__all__ = ["Atlas", "AttentionChunk", "Geometry", "HeadwiseError", "LoadedModel", "ModelInfo", "Observer",
-           "ProfileSettings", "Session", "ablation_scale", "attach", "from_model", "load", "profile",
+__all__ = ["Atlas", "AttentionChunk", "Geometry", "HeadEdits", "HeadwiseError", "LoadedModel", "ModelInfo",
+           "Observer", "ProfileSettings", "Session", "ablation_scale", "attach", "from_model", "load", "profile",
            "single_head_ablation_scales"]

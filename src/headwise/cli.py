@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from .errors import HeadwiseError
 from .kv.cli import KV_COMMANDS
+from .steer.cli import STEER_COMMANDS
 
 
 def _add_profile(p: argparse.ArgumentParser) -> None:
@@ -235,7 +236,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score", required=True,
                    help="score ranking the heads (larger = more important, e.g. importance_norm), or 'random'")
     p.add_argument("--fraction", type=float, required=True,
-                   help="share of each layer's pruning units to remove (KV groups for GQA models, heads otherwise)")
+                   help="share of each layer's pruning units to remove (KV groups for GQA models, heads otherwise), "
+                        "rounded to whole units: with u units per layer only 1/u ... (u-1)/u, and only head counts "
+                        "the model's config accepts (smollm2-135m: 1/3 or 2/3; gemma3-270m: 1/2 or 3/4)")
     p.add_argument("--out", required=True, help="directory for the pruned model (a standard Hugging Face directory)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random (default 0)")
 
@@ -254,24 +257,183 @@ def _run_prune(args: argparse.Namespace) -> None:
     with output_location(args.out, what="the pruned model"):
         check_pruned_output(args.out)  # before the model loads
         loaded = load(args.model)
-        heads = select_heads(atlas, loaded.geometry, args.score, args.fraction, seed=args.seed, info=loaded.info)
+        heads = select_heads(atlas, loaded.geometry, args.score, args.fraction, seed=args.seed, info=loaded.info,
+                             config=loaded.model.config)
         model = prune_heads(loaded, heads)
         record = provenance(loaded, heads, score=args.score, fraction=args.fraction,
-                            seed=args.seed if args.score == "random" else None)
+                            seed=args.seed if args.score == "random" else None, atlas=atlas)
         out = save_pruned(model, loaded.tokenizer, args.out, record)
     g = loaded.geometry
     before = sum(p.numel() for p in loaded.model.parameters())
     after = sum(p.numel() for p in model.parameters())
     per_layer = len(heads) // g.n_layers
-    print(f"pruned {per_layer} of {g.n_heads} query heads in each of {g.n_layers} layers by {args.score}; "
-          f"parameters {before:,} -> {after:,}")
+    print(f"pruned {per_layer} of {g.n_heads} query heads ({per_layer / g.n_heads:.3g}) in each of {g.n_layers} "
+          f"layers by {args.score}; parameters {before:,} -> {after:,}")
     print(f"pruned model written to {out}")
 
 
 COMMANDS["prune"] = ("physically remove the least important heads (same number per layer, whole KV groups) and "
                      "save a plain transformers model", _add_prune, _run_prune)
 
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    from .compare import DEFAULT_TASKS, CompareSettings
+    from .load import DEFAULT_MODEL
+
+    d = CompareSettings()
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the unpruned model: bundled name, model directory, .gguf "
+                                                          "file or cached hub id")
+    p.add_argument("--pruned", nargs="+", required=True, metavar="DIR",
+                   help="directories written by headwise prune from --model (or HF directories with its tokenizer)")
+    p.add_argument("--out", default="compare.json", help="JSON results, rewritten after every finished model")
+    p.add_argument("--plot", default=None, help="PNG plot (default: --out with .png)")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help="comma-separated bundled tasks or .jsonl files of the in-context suite, or 'none'")
+    for flag, field, text in (("--shots", "shots", "examples in each task prompt"),
+                              ("--limit", "limit", "test pairs per task"),
+                              ("--passkey-trials", "passkey_trials", "passkey prompts (0: skip)"),
+                              ("--passkey-context", "passkey_context", "tokens per passkey prompt"),
+                              ("--heldout-windows", "heldout_windows", "held-out prose windows"),
+                              ("--heldout-context", "heldout_context", "tokens per held-out window"),
+                              ("--speed-repeats", "speed_repeats", "timed interleaved rounds of prefill + decode per "
+                                                                   "model, after an untimed one (0: skip)"),
+                              ("--speed-prompt", "speed_prompt", "prefill tokens of the speed runs"),
+                              ("--speed-new-tokens", "speed_new_tokens", "tokens decoded per speed run")):
+        p.add_argument(flag, type=int, default=getattr(d, field), help=f"{text} (default %(default)s)")
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ._io import check_output_file, output_location
+    from .compare import CompareSettings, check_pruned_dirs, compare, load_tasks, plot, write_result
+    from .load import load
+
+    tasks = () if args.tasks.strip() == "none" else tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if not tasks and args.tasks.strip() != "none":
+        raise HeadwiseError("--tasks is empty; name bundled tasks (e.g. --tasks antonyms) or pass --tasks none")
+    settings = CompareSettings(tasks=tasks, shots=args.shots, limit=args.limit, passkey_trials=args.passkey_trials,
+                               passkey_context=args.passkey_context, heldout_windows=args.heldout_windows,
+                               heldout_context=args.heldout_context, speed_repeats=args.speed_repeats,
+                               speed_prompt=args.speed_prompt, speed_new_tokens=args.speed_new_tokens)
+    settings.check()  # every flag, the pruned directories and the tasks before the model loads
+    check_pruned_dirs(args.pruned)
+    load_tasks(settings)
+    out = Path(args.out)
+    png = Path(args.plot) if args.plot else out.with_suffix(".png")
+    if png == out:
+        raise HeadwiseError(f"--out {out} names the plot's file; give the results a .json name")
+    with output_location(out, what="the comparison", file=True):
+        check_output_file(png, what="the comparison plot")
+        base = load(args.model)
+        first = [True]
+
+        def checkpoint(partial: dict) -> None:
+            # The models done so far replace an older result; the older result's plot goes with it.
+            write_result(out, partial)
+            if first[0]:
+                png.unlink(missing_ok=True)
+                first[0] = False
+
+        result = compare(base, args.pruned, settings, model_spec=args.model, checkpoint=checkpoint,
+                         command=vars(args))
+        write_result(out, result)
+    speed = (result.get("speed") or {}).get("models", {})
+    print(f"{'model':28s} {'heads':>6s} {'params':>8s} {'ppl':>9s} {'icl':>6s} {'tasks':>6s} {'passkey':>8s} "
+          f"{'prefill':>8s} {'decode':>7s}")
+    for m in result["models"]:
+        s = speed.get(m["name"], {})
+        cells = [f"{m['heads_removed_share']:6.0%}", f"{m['parameters'] / 1e6:7.2f}M",
+                 f"{m['perplexity']['perplexity']:9.3f}", f"{m['in_context_loss']:6.3f}",
+                 f"{m['task_accuracy']:6.0%}" if "task_accuracy" in m else f"{'-':>6s}",
+                 f"{m['passkey']['accuracy']:8.0%}" if "passkey" in m else f"{'-':>8s}",
+                 f"{s['prefill_ratio']:7.3f}x" if s else f"{'-':>8s}",
+                 f"{s['decode_ratio']:6.3f}x" if s else f"{'-':>7s}"]
+        print(f"{m['name'][:28]:28s} " + " ".join(cells))
+    try:
+        drawn = plot(result, png)
+    except OSError as e:
+        raise HeadwiseError(f"results written to {out}, but not the plot {png} ({e.strerror or e})") from None
+    print(f"results written to {out}" + (f" and {drawn}" if drawn else ""))
+
+
+COMMANDS["compare"] = ("measure a model and pruned versions of it side by side (held-out perplexity, in-context "
+                       "loss, task suite, passkey, parameters, interleaved speed); write JSON and a plot",
+                       _add_compare, _run_compare)
+
+
+def _add_influence(p: argparse.ArgumentParser) -> None:
+    from .influence import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_TOKENS
+
+    p.add_argument("--atlas", required=True, help="atlas directory (or lone atlas file) of the model")
+    p.add_argument("--data", required=True, help='JSON Lines corpus, one {"text": "...", "id": "..."} a line '
+                                                 '(id optional: the line number)')
+    p.add_argument("--role", required=True, help="role whose top-k heads are masked (retrieval, induction, ...)")
+    p.add_argument("--out", required=True, help="ranked JSON Lines file; OUT.meta.json records what produced it")
+    p.add_argument("--model", default=None, help="the atlas's model (default: the spec recorded in the atlas)")
+    p.add_argument("--k", type=int, default=None, help="heads to mask (default: every head with the label)")
+    p.add_argument("--random-seed", type=int, default=None,
+                   help="the control: mask k random heads (drawn from those outside the role's top k) instead")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"tokens scored per document; longer ones are truncated (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                   help=f"rows x tokens per forward pass, bounds memory (default {DEFAULT_BATCH_TOKENS})")
+    p.add_argument("--ablation", choices=("zero", "uniform"), default="zero",
+                   help="how a head is masked: zero its output (default, as validate does) or make its attention "
+                        "uniform (as AIR, arXiv 2512.13279, defines AttentionInfluence's masking)")
+
+
+def _run_influence(args: argparse.Namespace) -> None:
+    import hashlib
+    from pathlib import Path
+
+    from ._io import output_location
+    from .atlas import Atlas, versions
+    from .influence import influence_scores, load_documents, meta_path, random_heads, role_heads, write_ranked
+    from .load import load
+
+    if args.k is not None and args.k < 1:
+        raise HeadwiseError(f"--k must be a positive number of heads; got {args.k}")
+    if args.random_seed is not None and args.random_seed < 0:
+        raise HeadwiseError(f"--random-seed must be a whole number >= 0; got {args.random_seed}")
+    if args.max_tokens < 2 or args.batch_tokens < 2:
+        raise HeadwiseError("--max-tokens and --batch-tokens must be at least 2")
+    out = Path(args.out)
+    if out.exists() and Path(args.data).exists() and out.resolve() == Path(args.data).resolve():
+        raise HeadwiseError(f"--out {out} is the --data file; write the ranking to another file")
+    docs = load_documents(args.data)  # bad input is refused before the model loads
+    atlas = Atlas.load(args.atlas)
+    heads = role_heads(atlas, args.role, args.k)
+    g = atlas.geometry
+    if args.random_seed is not None:
+        heads = random_heads(g.n_layers, g.n_heads, len(heads), args.random_seed, exclude=heads)
+    if meta_path(out).is_dir():
+        raise HeadwiseError(f"cannot write {meta_path(out)}: it is a directory; choose another --out")
+    with output_location(out, what="the ranking", file=True):
+        loaded = load(args.model or atlas.model["spec"])
+        result = influence_scores(loaded, atlas, docs, role=args.role, k=args.k,
+                                  heads=heads if args.random_seed is not None else None,
+                                  max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, ablation=args.ablation)
+        provenance = {
+            "selection": (f"random: numpy default_rng({args.random_seed}) draws k heads from those outside the "
+                          f"role's top k" if args.random_seed is not None else "the role's top k heads by its score"),
+            "random_seed": args.random_seed, "model": loaded.info.to_dict(), "geometry": loaded.geometry.to_dict(),
+            "atlas": {"path": str(atlas.path), "sha256": hashlib.sha256(atlas.path.read_bytes()).hexdigest()},
+            "data": {"path": str(args.data), "sha256": hashlib.sha256(Path(args.data).read_bytes()).hexdigest()},
+            "versions": versions()}
+        path, meta = write_ranked(result, out, provenance)
+    for record in result.records()[:5]:
+        print(f"  #{record['rank']}  id {record['id']}  score {record['score']:+.4f}  (loss {record['clean_loss']:.3f}"
+              f" -> {record['masked_loss']:.3f}, {record['tokens']} tokens)")
+    print(f"ranked {len(result.ranked)} documents ({len(result.skipped)} skipped) masking {len(heads)} heads")
+    print(f"ranking written to {path}; provenance in {meta}")
+
+
+COMMANDS["influence"] = ("rank documents by how much masking a role's heads raises the model's loss on them "
+                         "(AttentionInfluence)", _add_influence, _run_influence)
+
 COMMANDS.update(KV_COMMANDS)
+COMMANDS.update(STEER_COMMANDS)
 
 
 def _version() -> str:

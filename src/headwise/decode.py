@@ -21,7 +21,8 @@ What callers differ in comes in as hooks:
   as the first observed step, so every generated token's query is watched (retrieval);
 - after_prefill(logits, cache): runs between prefill and decoding, outside both timings
   (kv eval scores a teacher-forced answer on a copy of the prefilled cache);
-- prefill_chunk: feed the prompt in pieces of this many tokens.
+- prefill_chunk: feed the prompt in pieces of this many tokens;
+- edits: instrument.HeadEdits applied in every pass (steering).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .errors import HeadwiseError
-from .instrument import Observer, Session
+from .instrument import HeadEdits, Observer, Session
 
 Until = Literal["line", "eos", "budget"]
 UNTIL: tuple[str, ...] = ("line", "eos", "budget")
@@ -95,7 +96,7 @@ def greedy(loaded: Any, input_ids: Tensor, max_new_tokens: int, *, until: Until 
            observe: Callable[[], Sequence[Observer]] | None = None,
            on_step: Callable[[int, Tensor, Sequence[Observer]], None] | None = None,
            after_prefill: Callable[[Tensor, Any], None] | None = None,
-           prefill_chunk: int | None = None) -> Replies:
+           prefill_chunk: int | None = None, edits: HeadEdits | None = None) -> Replies:
     """Greedy replies to input_ids [rows, T] (see the module docstring for the stop rule and hooks).
 
     on_step(step, tokens [rows], observers) sees every decoded token, end-of-sequence included.
@@ -127,7 +128,7 @@ def greedy(loaded: Any, input_ids: Tensor, max_new_tokens: int, *, until: Until 
     logits = None
     with torch.inference_mode():
         t0 = time.perf_counter()
-        with Session(geometry, head_scale=head_scale):
+        with Session(geometry, head_scale=head_scale, edits=edits):
             for start in range(0, prompt.shape[1], chunk):
                 logits, cache = forward(model, prompt[:, start:start + chunk], cache)
         t1 = time.perf_counter()
@@ -137,7 +138,7 @@ def greedy(loaded: Any, input_ids: Tensor, max_new_tokens: int, *, until: Until 
         for step in range(max_new_tokens):
             observers: Sequence[Observer] = observe() if observe is not None else ()
             if pending is not None:
-                with Session(geometry, observers, head_scale=head_scale):
+                with Session(geometry, observers, head_scale=head_scale, edits=edits):
                     logits, cache = forward(model, pending, cache)
             tokens = logits[:, -1].argmax(-1)
             if on_step is not None:

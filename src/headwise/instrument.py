@@ -11,7 +11,9 @@ Outside a `Session` the function is plain SDPA. Inside one:
   statistics, so no layer's T x T map is ever held whole, let alone all layers' maps;
 - `head_scale` multiplies each query head's output before the output projection (0 ablates
   a head). It may differ per batch row, so one forward pass can ablate many heads, one
-  per row.
+  per row;
+- `edits` (HeadEdits) change chosen heads' outputs or attention weights: how steering
+  (headwise.steer) acts on a model.
 
 Peak extra memory of the observed path: the repeated keys and values of one layer plus about
 four [batch, heads, chunk, keys] float32 tensors, where the chunk is sized so that one such
@@ -63,18 +65,37 @@ class Observer:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class HeadEdits:
+    """Edits of heads applied in every forward pass of a Session (steering acts through these).
+
+    output(layer, out) -> out: out [batch, queries, q_heads, head_dim] is each query head's
+    attention output before the output projection (and before head_scale). It runs on every
+    attention path, KV-cache views included, so a steered model decodes under any cache policy.
+    weights(layer, probs, query_index, key_offset) -> probs: probs [batch, q_heads, chunk, keys]
+    are the attention probabilities of a query chunk (query_index as in AttentionChunk). It
+    forces the explicit path; a KV-cache view computes its own attention, so it is refused there.
+    """
+
+    output: Callable[[int, Tensor], Tensor] | None = None
+    weights: Callable[[int, Tensor, Tensor, int], Tensor] | None = None
+
+
 class Session:
     """Activate observers and head interventions for the forward passes inside `with`.
 
     head_scale: [layers, q_heads] applied to every batch row, or [batch, layers, q_heads].
     mix: replaces each layer's attention output, mix(module, layer, query, key, value, scaling,
     out) -> out with out [batch, queries, q_heads, head_dim] (DuoAttention's gated blend).
+    edits: HeadEdits (steering).
     """
 
     def __init__(self, geometry: Geometry, observers: Sequence[Observer] = (), head_scale: Tensor | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, mix: Callable[..., Tensor] | None = None):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, mix: Callable[..., Tensor] | None = None,
+                 edits: HeadEdits | None = None):
         self.geometry = geometry
         self.mix = mix
+        self.edits = edits
         self.observers = list(observers)
         self.chunk_bytes = int(chunk_bytes)
         if head_scale is not None:
@@ -173,6 +194,8 @@ def observed_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
             probs = torch.softmax(scores, dim=-1)
         del scores
         probs.nan_to_num_(nan=0.0)  # fully masked rows (padding) attend to nothing
+        if session is not None and session.edits is not None and session.edits.weights is not None:
+            probs = session.edits.weights(layer, probs, query_index[start:stop], key_offset)
         if dropout and module.training:
             probs = torch.nn.functional.dropout(probs, p=dropout)
         chunk_out = torch.matmul(probs.to(v.dtype), v[:, :, :n_seen])
@@ -194,11 +217,15 @@ def headwise_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
     layer = _layer_of(module)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    edits = session.edits if session is not None else None
     explicit = (session is not None and session.observers) or kwargs.get("softcap") is not None \
-        or kwargs.get("s_aux") is not None
+        or kwargs.get("s_aux") is not None or (edits is not None and edits.weights is not None)
     # headwise.kv: a HeadwiseCache layer whose heads keep different tokens (streaming heads, SnapKV) returns a
     # view instead of plain [b, kv_heads, T, d] tensors from cache.update(); the view computes its own attention.
     attend = getattr(key, "headwise_attend", None)
+    if attend is not None and edits is not None and edits.weights is not None:
+        raise HeadwiseError("an edit of attention weights (ACT steering) runs with the full KV cache only; drop the "
+                            "cache policy or use a steering method that edits head outputs")
     if attend is not None:
         out = attend(module, query, attention_mask, scaling, session=session, **kwargs)
     elif explicit:
@@ -213,6 +240,8 @@ def headwise_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
     # out: [batch, queries, q_heads, head_dim], the layout the output projection reads.
     if session is not None and session.mix is not None and attend is None:
         out = session.mix(module, layer, query, key, value, scaling, out)
+    if edits is not None and edits.output is not None:
+        out = edits.output(layer, out)
     if session is not None:
         scale = session.scale_for(layer, out.shape[0])
         if scale is not None:
@@ -368,6 +397,6 @@ def single_head_ablation_scales(geometry: Geometry, heads: Sequence[tuple[int, i
         torch.ones(0, geometry.n_layers, geometry.n_heads)
 
 
-__all__ = ["AttentionChunk", "DEFAULT_CHUNK_BYTES", "IMPLEMENTATION", "Observer", "Session", "ablation_scale",
-           "attach", "check_tokens", "image_grid", "headwise_attention", "single_head_ablation_scales",
-           "sink_window_mask"]
+__all__ = ["AttentionChunk", "DEFAULT_CHUNK_BYTES", "HeadEdits", "IMPLEMENTATION", "Observer", "Session",
+           "ablation_scale", "attach", "check_tokens", "image_grid", "headwise_attention",
+           "single_head_ablation_scales", "sink_window_mask"]

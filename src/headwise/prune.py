@@ -20,13 +20,22 @@ Pruning the unpruned model's heads this way equals zeroing them before the outpu
 Refused, in one line: a head count that differs between layers, a part of a KV group, every
 unit of a layer, no head at all, a head count the architecture's config refuses (Llama's and
 Gemma3's configs require the hidden size to be a multiple of the head count, although their
-attention runs with any head_dim: a 4-head Gemma3 of hidden size 640 prunes to 2 heads, not 3),
+attention runs with any head_dim: a 4-head Gemma3 of hidden size 640 prunes to 2 or 1 heads, not 3),
 an image model, attention without separate q_proj / k_proj / v_proj (GPT-2's fused c_attn:
 transformers' GPT2Attention fixes head_dim = n_embd / n_head, so a GPT-2 with fewer heads cannot
 be rebuilt), and, in select_heads, a fraction outside (0, 1) or one that removes no unit or every
 unit of a layer, an unknown score, NaN scores, and an atlas of another model.
 
-Not here (yet): the evaluation sweep over fractions, the speed benchmark and recovery fine-tuning.
+Which fractions a model can prune: whole units, the same number in every layer, so with u units per
+layer only 1/u, 2/u, ..., (u-1)/u, and of those only the head counts the config accepts
+(representable_fractions). smollm2-135m (9 query heads on 3 KV heads: 3 units) can prune 1/3 or 2/3
+of its heads, never 10% or 20%; gemma3-270m (4 heads on 1 KV head, hidden size 640) 1/2 or 3/4 (3
+heads left is refused by its config). select_heads rounds a fraction to the nearest whole number of
+units (0.2 and 0.3 of smollm2 both prune 1/3) and refuses, naming the nearest representable fractions,
+one that rounds to none or to all, or (given the model's config) to a head count the config refuses.
+
+Evaluated side by side with the unpruned model by headwise.compare (`headwise compare`).
+Not here: recovery fine-tuning.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from ._io import check_output_dir, deferred_interrupt
 from .atlas import Atlas, versions
 from .errors import HeadwiseError
 from .geometry import Geometry
-from .load import LoadedModel, ModelInfo
+from .load import LoadedModel, ModelInfo, _quiet_transformers
 from .parts import attention_modules, output_projection
 
 PROVENANCE_FILE = "headwise-pruned.json"
@@ -109,16 +118,56 @@ def check_heads(geometry: Geometry, heads: Mapping[int, Sequence[int]] | Sequenc
     return removed
 
 
+# ---- which fractions a model can prune -----------------------------------------------------------------
+def _config_accepts(config: Any, n_heads: int, n_kv_heads: int, head_dim: int) -> bool:
+    """Whether the model's config validates with this head count (as prune_heads rewrites it)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    trial = copy.deepcopy(text)
+    trial.num_attention_heads, trial.num_key_value_heads, trial.head_dim = n_heads, n_kv_heads, head_dim
+    validate = getattr(trial, "validate", None)
+    try:
+        if callable(validate):
+            validate()
+    except Exception:  # transformers wraps its validators' ValueError in its own error type
+        return False
+    return True
+
+
+def representable_fractions(geometry: Geometry, config: Any = None) -> list[tuple[int, int]]:
+    """The (k, units) pairs a pruned model can have, k/units of each layer's pruning units removed: 1..units-1
+    whole units (the same in every layer), and with `config` (the model's) only head counts it accepts."""
+    units = pruning_units(geometry)
+    out = []
+    for k in range(1, len(units)):
+        n_heads = geometry.n_heads - k * len(units[0])
+        n_kv = geometry.n_kv_heads - (k if geometry.n_kv_heads > 1 else 0)
+        if config is None or _config_accepts(config, n_heads, n_kv, geometry.head_dim):
+            out.append((k, len(units)))
+    return out
+
+
+def describe_fractions(pairs: list[tuple[int, int]]) -> str:
+    """'1/3 (0.333) or 2/3 (0.667)': the representable fractions, for messages."""
+    names = [f"{k}/{u} ({k / u:.3g})" for k, u in pairs]
+    return "none" if not names else names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _nearest(fraction: float, pairs: list[tuple[int, int]], limit: int = 4) -> list[tuple[int, int]]:
+    """The representable fractions closest to `fraction` (all of them when there are few), in order."""
+    return sorted(sorted(pairs, key=lambda p: abs(p[0] / p[1] - fraction))[:limit])
+
+
 # ---- choosing heads from an atlas ----------------------------------------------------------------------
 def select_heads(atlas: Atlas, geometry: Geometry, score: str, fraction: float, largest_is_important: bool = True,
-                 seed: int | None = None, info: ModelInfo | None = None) -> list[tuple[int, int]]:
+                 seed: int | None = None, info: ModelInfo | None = None, config: Any = None) -> list[tuple[int, int]]:
     """The (layer, head) query heads to prune: in every layer, the round(fraction x units) pruning units
     (pruning_units: KV groups for GQA, heads for MHA and MQA) of lowest importance, a unit's importance
     being the sum of its query heads' scores (rounded half up; ties go to the lower unit index).
 
     score="random": units drawn uniformly per layer with `seed` (0 when None), the control.
     `info`: the model's provenance; with it the atlas must be of these very weights
-    (Atlas.check_model), without it of this geometry.
+    (Atlas.check_model), without it of this geometry. `config` (the model's): a fraction whose head
+    count it refuses is refused here, naming the fractions it accepts (see representable_fractions).
     """
     if info is not None:
         atlas.check_model(info, geometry)
@@ -130,12 +179,20 @@ def select_heads(atlas: Atlas, geometry: Geometry, score: str, fraction: float, 
     units = pruning_units(geometry)
     k = math.floor(fraction * len(units) + 0.5)
     what = "KV groups" if len(units[0]) > 1 else "heads"
+    possible = representable_fractions(geometry, config)
+    can = (f"this model can prune {describe_fractions(_nearest(fraction, possible))} of each layer's {len(units)} "
+           f"{what}" + (" (whole units, the same number in every layer" + (", head counts its config accepts)"
+                                                                           if config is not None else ")")))
     if k == 0:
-        raise HeadwiseError(f"fraction {fraction} of {len(units)} {what} per layer prunes none; "
-                            f"use at least {1 / len(units):.3g}")
+        raise HeadwiseError(f"fraction {fraction} prunes none of the {len(units)} {what} per layer (it rounds to 0); "
+                            f"{can}")
     if k >= len(units):
-        raise HeadwiseError(f"fraction {fraction} of {len(units)} {what} per layer prunes every one; "
-                            f"use less than {(len(units) - 0.5) / len(units):.3g}")
+        raise HeadwiseError(f"fraction {fraction} prunes every one of the {len(units)} {what} per layer (it rounds "
+                            f"to {k}); {can}")
+    if (k, len(units)) not in possible:
+        raise HeadwiseError(f"fraction {fraction} rounds to {k} of {len(units)} {what} per layer "
+                            f"({geometry.n_heads - k * len(units[0])} heads left), which transformers' config of "
+                            f"this model refuses; {can}")
     if score == RANDOM:
         rng = np.random.default_rng(0 if seed is None else seed)
         chosen = [sorted(rng.permutation(len(units))[:k].tolist()) for _ in range(geometry.n_layers)]
@@ -246,13 +303,15 @@ def _check_config(config: Any, n_keep: int) -> None:
     except Exception as e:  # transformers wraps the validator's ValueError in its own error type
         cause = str(e.__cause__ or e).strip().splitlines()[0][:200]
         raise HeadwiseError(f"transformers' {type(config).__name__} refuses a model with {n_keep} heads per layer "
-                            f"({cause}); prune a number of heads it accepts") from None
+                            f"({cause}); prune a number of heads it accepts (see prune.representable_fractions)") \
+            from None
 
 
 # ---- saving -------------------------------------------------------------------------------------------
 def provenance(loaded: LoadedModel, heads: Mapping[int, Sequence[int]] | Sequence[tuple[int, int]], *,
-               score: str, fraction: float | None, seed: int | None) -> dict[str, Any]:
-    """What headwise-pruned.json records: the source model, how the heads were chosen, which went."""
+               score: str, fraction: float | None, seed: int | None, atlas: Atlas | None = None) -> dict[str, Any]:
+    """What headwise-pruned.json records: the source model, how the heads were chosen, which went, and the
+    atlas's model, scores and settings (its probes: headwise.compare keeps its held-out text apart from them)."""
     removed = check_heads(loaded.geometry, heads)
     g = loaded.geometry
     n_removed = len(removed[0])
@@ -260,6 +319,8 @@ def provenance(loaded: LoadedModel, heads: Mapping[int, Sequence[int]] | Sequenc
             "score": score, "fraction": fraction, "seed": seed,
             "removed_heads": {str(layer): hs for layer, hs in enumerate(removed)},
             "heads_per_layer": {"before": g.n_heads, "after": g.n_heads - n_removed},
+            "atlas": None if atlas is None else {"model": atlas.model, "scores": atlas.score_names,
+                                                 "settings": atlas.data["settings"]},
             "versions": versions()}
 
 
@@ -284,9 +345,10 @@ def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path, provenance: Map
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.pruning-", dir=out.parent))
     old = None
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        with _quiet_transformers():  # no "Writing model shards" bar on stderr: the command prints its own lines
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         with deferred_interrupt():
             if any(out.iterdir()):
@@ -296,8 +358,8 @@ def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path, provenance: Map
                 out.rmdir()
             try:
                 os.replace(tmp, out)
-            except OSError:
-                if old is not None:  # put the older pruned model back
+            except BaseException:  # a failed rename, or a crash simulated there: put the older pruned model back
+                if old is not None:
                     os.replace(old, out)
                     old = None
                 raise
@@ -311,5 +373,5 @@ def save_pruned(model: Any, tokenizer: Any, out_dir: str | Path, provenance: Map
     return out
 
 
-__all__ = ["PROVENANCE_FILE", "RANDOM", "check_heads", "check_pruned_output", "prune_heads", "provenance",
-           "pruning_units", "save_pruned", "select_heads"]
+__all__ = ["PROVENANCE_FILE", "RANDOM", "check_heads", "check_pruned_output", "describe_fractions", "prune_heads",
+           "provenance", "pruning_units", "representable_fractions", "save_pruned", "select_heads"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +48,9 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=None, help="feed the prompt in chunks of N tokens")
+    p.add_argument("--steer", default=None, metavar="DIR", help="apply a steering written by headwise steer")
+    p.add_argument("--strength", type=float, default=None,
+                   help="scale the steering's edit (0: none, 1: as fitted; default: the saved strength)")
 
 
 def _run_generate(args: argparse.Namespace) -> None:
@@ -71,8 +75,24 @@ def _run_generate(args: argparse.Namespace) -> None:
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise HeadwiseError("--prefill-chunk must be a positive number of tokens")
     check_sink_window(args.sink, args.window)
+    if args.strength is not None and (args.steer is None or not math.isfinite(args.strength)):
+        raise HeadwiseError("--strength needs --steer DIR and a finite number" if args.steer is None else
+                            f"--strength must be a finite number; got {args.strength}")
+    if args.steer is not None:
+        from ..steer import read_record
+
+        read_record(args.steer)  # a missing or broken steering before the model loads
     loaded = load(args.model)
     loaded.require("text", "headwise generate")
+    edits = None
+    if args.steer is not None:
+        from ..steer import load_steering
+
+        steering = load_steering(args.steer, loaded, strength=args.strength)
+        edits = steering.edits()
+        if steering.whole_prompt and args.prefill_chunk is not None:  # it acts at the prompt's last token
+            raise HeadwiseError(f"a {steering.method} steering reads the whole prompt in one call; drop "
+                                f"--prefill-chunk")
     tok = loaded.tokenizer
     if args.chat:
         if not getattr(tok, "chat_template", None):
@@ -88,7 +108,11 @@ def _run_generate(args: argparse.Namespace) -> None:
                           sink=args.sink, window=args.window)
     if args.prefill_chunk is not None and policy.prefill == "whole":
         raise HeadwiseError(f"policy '{args.policy}' reads the whole prompt in one call; drop --prefill-chunk")
-    res = generate(loaded, ids, policy, max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk)
+    if edits is not None and edits.weights is not None and args.policy != "full":
+        raise HeadwiseError(f"steering {args.steer} edits attention weights, which only the full KV cache keeps; "
+                            f"drop --policy {args.policy}")
+    res = generate(loaded, ids, policy, max_new_tokens=args.max_new_tokens, prefill_chunk=args.prefill_chunk,
+                   edits=edits)
     from .heads import HeadPolicy
 
     full = HeadPolicy.full_cache(loaded.geometry).kv_bytes(res.prompt_tokens + len(res.tokens))

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..decode import Until, forward, greedy
 from ..errors import HeadwiseError
+from ..instrument import HeadEdits
 from .cache import HeadwiseCache
 from .policy import CachePolicy
 
@@ -56,7 +57,7 @@ class GenerationResult:
 
 def generate(loaded: Any, input_ids: Tensor, policy: CachePolicy, max_new_tokens: int = 32,
              prefill_chunk: int | None = PREFILL_CHUNK, until: Until = "eos",
-             answer_ids: list[int] | None = None) -> GenerationResult:
+             answer_ids: list[int] | None = None, edits: HeadEdits | None = None) -> GenerationResult:
     """Greedy decoding of one prompt [1, T] under `policy` (headwise.decode's loop and stop rule).
 
     With `answer_ids`, also scores that answer teacher-forced after the prompt, on a copy of the
@@ -74,7 +75,7 @@ def generate(loaded: Any, input_ids: Tensor, policy: CachePolicy, max_new_tokens
         scored["logprobs"], scored["argmax"] = _score_answer(loaded.model, logits, prefilled, answer_ids)
 
     replies = greedy(loaded, input_ids, max_new_tokens, until=until, cache=cache, prefill_chunk=chunk,
-                     after_prefill=score_answer if answer_ids else None)
+                     after_prefill=score_answer if answer_ids else None, edits=edits)
     return GenerationResult(tokens=replies.tokens[0], text=replies.texts[0], prompt_tokens=int(input_ids.shape[1]),
                             prefill_seconds=replies.prefill_seconds, decode_seconds=replies.decode_seconds,
                             kv_bytes=cache.nbytes(), kv_report=cache.report(),
