@@ -142,6 +142,27 @@ def test_select_heads_removes_the_least_important_units_the_same_count_per_layer
     assert select_heads(_atlas(mqa, scores), mqa.geometry, "importance_norm", 0.25) == [(0, 3), (1, 0), (2, 1)]
 
 
+def test_protected_roles_keep_their_units_while_other_units_can_go():
+    from headwise.scores import role_rules
+
+    loaded = _loaded("llama-gqa")  # units: KV groups {0, 1} and {2, 3}
+    g = loaded.geometry
+    atlas = _atlas(loaded, np.array([[5.0, 5.0, 1.0, 1.0], [0.0, 1.0, 9.0, 0.0], [3.0, -1.0, 1.0, 0.5]]))
+    induction = np.zeros((g.n_layers, g.n_heads))
+    induction[0, 3] = induction[1, 1] = 0.9  # layer 0: the least important group holds an induction head
+    atlas.set_score("induction", induction, family="t", probe=None, description="hand-made",
+                    rule=next(r for r in role_rules() if r.role == "induction"))
+    plain = select_heads(atlas, g, "importance_norm", 0.5)
+    kept = select_heads(atlas, g, "importance_norm", 0.5, protect=["induction"])
+    assert plain == [(0, 2), (0, 3), (1, 0), (1, 1), (2, 2), (2, 3)]
+    assert kept == [(0, 0), (0, 1), (1, 2), (1, 3), (2, 2), (2, 3)]  # layers 0 and 1 lose the other group
+    for seed in range(4):  # the random control draws among unprotected units first, too
+        drawn = select_heads(atlas, g, "random", 0.5, seed=seed, protect=["induction"])
+        assert (0, 3) not in drawn and (1, 1) not in drawn
+    with pytest.raises(HeadwiseError, match="no role 'retrieval' to protect"):
+        select_heads(atlas, g, "importance_norm", 0.5, protect=["retrieval"])
+
+
 def test_random_selection_is_seeded():
     loaded = _loaded("gemma3-sliding")
     g = loaded.geometry

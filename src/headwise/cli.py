@@ -241,6 +241,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
                         "the model's config accepts (smollm2-135m: 1/3 or 2/3; gemma3-270m: 1/2 or 3/4)")
     p.add_argument("--out", required=True, help="directory for the pruned model (a standard Hugging Face directory)")
     p.add_argument("--seed", type=int, default=0, help="seed of --score random (default 0)")
+    p.add_argument("--protect", default="", metavar="ROLES",
+                   help="comma-separated role labels (e.g. induction,previous-token) whose heads' units are pruned "
+                        "last; prose-based importance alone removes the in-context heads")
 
 
 def _run_prune(args: argparse.Namespace) -> None:
@@ -257,11 +260,12 @@ def _run_prune(args: argparse.Namespace) -> None:
     with output_location(args.out, what="the pruned model"):
         check_pruned_output(args.out)  # before the model loads
         loaded = load(args.model)
+        protect = [r.strip() for r in args.protect.split(",") if r.strip()]
         heads = select_heads(atlas, loaded.geometry, args.score, args.fraction, seed=args.seed, info=loaded.info,
-                             config=loaded.model.config)
+                             config=loaded.model.config, protect=protect)
         model = prune_heads(loaded, heads)
         record = provenance(loaded, heads, score=args.score, fraction=args.fraction,
-                            seed=args.seed if args.score == "random" else None, atlas=atlas)
+                            seed=args.seed if args.score == "random" else None, atlas=atlas, protect=protect)
         out = save_pruned(model, loaded.tokenizer, args.out, record)
     g = loaded.geometry
     before = sum(p.numel() for p in loaded.model.parameters())

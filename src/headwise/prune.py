@@ -159,7 +159,8 @@ def _nearest(fraction: float, pairs: list[tuple[int, int]], limit: int = 4) -> l
 
 # ---- choosing heads from an atlas ----------------------------------------------------------------------
 def select_heads(atlas: Atlas, geometry: Geometry, score: str, fraction: float, largest_is_important: bool = True,
-                 seed: int | None = None, info: ModelInfo | None = None, config: Any = None) -> list[tuple[int, int]]:
+                 seed: int | None = None, info: ModelInfo | None = None, config: Any = None,
+                 protect: Sequence[str] = ()) -> list[tuple[int, int]]:
     """The (layer, head) query heads to prune: in every layer, the round(fraction x units) pruning units
     (pruning_units: KV groups for GQA, heads for MHA and MQA) of lowest importance, a unit's importance
     being the sum of its query heads' scores (rounded half up; ties go to the lower unit index).
@@ -168,6 +169,10 @@ def select_heads(atlas: Atlas, geometry: Geometry, score: str, fraction: float, 
     `info`: the model's provenance; with it the atlas must be of these very weights
     (Atlas.check_model), without it of this geometry. `config` (the model's): a fraction whose head
     count it refuses is refused here, naming the fractions it accepts (see representable_fractions).
+    `protect`: role labels (e.g. "induction", "retrieval") whose units go last: in each layer, a unit
+    holding a head the atlas labels with one of them is pruned only when the unprotected units are not
+    enough. Importance measured on prose rates the in-context heads low, and pruning them loses
+    in-context learning (bench/RESULTS.md, "Head pruning").
     """
     if info is not None:
         atlas.check_model(info, geometry)
@@ -193,9 +198,17 @@ def select_heads(atlas: Atlas, geometry: Geometry, score: str, fraction: float, 
         raise HeadwiseError(f"fraction {fraction} rounds to {k} of {len(units)} {what} per layer "
                             f"({geometry.n_heads - k * len(units[0])} heads left), which transformers' config of "
                             f"this model refuses; {can}")
+    kept = np.zeros((geometry.n_layers, len(units)), dtype=bool)  # [layers, units]: holds a protected head
+    known = {r.get("role") for r in atlas.data.get("roles", {}).get("rules", [])}
+    for role in protect:
+        if role not in known:
+            raise HeadwiseError(f"this atlas has no role '{role}' to protect (it has: {', '.join(sorted(known))})")
+        for layer, head in atlas.heads_with_role(role):
+            kept[layer, [u for u, unit in enumerate(units) if head in unit]] = True
     if score == RANDOM:
         rng = np.random.default_rng(0 if seed is None else seed)
-        chosen = [sorted(rng.permutation(len(units))[:k].tolist()) for _ in range(geometry.n_layers)]
+        draws = [rng.permutation(len(units)) for _ in range(geometry.n_layers)]
+        chosen = [sorted(sorted(d, key=lambda u, lay=layer: kept[lay, u])[:k]) for layer, d in enumerate(draws)]
     else:
         if score not in atlas.score_names:
             raise HeadwiseError(f"this atlas has no score '{score}' (it has: {', '.join(atlas.score_names) or 'none'}"
@@ -208,7 +221,7 @@ def select_heads(atlas: Atlas, geometry: Geometry, score: str, fraction: float, 
         importance = np.stack([values[:, unit].sum(axis=1) for unit in units], axis=1)  # [layers, units]
         if not largest_is_important:
             importance = -importance
-        chosen = [sorted(np.argsort(row, kind="stable")[:k].tolist()) for row in importance]
+        chosen = [sorted(np.lexsort((row, kept[layer]))[:k].tolist()) for layer, row in enumerate(importance)]
     return [(layer, h) for layer, row in enumerate(chosen) for u in row for h in units[u]]
 
 
@@ -309,14 +322,15 @@ def _check_config(config: Any, n_keep: int) -> None:
 
 # ---- saving -------------------------------------------------------------------------------------------
 def provenance(loaded: LoadedModel, heads: Mapping[int, Sequence[int]] | Sequence[tuple[int, int]], *,
-               score: str, fraction: float | None, seed: int | None, atlas: Atlas | None = None) -> dict[str, Any]:
+               score: str, fraction: float | None, seed: int | None, atlas: Atlas | None = None,
+               protect: Sequence[str] = ()) -> dict[str, Any]:
     """What headwise-pruned.json records: the source model, how the heads were chosen, which went, and the
     atlas's model, scores and settings (its probes: headwise.compare keeps its held-out text apart from them)."""
     removed = check_heads(loaded.geometry, heads)
     g = loaded.geometry
     n_removed = len(removed[0])
     return {"schema": SCHEMA, "source_model": loaded.info.to_dict(), "source_geometry": g.to_dict(),
-            "score": score, "fraction": fraction, "seed": seed,
+            "score": score, "fraction": fraction, "seed": seed, "protected_roles": list(protect),
             "removed_heads": {str(layer): hs for layer, hs in enumerate(removed)},
             "heads_per_layer": {"before": g.n_heads, "after": g.n_heads - n_removed},
             "atlas": None if atlas is None else {"model": atlas.model, "scores": atlas.score_names,
