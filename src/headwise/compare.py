@@ -27,7 +27,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from . import _io
+from ._plotting import pyplot
 from ._progress import progress
 from .errors import HeadwiseError
 
@@ -531,14 +531,8 @@ PANELS = (("held-out perplexity", lambda m: m["perplexity"]["perplexity"], "log"
 def plot(result: dict[str, Any], path: str | Path) -> Path | None:
     """Each metric against the share of heads removed: one line per criterion from the base (x = 0), random
     draws as points with their mean as the line. None (and a note) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("headwise: matplotlib is not installed (pip install 'headwise[plot]'); skipping the plot",
-              file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     models = result["models"]
     if not models:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_bytes_atomic
+from .._plotting import pyplot
 from .._progress import progress
 from .._schema import EVAL as SCHEMA
 from ..errors import HeadwiseError
@@ -342,14 +343,8 @@ def load_eval(path: str | Path) -> dict[str, Any]:
 
 def plot(result: dict[str, Any], path: str | Path) -> Path | None:
     """Accuracy against KV bytes, one panel per task, one point per policy and context."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("headwise: matplotlib is not installed (pip install 'headwise[plot]'); skipping the plot",
-              file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     tasks = list(result["summary"])
     if not tasks:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._plotting import pyplot
 from ..errors import HeadwiseError
 from .layout import (
     neighbour_role_share,
@@ -34,14 +35,7 @@ _ROLE_COLOURS = ["#e8590c", "#1c7ed6", "#2b8a3e", "#ae3ec9", "#f59f00", "#0ca678
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise HeadwiseError("headwise plot needs matplotlib: pip install 'headwise[plot]'") from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot(required_by="headwise plot")
 
 
 def _roles_in_order(atlas) -> list[str]:

@@ -78,14 +78,12 @@ def steering_rows(loaded: Any, task: Task, methods: Sequence[str], *, shots: Seq
             add(f"{method}@random{control}", {**_row(loaded, task, limit=limit, seed=seed, edits=rand.edits()),
                                               "trained_parameters": rand.trained_parameters(),
                                               "heads": [list(h) for h in rand.heads], "fit_seconds": fit_seconds})
-    base = rows.get("0-shot")
     for row in rows.values():  # cost relative to the few-shot prompt the steering replaces
         for k in (5, 10):
             ref = rows.get(f"{k}-shot")
             if ref is not None and ref["seconds_per_query"] > 0:
                 row[f"time_vs_{k}_shot"] = row["seconds_per_query"] / ref["seconds_per_query"]
                 row[f"tokens_vs_{k}_shot"] = row["mean_prompt_tokens"] / ref["mean_prompt_tokens"]
-    del base
     return rows
 
 
