@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean chromium
+.PHONY: install run test bench clean chromium peers peers-kvpress peers-tl
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test: $(STAMP) chromium
 
 bench: $(STAMP)
 	$(BIN)/python bench/profile_speed.py
+
+# Peers (kvpress, TransformerLens) pin other transformers versions: each gets its own venv under
+# bench/peers/<peer>/.venv, outside `make test`. See bench/peers/README.md.
+peers: peers-kvpress peers-tl
+
+peers-kvpress: $(STAMP)
+	sh bench/peers/kvpress/setup.sh
+
+peers-tl: $(STAMP)
+	sh bench/peers/transformerlens/setup.sh
 
 clean:
 	rm -rf $(VENV) atlas-smollm2-135m

@@ -14,8 +14,8 @@ At every context the baselines are sized against the head-aware policy measured 
 "@kvB" head policy is rebuilt for each context, so its head count follows the budget):
 StreamingLLM and SnapKV get the same KV bytes, the random control the same number of full
 heads with the same streaming shape, drawn with several seeds (one label per seed).
-StreamingLLM and the random control read the prompt as the head-aware policy does: with a
-"+whole" head policy (whole-prompt prefill) they get "+whole" too.
+StreamingLLM and the random control read the prompt as the head-aware policy does (the same
+prefill option: whole-prompt by default, +bounded or +tailN).
 Every accuracy is reported with its number of trials, beside two teacher-forced measures of
 the passkey after the prompt: the share of keys whose every token is the model's top choice
 ("key recalled"; the space before the key is left out) and the mean log-probability per token.
@@ -87,8 +87,8 @@ def main() -> None:
     head_at = {ctx: parse_policy(args.head_policy, g, atlas=atlas, context=ctx, sink=args.sink, window=args.window)
                for ctx in set(contexts) | {args.perplexity_context, args.speed_context}}
     head = head_at[max(contexts + [args.speed_context])]
-    # The controls read the prompt as the head-aware policy does (windowed or whole-prompt prefill).
-    whole = "+whole" if head.prefill == "whole" else ""
+    # The controls read the prompt as the head-aware policy does (whole-prompt, bounded or tail prefill).
+    prefill = {"whole": "", "bounded": "+bounded"}.get(head.prefill, f"+tail{head.tail}")
     suffix = head.option_suffix()
     random_seeds = [int(x) for x in args.random_seeds.split(",") if x.strip()]
     long_depths = args.long_depths or args.depths
@@ -100,7 +100,7 @@ def main() -> None:
         mine = ~np.array(g.windowed)
         ratio = here.kv_bytes_by_head(ctx)[mine].sum() / HeadPolicy.full_cache(g).kv_bytes_by_head(ctx)[mine].sum()
         specs = {"full": "full", "headwise": args.head_policy,
-                 "streaming (same bytes)": f"streaming@{ratio:.4f}{whole}"}
+                 "streaming (same bytes)": f"streaming@{ratio:.4f}{prefill}"}
         for seed in random_seeds:
             specs[f"random heads (seed {seed})"] = f"random@{here.full_fraction:.4f}:{seed}{suffix}"
         specs["snapkv (same bytes)"] = f"snapkv@{ratio:.4f}"

@@ -124,13 +124,15 @@ def entropy(a: np.ndarray) -> float:
 # --- the streaming heads of the KV cache ---------------------------------------------------
 def naive_sink_window_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float, sink: int, window: int,
                                 compensate: bool = False, whole_calls: list[tuple[int, int]] = (),
-                                middle: tuple[int, ...] = ()) -> Tensor:
+                                middle: tuple[int, ...] = (), tail: int | None = None) -> Tensor:
     """Reference: each query at position t (t = index, all keys given) in an explicit loop. [b, h, T, d].
 
     For tests: no chunking, no cache, no prefix sums. keys/values already expanded to the
     query heads. `whole_calls`: (start, end) of the multi-token calls of a whole-prompt
     prefill, whose queries see sinks, the `window` tokens before `start`, and the call itself.
-    `middle`: positions every query after the first call also sees (Policy.middle).
+    `middle`: positions every query after the first call also sees (Policy.middle). `tail`: the
+    tail prefill: in the first call only its last `tail` queries see everything, the others their window
+    (None: every query of the first call sees everything).
     """
     b, h, t, d = query.shape
     out = torch.zeros(b, h, t, d, dtype=torch.float64)
@@ -138,6 +140,8 @@ def naive_sink_window_attention(query: Tensor, keys: Tensor, values: Tensor, sca
     first_end = whole_calls[0][1] if whole_calls else 0
     for i in range(t):
         start = next((s for s, e in whole_calls if s <= i < e), None)
+        if tail is not None and i < first_end:
+            start = 0 if i >= first_end - tail else None
         lo = i - window + 1 if start is None else start - window
         kept = middle if i >= first_end else ()
         keep = [j for j in range(i + 1) if j < sink or j >= lo or j in kept]

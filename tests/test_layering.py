@@ -16,7 +16,7 @@ PACKAGE = SRC / "headwise"
 LAYERS: list[set[str]] = [
     {"headwise.errors", "headwise._progress", "headwise._jsonl", "headwise._schema", "headwise._io",
      "headwise.digits", "headwise._plotting"},
-    {"headwise.geometry", "headwise.roles"},
+    {"headwise.geometry", "headwise.roles", "headwise.devices"},  # devices: where each part of a split model runs
     {"headwise.instrument"},  # the one attention function; load attaches every model to it
     {"headwise.vit_digits"},  # trains the bundled image model; load asks for it
     {"headwise.load", "headwise.parts", "headwise.probes"},

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._progress import progress
+from .devices import execution_device
 from .errors import HeadwiseError
 from .geometry import Geometry
 from .instrument import Session, single_head_ablation_scales
@@ -122,13 +123,18 @@ def replay_below(layers: Sequence[torch.nn.Module], start: int, clean_output, re
     def skip(*args, **kwargs):
         return replayed
 
+    # A layer loaded with a device_map has accelerate's hook as its own forward: it is put back, not deleted.
+    hooked = [layer.__dict__.get("forward") for layer in layers[:start]]
     for layer in layers[:start]:
         layer.forward = skip
     try:
         yield
     finally:
-        for layer in layers[:start]:
-            del layer.forward
+        for layer, forward in zip(layers[:start], hooked):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 # ---- the batched ablation ------------------------------------------------------------------
@@ -144,7 +150,7 @@ def head_ablation_effects(model: torch.nn.Module, geometry: Geometry, input_ids:
     heads = sorted(heads if heads is not None else
                    [(layer, head) for layer in range(geometry.n_layers) for head in range(geometry.n_heads)])
     n, t = input_ids.shape
-    device = next(model.parameters()).device
+    device = execution_device(model)
     input_ids = input_ids.to(device)
     layers = decoder_layers(model, geometry)
     effects = torch.full((n, geometry.n_layers, geometry.n_heads), float("nan"), dtype=torch.float64)
@@ -210,7 +216,7 @@ def class_ablation_effects(model: torch.nn.Module, geometry: Geometry, pixel_val
     loss_up = torch.full((n, geometry.n_layers, geometry.n_heads), float("nan"), dtype=torch.float64)
     right_lost = loss_up.clone()
     clean_right = torch.empty(n, dtype=torch.float64)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     layers = decoder_layers(model, geometry)
     clean_start, clean = -1, None
     with torch.inference_mode():

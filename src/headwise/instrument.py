@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .devices import execution_device
 from .errors import HeadwiseError
 from .geometry import Geometry
 
@@ -245,7 +246,7 @@ def headwise_attention(module: torch.nn.Module, query: Tensor, key: Tensor, valu
     if session is not None:
         scale = session.scale_for(layer, out.shape[0])
         if scale is not None:
-            out = out * scale.to(out.dtype)[:, None, :, None]
+            out = out * scale.to(device=out.device, dtype=out.dtype)[:, None, :, None]  # layers may sit apart
     return out.contiguous(), None
 
 
@@ -298,7 +299,7 @@ def attach(model: Any, pixel_shape: tuple[int, int, int] | None = None) -> Geome
 
     AttentionInterface.register(IMPLEMENTATION, probe)
     try:
-        device = next(model.parameters()).device
+        device = execution_device(model)  # with a device_map, offloaded parameters sit on "meta"
         with torch.no_grad():
             if grid is not None:
                 model(pixel_values=torch.zeros(1, *grid[1], device=device))

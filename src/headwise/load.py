@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ._progress import note
+from .devices import check_device_map, execution_device, placed_map
 from .errors import HeadwiseError
 from .geometry import Geometry
 from .instrument import attach, image_grid
@@ -75,9 +76,11 @@ class ModelInfo:
     path: str | None
     weights_sha256: str
     config_sha256: str
+    # Where each part was placed, for a model loaded with a device_map ({module name: device}).
+    device_map: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "device_map" or v is not None}
 
 
 @dataclass
@@ -85,6 +88,7 @@ class LoadedModel:
     """A model ready for headwise: eval mode, attention routed through headwise's function.
 
     `tokenizer` for language models; `processor` (an image processor) for image models.
+    `info.device_map` records where each part was placed when it was loaded with a device_map.
     """
 
     model: Any
@@ -95,7 +99,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model's inputs go (with a device_map: the main device, whose hook dispatches them)."""
+        return execution_device(self.model)
 
     def require(self, modality: str, what: str) -> None:
         """Refuse, in one line, a command made for the other kind of model."""
@@ -284,12 +289,22 @@ def _weights_sha256_of_dir(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def load(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+def load(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+         device_map: str | dict[str, Any] | None = None, offload_folder: str | os.PathLike | None = None
+         ) -> LoadedModel:
     """Load a causal LM or an image transformer and route its attention through headwise.
 
     `spec`: a bundled name (smollm2-135m, gemma3-270m, vit-digits), a Hugging Face model
     directory, a .gguf file, or a hub id already in the local cache.
+
+    `device_map` (instead of `device`), for a model larger than one device: "auto", or
+    {module name: "cpu" | "cuda:N" | "disk"} covering every module with weights, passed to
+    transformers/accelerate (`offload_folder`: where "disk" modules may be written; weights read
+    from safetensors are offloaded in place). It is checked before any weight is read. A GGUF
+    file is first de-quantized whole on the CPU into safetensors (once), then loaded with the map.
     """
+    if device_map is not None and device != "cpu":
+        raise HeadwiseError(f"pass device ({device}) or device_map, not both; put the device in the map instead")
     kind, directory, gguf = _resolve(spec)
     from transformers import AutoConfig
 
@@ -302,9 +317,11 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, devic
             raise HeadwiseError(f"{directory} only has pickled *.bin weights, which headwise never loads; "
                                 f"convert them to safetensors first")
         auto, what = _model_class(config)
+        placement = _placement(auto, config, device_map, offload_folder)
         processor = tokenizer = None
         try:
-            model = auto.from_pretrained(directory, local_files_only=True, dtype=dtype, use_safetensors=True)
+            model = auto.from_pretrained(directory, local_files_only=True, dtype=dtype, use_safetensors=True,
+                                         **placement)
             if what == "image model":
                 processor = _image_processor(directory, model)
             else:
@@ -316,11 +333,37 @@ def load(spec: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, devic
         except Exception as e:
             raise HeadwiseError(f"could not load {'an' if what[0] in 'aeiou' else 'a'} {what} from {directory} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    model.to(device).eval()
+    (model if placement else model.to(device)).eval()  # a dispatched model refuses .to()
     weights = file_sha256(gguf) if gguf is not None else _weights_sha256_of_dir(directory)
     info = ModelInfo(spec=spec, kind=kind, path=str(gguf or directory), weights_sha256=weights,
-                     config_sha256=config_sha256(config))
+                     config_sha256=config_sha256(config), device_map=placed_map(model) if placement else None)
     return _wrap(model, tokenizer, info, processor)
+
+
+def _placement(auto: Any, config: Any, device_map: Any, offload_folder: Any) -> dict[str, Any]:
+    """from_pretrained's device_map arguments, the map checked against the model's modules (built on the
+    meta device, so nothing is read or allocated) before any weight is loaded."""
+    if device_map is None:
+        if offload_folder is not None:
+            raise HeadwiseError("offload_folder is only used with a device_map; pass device_map too, or drop it")
+        return {}
+    try:
+        with torch.device("meta"):
+            skeleton = auto.from_config(config)
+    except Exception as e:
+        raise HeadwiseError(f"could not lay out {getattr(config, 'model_type', 'the model')} to check the device_map "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); try device_map='auto'") from None
+    checked = check_device_map(device_map, skeleton)
+    out: dict[str, Any] = {"device_map": checked}
+    if offload_folder is not None:
+        folder = Path(offload_folder).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HeadwiseError(f"offload_folder {folder} cannot be made ({e.strerror}); pass a writable directory") \
+                from None
+        out["offload_folder"] = str(folder)
+    return out
 
 
 def _model_class(config: Any) -> tuple[Any, str]:

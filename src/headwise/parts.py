@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .devices import execution_device
 from .errors import HeadwiseError
 from .geometry import Geometry
 
@@ -55,9 +56,9 @@ def projection_matrix(attention: torch.nn.Module, geometry: Geometry) -> Tensor:
     """
     proj = output_projection(attention)
     width = geometry.n_heads * geometry.head_dim
-    param = next(proj.parameters())
-    eye = torch.eye(width, dtype=param.dtype, device=param.device)
-    rows = proj(torch.cat([eye, torch.zeros(1, width, dtype=param.dtype, device=param.device)]))
+    dtype, device = next(proj.parameters()).dtype, execution_device(proj)  # offloaded weights sit on "meta"
+    eye = torch.eye(width, dtype=dtype, device=device)
+    rows = proj(torch.cat([eye, torch.zeros(1, width, dtype=dtype, device=device)]))
     matrix = (rows[:-1] - rows[-1:]).float()
     return matrix.reshape(geometry.n_heads, geometry.head_dim, -1)
 

@@ -44,7 +44,8 @@ def _reference_attention(policy: HeadPolicy, whole_calls: list[tuple[int, int]] 
                 middle = _naive_middle(query[:, heads], key[:, kv:kv + 1], scaling, whole_calls[0][1], policy.sink,
                                        policy.window, policy.middle) if policy.middle else ()
                 out[:, heads] = naive_sink_window_attention(query[:, heads], k, v, scaling, policy.sink, policy.window,
-                                                            policy.compensate, whole_calls, middle)
+                                                            policy.compensate, whole_calls, middle,
+                                                            policy.layer_tail(layer))
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("headwise", ref)
@@ -116,8 +117,9 @@ def test_all_full_matches_default_cache(tiny, arch):
 def test_streaming_and_mixed_match_naive_reference(tiny, arch, compensate):
     g = tiny.geometry
     rng = np.random.default_rng(1)
-    policies = [HeadPolicy.streaming(g, sink=3, window=5, compensate=compensate),
-                HeadPolicy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate)]
+    policies = [HeadPolicy.streaming(g, sink=3, window=5, compensate=compensate, prefill="bounded"),
+                HeadPolicy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate,
+                           prefill="bounded")]
     _assert_matches_reference(tiny.model, policies, _ids(30, seed=2), [9, 1, 1, 7, 1, 11])
 
 
@@ -157,10 +159,67 @@ def test_middle_tokens_match_naive_reference(tiny, arch):
     assert (plain[:, 16:] - middle[:, 16:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("compensate", [False, True])
+def test_tail_prefill_matches_naive_reference(tiny, arch, compensate):
+    """The prompt's one call: streaming heads' queries see sinks + window except the last `tail`, which see the
+    whole prompt; later calls as the whole-prompt prefill's."""
+    g = tiny.geometry
+    rng = np.random.default_rng(11)
+    policies = [HeadPolicy.streaming(g, sink=3, window=5, compensate=compensate, prefill="tail", tail=4),
+                HeadPolicy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=6, compensate=compensate,
+                           prefill="tail", tail=3),
+                # the first layer reads the prompt whole, the others bounded, with or without a tail
+                HeadPolicy.streaming(g, sink=3, window=5, compensate=compensate, prefill="tail", early=1),
+                HeadPolicy.streaming(g, sink=2, window=4, compensate=compensate, prefill="tail", tail=2, early=1)]
+    ids = _ids(34, seed=12)
+    _assert_matches_reference(tiny.model, policies, ids, [16, 1, 1, 9, 1, 6], [(0, 16), (18, 27), (28, 34)])
+
+
+def test_tail_prefill_lies_between_bounded_and_whole():
+    """The tail's queries are the whole prefill's, the others the bounded prefill's (so the test above can fail)."""
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    ids = _ids(40, seed=13)
+    logits = {mode: _cached_logits(lm.model, ids, HeadwiseCache(HeadPolicy.streaming(
+        lm.geometry, sink=2, window=4, prefill=mode, tail=6 if mode == "tail" else 0)), [40])
+        for mode in ("bounded", "whole", "tail")}
+    torch.testing.assert_close(logits["tail"][:, :34], logits["bounded"][:, :34], atol=1e-5, rtol=1e-5)
+    assert (logits["tail"][:, 34:] - logits["bounded"][:, 34:]).abs().max() > 1e-3
+    assert (logits["tail"][:, 34:] - logits["whole"][:, 34:]).abs().max() > 1e-3  # earlier layers' inputs differ
+    # A tail as long as the prompt is the whole prefill.
+    longer = _cached_logits(lm.model, ids, HeadwiseCache(HeadPolicy.streaming(lm.geometry, sink=2, window=4,
+                                                                              prefill="tail", tail=40)), [40])
+    torch.testing.assert_close(longer, logits["whole"], atol=1e-5, rtol=1e-5)
+
+
+def test_tail_and_early_prefill_read_the_prompt_in_one_call():
+    """generate ignores prefill_chunk for them: the first answer token is scored from the one-call prefill."""
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    ids = _ids(40, seed=14)
+    for policy in (HeadPolicy.streaming(lm.geometry, sink=2, window=4, prefill="tail", tail=4),
+                   HeadPolicy.streaming(lm.geometry, sink=2, window=4, prefill="tail", early=1)):
+        assert policy.one_call_prefill
+        res = generate(lm, ids, policy, max_new_tokens=2, prefill_chunk=16, until="budget", answer_ids=[5, 6])
+        last = _cached_logits(lm.model, ids, HeadwiseCache(policy), [40])[0, -1]
+        assert res.answer_logprobs[0] == pytest.approx(float(torch.log_softmax(last.float(), -1)[5]), abs=1e-5)
+
+
+def test_tail_and_prefill_modes_are_checked():
+    g = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer()).geometry
+    with pytest.raises(HeadwiseError, match="tail"):
+        HeadPolicy.streaming(g, prefill="tail")
+    with pytest.raises(HeadwiseError, match="tail"):
+        HeadPolicy.streaming(g, prefill="whole", tail=4)
+    with pytest.raises(HeadwiseError, match="early layers"):
+        HeadPolicy.streaming(g, prefill="tail", early=g.n_layers + 1)
+    with pytest.raises(HeadwiseError, match="tail"):
+        HeadPolicy.streaming(g, prefill="bounded", early=1)
+    assert HeadPolicy.streaming(g, prefill="tail", tail=8, middle=4).middle == 4  # the vote reads the one call
+
+
 def test_middle_tokens_need_whole_prefill_and_no_compensation():
     g = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer()).geometry
-    with pytest.raises(HeadwiseError, match="whole-prompt prefill"):
-        HeadPolicy.streaming(g, middle=8)
+    with pytest.raises(HeadwiseError, match="drop \\+bounded"):
+        HeadPolicy.streaming(g, middle=8, prefill="bounded")
     with pytest.raises(HeadwiseError, match="compensation"):
         HeadPolicy.streaming(g, middle=8, prefill="whole", compensate=True)
     with pytest.raises(HeadwiseError, match=">= 0"):
@@ -171,7 +230,7 @@ def test_whole_prefill_greedy_prefills_in_one_call_and_differs_after():
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
     ids = _ids(48, seed=7)
     whole = HeadPolicy.streaming(lm.geometry, sink=2, window=4, prefill="whole")
-    windowed = HeadPolicy.streaming(lm.geometry, sink=2, window=4)
+    windowed = HeadPolicy.streaming(lm.geometry, sink=2, window=4, prefill="bounded")
     full = generate(lm, ids, HeadPolicy.full_cache(lm.geometry), max_new_tokens=6, prefill_chunk=16, until="budget",
                   answer_ids=[5, 6, 7])
     res = generate(lm, ids, whole, max_new_tokens=6, prefill_chunk=16, until="budget", answer_ids=[5, 6, 7])
@@ -189,7 +248,8 @@ def test_streaming_differs_from_full_cache():
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
     ids = _ids(40, seed=3)
     full = _cached_logits(lm.model, ids, HeadwiseCache(HeadPolicy.full_cache(lm.geometry)), [40])
-    streamed = _cached_logits(lm.model, ids, HeadwiseCache(HeadPolicy.streaming(lm.geometry, sink=2, window=4)), [40])
+    streamed = _cached_logits(lm.model, ids, HeadwiseCache(HeadPolicy.streaming(lm.geometry, sink=2, window=4,
+                                                                                       prefill="bounded")), [40])
     assert (full[:, -1] - streamed[:, -1]).abs().max() > 1e-3
     torch.testing.assert_close(full[:, :6], streamed[:, :6])  # within sink + window nothing is dropped
 
@@ -273,7 +333,7 @@ def test_greedy_reports_bytes_and_speed():
 
 def test_answer_logprob_is_teacher_forced_and_leaves_the_reply_alone():
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
-    policy = HeadPolicy.random(lm.geometry, 0.5, seed=1, sink=2, window=4)
+    policy = HeadPolicy.random(lm.geometry, 0.5, seed=1, sink=2, window=4, prefill="bounded")
     ids, answer = _ids(30), [5, 7, 9]
     plain = generate(lm, ids, policy, max_new_tokens=4, until="budget")
     scored = generate(lm, ids, policy, max_new_tokens=4, until="budget", answer_ids=answer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -125,8 +127,16 @@ def test_round_trip_and_geometry_check(tmp_path):
     p = HeadPolicy.random(G, 0.5, seed=3, sink=8, window=32, compensate=True)
     q = HeadPolicy.load(p.save(tmp_path / "p.json"))
     assert np.array_equal(p.full, q.full) and (q.sink, q.window, q.compensate) == (8, 32, True)
-    assert q.prefill == "bounded"
-    assert HeadPolicy.load(HeadPolicy.streaming(G, prefill="whole").save(tmp_path / "w.json")).prefill == "whole"
+    assert q.prefill == "whole"  # the default: the prefill that keeps the full cache's replies
+    assert HeadPolicy.load(HeadPolicy.streaming(G, prefill="bounded").save(tmp_path / "w.json")).prefill == "bounded"
+    t = HeadPolicy.load(HeadPolicy.streaming(G, prefill="tail", tail=64, quant=4).save(tmp_path / "t.json"))
+    assert (t.prefill, t.tail, t.quant) == ("tail", 64, 4)
+    # A file from before the default changed has no prefill field and meant the bounded prefill.
+    doc = json.loads((tmp_path / "p.json").read_text())
+    for key in ("prefill", "tail", "quant"):
+        del doc[key]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    assert HeadPolicy.load(tmp_path / "old.json").prefill == "bounded"
     with pytest.raises(HeadwiseError, match="prefill must be"):
         HeadPolicy.streaming(G, prefill="all")
     with pytest.raises(HeadwiseError, match="built for"):
@@ -143,7 +153,16 @@ def test_parse_policy_specs():
     h = parse_policy("headwise:streamable_mass@0.5+comp", G, atlas=atlas, window=64)
     assert h.n_full == 4 and h.compensate and h.window == 64 and h.name == "headwise:streamable_mass@0.5+comp"
     assert parse_policy("random@0.25:3", G).source["seed"] == 3
-    assert parse_policy("random@0.25:3", G).prefill == "bounded"
+    assert parse_policy("random@0.25:3", G).prefill == "whole"
+    assert parse_policy("random@0.25:3+bounded", G).prefill == "bounded"
+    t = parse_policy("headwise:streamable_mass@0.5+tail64+mid8", G, atlas=atlas)
+    assert (t.prefill, t.tail, t.middle) == ("tail", 64, 8) and t.option_suffix() == "+tail64+mid8"
+    assert "last 64 queries" in t.describe()
+    assert parse_policy("full+q8", G).quant == 8 and parse_policy("random@0.5+q4", G).quant == 4
+    e = parse_policy("random@0.5+early2+mid8", G)
+    assert (e.prefill, e.tail, e.early, e.option_suffix()) == ("tail", 0, 2, "+early2+mid8")
+    assert [e.layer_tail(i) for i in range(4)] == [None, None, 0, 0]
+    assert parse_policy("random@0.5+tail16+early1", G).layer_tail(3) == 16
     w = parse_policy("headwise:streamable_mass@0.5+whole+comp", G, atlas=atlas)
     assert (w.prefill, w.compensate, w.n_full) == ("whole", True, 4)
     assert parse_policy("streaming@64+whole", G).prefill == "whole"
@@ -151,7 +170,12 @@ def test_parse_policy_specs():
     assert isinstance(snap, SnapKVPolicy) and snap.tokens_kept(1000) == 300
     for bad, why in (("nope", "unknown policy"), ("headwise:streamable_mass@0.5", "needs an atlas"),
                      ("headwise:streamable_mass:sideways@0.5", "direction"), ("random@x", "not a number"),
-                     ("full+whole", "streaming heads only"), ("snapkv@0.3+comp", "streaming heads only")):
+                     ("full+whole", "takes no option"), ("snapkv@0.3+comp", "takes no option"),
+                     ("random@0.5+q3", "8 or 4 bits"), ("random@0.5+q", r"\+q takes"), ("full+q16", "8 or 4 bits"),
+                     ("random@0.5+tail", r"\+tail takes"), ("random@0.5+tail0", "1 <= N"),
+                     ("random@0.5+whole+bounded", "two prefill modes"), ("random@0.5+tail8+whole", "two prefill"),
+                     ("random@0.5+bounded+mid8", r"drop \+bounded"), ("random@0.5+whole+early2", "two prefill"),
+                     ("random@0.5+early", "number of layers"), ("random@0.5+early9", r"early layers in \[0, 4\]")):
         with pytest.raises(HeadwiseError, match=why):
             parse_policy(bad, G, atlas=None if "atlas" in why else atlas)
 
@@ -170,8 +194,8 @@ def test_middle_tokens_in_specs_bytes_budgets_and_files(tmp_path):
     assert parse_policy("random@kv0.5+whole+mid200", G, context=1000, sink=10, window=40).n_full == 2
     assert HeadPolicy.load(p.save(tmp_path / "m.json")).middle == 30
     assert parse_policy(str(tmp_path / "m.json"), G).middle == 30
-    for bad, why in (("headwise:retrieval@0.25+mid30", "whole-prompt"), ("razor@0.25+whole+mid8", "compensation"),
-                     ("full+mid8", "streaming heads only"), ("headwise:retrieval@0.25+whole+midx", "not a number")):
+    for bad, why in (("headwise:retrieval@0.25+bounded+mid30", "bounded"), ("razor@0.25+whole+mid8", "compensation"),
+                     ("full+mid8", "takes no option"), ("headwise:retrieval@0.25+whole+midx", "not a number")):
         with pytest.raises(HeadwiseError, match=why):
             parse_policy(bad, G, atlas=atlas)
 
@@ -182,7 +206,7 @@ def test_specs_mean_what_they_say_or_are_refused(tmp_path):
     grammar = (("random:7@0.5", "no ':' argument"), ("razor:zzz@0.5", "no ':' argument"),
                ("full:", "nothing after"), ("full@", "nothing after"), ("streaming:", "nothing after"),
                ("headwise@0.5", "needs its"), ("duo:x.tsv", "needs an amount"), ("streamingXYZ", "unknown policy"),
-               ("full+whole", "no stream"))
+               ("full+whole", "takes no option"), ("random@0.5+q2", "8 or 4 bits"))
     for bad, why in grammar + (("streaming@5_0", "not a number"), ("snapkv@1e400", "finite")):
         if (bad, why) in grammar:
             with pytest.raises(HeadwiseError, match=why):

@@ -25,7 +25,7 @@ def test_gate_ends_are_full_attention_and_the_streaming_cache(tiny, value):
     gates = torch.full((g.n_layers, g.n_kv_heads), value)
     with torch.no_grad(), Session(g, mix=gated_mix(g, gates, sink=3, window=6)):
         mixed = model(input_ids=ids, use_cache=False).logits
-    policy = HeadPolicy.full_cache(g) if value == 1.0 else HeadPolicy.streaming(g, sink=3, window=6)
+    policy = HeadPolicy.full_cache(g) if value == 1.0 else HeadPolicy.streaming(g, sink=3, window=6, prefill="bounded")
     with torch.no_grad():
         ref = model(input_ids=ids, cache=HeadwiseCache(policy), use_cache=True).logits
     torch.testing.assert_close(mixed, ref, atol=2e-4, rtol=2e-4)

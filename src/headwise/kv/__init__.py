@@ -16,7 +16,8 @@ import importlib
 from typing import Any
 
 _PUBLIC = {
-    "CachePolicy": ".policy", "HeadPolicy": ".heads", "SnapKVPolicy": ".snapkv", "HeadwiseCache": ".cache",
+    "CachePolicy": ".policy", "HeadPolicy": ".heads", "SnapKVPolicy": ".snapkv", "CompressKVPolicy": ".compresskv",
+    "HeadwiseCache": ".cache",
     "PolicyRequest": ".spec", "parse_policy": ".spec", "register_policy": ".spec", "registered_policies": ".spec",
     "GenerationResult": ".generate", "generate": ".generate", "perplexity": ".generate",
     "EvalSettings": ".evaluate", "evaluate": ".evaluate", "load_eval": ".evaluate",

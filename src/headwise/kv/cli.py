@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import HeadwiseError
+from .duo_pattern import EXPORT_DUO_COMMAND
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -39,11 +40,13 @@ def _load_atlas(args: argparse.Namespace, loaded):
 def _add_generate(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--policy", default="full", help="policy spec (full, streaming[@X], headwise:SCORE[:high|:low]@F, "
-                                                    "razor@F, random@F[:SEED], duo:FILE@F, snapkv@X) or a policy "
-                                                    ".json; @kvB for @F: the most full heads within B x the full "
-                                                    "cache's KV bytes; append +comp (compensation token), +whole "
-                                                    "(whole-prompt prefill) or, with +whole, +midM (streaming heads "
-                                                    "also keep M prompt tokens chosen by the token vote)")
+                                                    "razor@F, random@F[:SEED], duo:FILE@F, snapkv@X, compresskv@X) or "
+                                                    "a policy .json; @kvB for @F: the most full heads within B x the "
+                                                    "full cache's KV bytes; append +bounded, +tailN or +earlyL (faster "
+                                                    "prefills than the default whole-prompt one), +midM (streaming "
+                                                    "heads also keep M prompt tokens chosen by the token vote), +comp "
+                                                    "(compensation token), +q8/+q4 (full heads in 8/4 bits); "
+                                                    "docs/kv-cache.md")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -106,7 +109,7 @@ def _run_generate(args: argparse.Namespace) -> None:
                             f"this model's {limit} positions; shorten {path} or lower --max-new-tokens")
     policy = parse_policy(args.policy, loaded.geometry, atlas=_load_atlas(args, loaded), context=ids.shape[1],
                           sink=args.sink, window=args.window)
-    if args.prefill_chunk is not None and policy.prefill == "whole":
+    if args.prefill_chunk is not None and policy.one_call_prefill:
         raise HeadwiseError(f"policy '{args.policy}' reads the whole prompt in one call; drop --prefill-chunk")
     if edits is not None and edits.weights is not None and args.policy != "full":
         raise HeadwiseError(f"steering {args.steer} edits attention weights, which only the full KV cache keeps; "
@@ -139,10 +142,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--policies", default="full,streaming", help="comma-separated policy specs (see headwise generate "
                                                                 "--help)")
-    p.add_argument("--tasks", default="passkey", help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--tasks", default="passkey", help=f"comma-separated, from {', '.join(TASKS)} (ruler: all "
+                                                      f"of RULER's tasks; docs/ruler.md)")
     p.add_argument("--contexts", default=",".join(map(str, d.contexts)), help="prompt lengths in tokens")
     p.add_argument("--depths", default=",".join(map(str, d.depths)), help="needle depths in [0, 1]")
-    p.add_argument("--trials", type=int, default=d.trials, help="seeds per context x depth x filler")
+    p.add_argument("--trials", type=int, default=d.trials, help="seeds per context x depth x filler (RULER tasks: "
+                                                                       "per context)")
     p.add_argument("--fillers", default=",".join(d.fillers), help="haystack styles: essay, repeat, words")
     p.add_argument("--text", default=None, help="UTF-8 text for the essay filler and perplexity (default bundled)")
     p.add_argument("--speed-context", type=int, default=d.speed_context)
@@ -204,8 +209,8 @@ def _run_eval(args: argparse.Namespace) -> None:
         _write_json(out, result)
     for task, by_ctx in result["summary"].items():
         for ctx, cells in by_ctx.items():
-            line = "  ".join(f"{p}: {c['correct']}/{c['n']} (" + ("-" if c["kv_ratio"] is None else
-                                                                   f"{c['kv_ratio']:.0%}") + " KV)"
+            line = "  ".join(f"{p}: " + (f"score {c['score']:.1f}" if "score" in c else f"{c['correct']}/{c['n']}")
+                             + " (" + ("-" if c["kv_ratio"] is None else f"{c['kv_ratio']:.0%}") + " KV)"
                              for p, c in cells.items())
             print(f"{task} @ {ctx}: {line}")
     if "speed" in result:
@@ -224,6 +229,7 @@ KV_COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "generate": ("generate text through a head-aware KV cache; print speed, KV bytes and peak RSS", _add_generate,
                  _run_generate),
     "eval": ("run the same retrieval prompts under several KV policies; write JSON and a plot", _add_eval, _run_eval),
+    "export-duo": EXPORT_DUO_COMMAND,
 }
 
 

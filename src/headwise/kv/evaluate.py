@@ -1,8 +1,10 @@
 """Run the same prompts under several KV policies side by side: accuracy, KV bytes, speed, memory.
 
 Policies are specs (kv/spec.py). Tasks: passkey, needle, multi_needle (probes/needle.py),
-perplexity (probes/text.py), speed (one subprocess per policy, so each peak RSS is its own).
-Replies end by headwise.decode's rule for replies to a question. Settings are checked in one
+RULER's synthetic tasks ("ruler" for all of them, or each by name; probes/ruler.py, scored by RULER's
+string_match_all), perplexity (probes/text.py), speed (one subprocess per policy, so each peak RSS
+is its own). Replies end by headwise.decode's rule for replies to a question; RULER's replies by
+its own rule, tokens_to_generate or the end of sequence. Settings are checked in one
 place (EvalSettings.check); a long run hands its finished cases to `checkpoint` as it goes, so
 `headwise eval --out` keeps them when interrupted ("complete": false), and load_eval reads a
 result back, checked against its schema.
@@ -29,9 +31,11 @@ from .._plotting import pyplot
 from .._progress import progress
 from .._schema import EVAL as SCHEMA
 from ..errors import HeadwiseError
+from ..probes.ruler import RULER_TASKS, TOKENS_TO_GENERATE, RulerCase, ruler_case, ruler_score
 from .spec import parse_policy
 
-TASKS = ("passkey", "needle", "multi_needle", "perplexity", "speed")
+TASKS = ("passkey", "needle", "multi_needle", "perplexity", "speed", "ruler", *RULER_TASKS)
+PROMPT_TASKS = ("passkey", "needle", "multi_needle", *RULER_TASKS)  # the tasks run_retrieval decodes
 
 
 @dataclass
@@ -52,6 +56,11 @@ class EvalSettings:
     speed_repeats: int = 1
     prefill_chunk: int | None = None
 
+    def __post_init__(self) -> None:
+        # "ruler" stands for all of RULER's tasks
+        expanded = [x for t in self.tasks for x in (RULER_TASKS if t == "ruler" else (t,))]
+        self.tasks = tuple(dict.fromkeys(expanded))
+
     def check(self, geometry: Any = None) -> None:
         """Refuse settings that would crash or mislead (one line naming the flag), before a model loads;
         with the model's geometry, also the sizes it cannot hold. evaluate() checks them again."""
@@ -63,7 +72,8 @@ class EvalSettings:
             raise HeadwiseError(f"unknown task(s) {', '.join(unknown) or '(none given)'}; choose from "
                                 f"{', '.join(TASKS)}")
         retrieval = any(t in ("passkey", "needle", "multi_needle") for t in self.tasks)
-        if retrieval and not self.contexts:
+        ruler = [t for t in self.tasks if t in RULER_TASKS]
+        if (retrieval or ruler) and not self.contexts:
             raise HeadwiseError("--contexts is empty; give at least one prompt length, e.g. --contexts 1024")
         if retrieval and "multi_needle" not in self.tasks and not self.depths:
             raise HeadwiseError("--depths is empty; give needle depths in [0, 1], e.g. --depths 0.1,0.5,0.9")
@@ -91,6 +101,8 @@ class EvalSettings:
             if retrieval:
                 for ctx in self.contexts:  # the prompt and its reply
                     geometry.check_context(ctx + self.max_new_tokens)
+            for ctx in self.contexts if ruler else ():
+                geometry.check_context(ctx + max(TOKENS_TO_GENERATE[t] for t in ruler))
             if "perplexity" in self.tasks:
                 geometry.check_context(self.perplexity_context)
             if "speed" in self.tasks:
@@ -101,6 +113,11 @@ def _cases(loaded: Any, task: str, settings: EvalSettings, context: int) -> list
     from ..probes.needle import bundled_needles, multi_needle_case, needle_case, passkey_case
 
     tok, max_pos = loaded.tokenizer, loaded.geometry.max_positions
+    if task in RULER_TASKS:  # seed + trial draws the whole case: RULER has no depth or filler setting
+        return [({"task": task, "context": context, "depth": None, "filler": None, "trial": trial,
+                  "seed": settings.seed + trial},
+                 ruler_case(tok, task, context=context, seed=settings.seed + trial, max_positions=max_pos))
+                for trial in range(settings.trials)]
     needles = bundled_needles() if task == "needle" else []
     out = []
     for trial in range(settings.trials):
@@ -145,12 +162,16 @@ def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: 
     from .generate import generate
 
     rows = []
-    work = [(task, ctx) for task in settings.tasks if task in ("passkey", "needle", "multi_needle")
-            for ctx in settings.contexts]
+    work = [(task, ctx) for task in settings.tasks if task in PROMPT_TASKS for ctx in settings.contexts]
     all_cases = [(meta, case, ctx) for task, ctx in work for meta, case in _cases(loaded, task, settings, ctx)]
     warned: set[int] = set()
     for done, (meta, case, ctx) in enumerate(progress(all_cases, desc="kv eval cases", unit="case"), 1):
         policies = _policies_for(specs, loaded, atlas, ctx, settings)
+        if isinstance(case, RulerCase):
+            rows += _ruler_rows(loaded, case, meta, policies, settings)
+            if on_case is not None:
+                on_case(rows, done, len(all_cases))
+            continue
         # Needle replies get room to restate the needle sentence, as the retrieval score's decoding does.
         budget = settings.max_new_tokens if meta["task"] == "passkey" else max(
             settings.max_new_tokens, min(case.reply_budget, (loaded.geometry.max_positions or 1 << 30) - case.length))
@@ -172,6 +193,23 @@ def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: 
     return rows
 
 
+def _ruler_rows(loaded: Any, case: RulerCase, meta: dict[str, Any], policies: dict[str, Any],
+                settings: EvalSettings) -> list[dict[str, Any]]:
+    """One RULER case under every policy: the reply to RULER's token budget and stop rule, and its score."""
+    from .generate import generate
+
+    rows = []
+    for spec, policy in policies.items():
+        res = generate(loaded, case.input_ids, policy, max_new_tokens=case.max_new_tokens,
+                       prefill_chunk=settings.prefill_chunk, until=case.until)
+        score = ruler_score(res.text, case.answers)
+        rows.append({**meta, "policy": spec, "tokens": case.length, "answers": case.answers, "reply": res.text,
+                     "new_tokens": len(res.tokens), "reply_budget": case.max_new_tokens, "until": case.until,
+                     "score": score, "correct": score == 1.0, "kv_bytes": res.kv_bytes,
+                     "prefill_s": round(res.prefill_seconds, 4), "decode_s": round(res.decode_seconds, 4)})
+    return rows
+
+
 def _answer_scores(res: Any, key_tokens: list[int] | None) -> dict[str, Any]:
     if res.answer_logprobs is None:
         return {"answer_logprob": None, "key_recalled": None}
@@ -182,7 +220,11 @@ def _answer_scores(res: Any, key_tokens: list[int] | None) -> dict[str, Any]:
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """task -> context -> policy -> accuracy, trials, mean KV bytes and ratio to the full cache; where the task
-    has a teacher-forced answer, its mean log-probability per token (nats) and the share of keys recalled."""
+    has a teacher-forced answer, its mean log-probability per token (nats) and the share of keys recalled.
+
+    RULER tasks' cells add "score", RULER's string_match_all on its 0-100 scale (accuracy there is the share of
+    replies with every answer), and a "ruler" task averages their scores over the RULER tasks run, as RULER
+    averages its tasks."""
     out: dict[str, Any] = {}
     for row in rows:
         cell = out.setdefault(row["task"], {}).setdefault(str(row["context"]), {}).setdefault(
@@ -193,6 +235,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if row.get("answer_logprob") is not None:
             cell["logprobs"].append(row["answer_logprob"])
             cell["recalled"].append(bool(row["key_recalled"]))
+        if "score" in row:
+            cell.setdefault("scores", []).append(row["score"])
     for task in out.values():
         for ctx in task.values():
             full = ctx.get("full")
@@ -204,7 +248,35 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 cell["key_recall"] = sum(recalled) / len(recalled) if recalled else None
                 cell["kv_bytes"] = int(cell.pop("kv_bytes_sum") / cell["n"])
                 cell["kv_ratio"] = round(cell["kv_bytes"] / full_bytes, 4) if full_bytes else None
+                if "scores" in cell:
+                    scores = cell.pop("scores")
+                    cell["score"] = round(sum(scores) / len(scores) * 100, 2)
+    ruler = [t for t in RULER_TASKS if t in out]
+    if ruler:
+        out["ruler"] = _ruler_average({t: out[t] for t in ruler})
     return out
+
+
+def _ruler_average(tasks: dict[str, Any]) -> dict[str, Any]:
+    """context -> policy -> the mean of the RULER tasks' scores (each task weighs the same), pooled counts."""
+    avg: dict[str, Any] = {}
+    for by_ctx in tasks.values():
+        for ctx, cells in by_ctx.items():
+            for spec, c in cells.items():
+                a = avg.setdefault(ctx, {}).setdefault(spec, {"correct": 0, "n": 0, "bytes": 0, "scores": []})
+                a["correct"] += c["correct"]
+                a["n"] += c["n"]
+                a["bytes"] += c["kv_bytes"] * c["n"]
+                a["scores"].append(c["score"])
+    for cells in avg.values():
+        for a in cells.values():
+            scores = a.pop("scores")
+            a.update(accuracy=a["correct"] / a["n"], kv_bytes=int(a.pop("bytes") / a["n"]),
+                     score=round(sum(scores) / len(scores), 2), tasks=len(scores))
+        full = cells.get("full")
+        for a in cells.values():
+            a["kv_ratio"] = round(a["kv_bytes"] / full["kv_bytes"], 4) if full else None
+    return avg
 
 
 def run_perplexity(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any = None) -> dict[str, Any]:
@@ -342,11 +414,12 @@ def load_eval(path: str | Path) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: str | Path) -> Path | None:
-    """Accuracy against KV bytes, one panel per task, one point per policy and context."""
+    """Accuracy against KV bytes, one panel per task, one point per policy and context; RULER's tasks in one
+    panel, their average score / 100."""
     plt = pyplot()
     if plt is None:
         return None
-    tasks = list(result["summary"])
+    tasks = [t for t in result["summary"] if t not in RULER_TASKS]
     if not tasks:
         return None
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
@@ -354,7 +427,8 @@ def plot(result: dict[str, Any], path: str | Path) -> Path | None:
         by_policy: dict[str, list[tuple[float, float, str]]] = {}
         for ctx, cells in result["summary"][task].items():
             for spec, cell in cells.items():
-                by_policy.setdefault(spec, []).append((cell["kv_bytes"] / 2**20, cell["accuracy"], ctx))
+                y = cell["score"] / 100 if "score" in cell else cell["accuracy"]
+                by_policy.setdefault(spec, []).append((cell["kv_bytes"] / 2**20, y, ctx))
         for spec, pts in by_policy.items():
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=spec)
@@ -362,7 +436,7 @@ def plot(result: dict[str, Any], path: str | Path) -> Path | None:
                 ax.annotate(ctx, (x, y), fontsize=7, xytext=(2, 2), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("KV cache (MiB)")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("RULER score / 100" if task == "ruler" else "accuracy")
         ax.set_title(f"{task} ({result['model']['spec']})")
         ax.set_ylim(-0.05, 1.05)
     axes[0][-1].legend(fontsize=7)

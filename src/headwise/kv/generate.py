@@ -68,22 +68,22 @@ def generate(loaded: Any, input_ids: Tensor, policy: CachePolicy, max_new_tokens
         raise HeadwiseError("input_ids must be one prompt, [1, tokens]")
     cache = HeadwiseCache(policy, max_length=input_ids.shape[1] + max_new_tokens)
     # A whole-prompt policy attends to the whole prompt in one call, then cuts (SnapKV, +whole).
-    chunk = None if policy.prefill == "whole" else prefill_chunk
+    chunk = None if policy.one_call_prefill else prefill_chunk
     scored: dict[str, Any] = {}
 
-    def score_answer(logits: Tensor, prefilled: Any) -> None:
-        scored["logprobs"], scored["argmax"] = _score_answer(loaded.model, logits, prefilled, answer_ids)
+    def after_prefill(logits: Tensor, prefilled: Any) -> None:
+        scored["logprobs"], scored["argmax"] = score_answer(loaded.model, logits, prefilled, answer_ids)
 
     replies = greedy(loaded, input_ids, max_new_tokens, until=until, cache=cache, prefill_chunk=chunk,
-                     after_prefill=score_answer if answer_ids else None, edits=edits)
+                     after_prefill=after_prefill if answer_ids else None, edits=edits)
     return GenerationResult(tokens=replies.tokens[0], text=replies.texts[0], prompt_tokens=int(input_ids.shape[1]),
                             prefill_seconds=replies.prefill_seconds, decode_seconds=replies.decode_seconds,
                             kv_bytes=cache.nbytes(), kv_report=cache.report(),
                             answer_logprobs=scored.get("logprobs"), answer_argmax=scored.get("argmax"))
 
 
-def _score_answer(model: Any, last_logits: Tensor, cache: HeadwiseCache,
-                  answer_ids: list[int]) -> tuple[list[float], list[bool]]:
+def score_answer(model: Any, last_logits: Tensor, cache: HeadwiseCache,
+                 answer_ids: list[int]) -> tuple[list[float], list[bool]]:
     """Log-prob of each of `answer_ids` following the prefilled prompt, and whether each was the argmax.
     Runs on a copy so that the cache the greedy reply decodes from has not seen the answer."""
     steps = [last_logits[:, None]]
@@ -118,4 +118,4 @@ def perplexity(loaded: Any, input_ids: Tensor, policy: CachePolicy, chunk: int =
     return {"perplexity": math.exp(nll / count), "tokens": count, "kv_bytes": cache.nbytes()}
 
 
-__all__ = ["GenerationResult", "PREFILL_CHUNK", "generate", "perplexity"]
+__all__ = ["GenerationResult", "PREFILL_CHUNK", "generate", "perplexity", "score_answer"]

@@ -3,9 +3,12 @@
 A `HeadPolicy` is a [layers, kv_heads] boolean matrix (True = full cache) plus the streaming
 shape (S sink tokens, W recent tokens, optional RazorAttention compensation token) and how
 streaming heads read a prompt (`prefill`):
-- "bounded" (DuoAttention): every prompt query of a streaming head sees sinks + its window
-  only, so prefill work and memory stay bounded by the window;
-- "whole" (RazorAttention, SnapKV): streaming heads attend to the whole prompt, and each
+- "bounded" (DuoAttention, `+bounded`): every prompt query of a streaming head sees sinks + its
+  window only, so prefill work and memory stay bounded by the window;
+- "tail" (`+tailN`): one call; the streaming heads' prompt queries are bounded as above except
+  the last N, which attend to the whole prompt (DuoAttention's saving on all but the queries
+  that write the reply);
+- "whole" (the default; RazorAttention, SnapKV): streaming heads attend to the whole prompt, and each
   layer's cache is cut to sinks + window as soon as that layer has been computed. The first
   reply token comes from full attention; KV memory during the prefill is the compressed
   cache plus one layer's keys, but attention work is the full cache's. With `middle` = M,
@@ -26,7 +29,7 @@ DuoAttention gate matrix). Its cache layers live in mixed.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +42,7 @@ from ..scores import needs_full
 from .layers import FullLayer
 from .mixed import MixedLayer
 from .policy import PREFILL_MODES, CachePolicy
+from .quantized import KIVI_GROUP, KIVI_RESIDUAL, check_quantizable, quantized_head_bytes, value_group
 
 # DuoAttention's deployment shape (arXiv 2410.10819): 64 sink tokens + 256 recent tokens.
 DEFAULT_SINK = 64
@@ -59,10 +63,13 @@ class HeadPolicy(CachePolicy):
     compensate: bool = False
     name: str = "custom"
     source: dict[str, Any] = field(default_factory=dict)
-    prefill: str = "bounded"
+    prefill: str = "whole"
     # Streaming heads also keep this many prompt tokens from between sinks and window, picked by
     # the token vote of the prompt's last queries (whole-prompt prefill only; MixedLayer.keep_middle).
     middle: int = 0
+    tail: int = 0  # prefill "tail": the last `tail` prompt queries of streaming heads attend to the whole prompt
+    early: int = 0  # prefill "tail": the streaming heads of the first `early` layers attend to the whole prompt
+    quant: int = 0  # full heads' keys and values stored in this many bits (8 or 4; 0: the model's dtype)
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -80,9 +87,19 @@ class HeadPolicy(CachePolicy):
             raise HeadwiseError(f"prefill must be one of {', '.join(PREFILL_MODES)}, not '{self.prefill}'")
         if self.middle < 0:
             raise HeadwiseError(f"middle tokens must be >= 0, got {self.middle}")
-        if self.middle and (self.prefill != "whole" or self.compensate):
-            raise HeadwiseError("middle tokens are chosen from a whole-prompt prefill and do not combine with the "
-                                "compensation token: use +whole and drop +comp")
+        if self.tail < 0 or not 0 <= self.early <= self.geometry.n_layers:
+            raise HeadwiseError(f"tail queries must be >= 0 and early layers in [0, {self.geometry.n_layers}] (got "
+                                f"tail {self.tail}, early {self.early})")
+        if (self.prefill == "tail") != (self.tail > 0 or self.early > 0):
+            raise HeadwiseError(f"the tail prefill needs tail queries (+tailN) or early layers (+earlyL), and only it "
+                                f"takes them (prefill '{self.prefill}', tail {self.tail}, early {self.early})")
+        if self.middle and (self.prefill == "bounded" or self.compensate):
+            raise HeadwiseError("middle tokens are chosen from a prefill that reads the whole prompt in one call and "
+                                "do not combine with the compensation token: drop +bounded or +comp")
+        if self.quant not in (0, 4, 8):
+            raise HeadwiseError(f"full heads are stored in 8 or 4 bits (+q8, +q4), not {self.quant}")
+        if self.quant:
+            check_quantizable(self.geometry.head_dim, self.quant)
         # The model's own sliding layers are not ours to change: mark them full (their cache is the model's window).
         self.full[list(self.model_windowed_layers)] = True
 
@@ -130,36 +147,64 @@ class HeadPolicy(CachePolicy):
         sums = 2 * self.geometry.head_dim * 4 * batch
         return np.where(self.full | ~self.selectable, 0, sums)
 
+    def kv_bytes_by_head(self, context: int, batch: int = 1, dtype_bytes: int = 4) -> np.ndarray:
+        out = super().kv_bytes_by_head(context, batch, dtype_bytes)
+        if self.quant:  # full heads (not the model's own windowed layers): KIVI's codes, scales and residuals
+            g = self.geometry
+            out[self.full & self.selectable] = batch * quantized_head_bytes(context, g.head_dim, self.quant,
+                                                                            dtype_bytes)
+        return out
+
     def make_layer(self, layer: int, max_length: int | None) -> CacheLayerMixin:
         g = self.geometry
         if self.full[layer].all():
-            return FullLayer(layer, g.n_kv_heads, g.head_dim, max_length)
+            return FullLayer(layer, g.n_kv_heads, g.head_dim, max_length, quant=self.quant)
         return MixedLayer(layer, self.full[layer], g.head_dim, self.sink, self.window, self.compensate, max_length,
-                          whole_prefill=self.prefill == "whole", middle=self.middle)
+                          whole_prefill=self.prefill != "bounded", middle=self.middle, tail=self.layer_tail(layer),
+                          quant=self.quant)
+
+    def layer_tail(self, layer: int) -> int | None:
+        """How many of the prompt's last queries of this layer's streaming heads attend to the whole prompt in its
+        one call (None: all of them; the bounded prefill has no one call)."""
+        if self.prefill == "tail" and layer >= self.early:
+            return self.tail
+        return None
 
     def option_suffix(self) -> str:
-        """The spec options that give another policy this one's streaming shape ("+comp", "+whole", "+midM")."""
-        return ("+comp" if self.compensate else "") + ("+whole" if self.prefill == "whole" else "") + \
-            (f"+mid{self.middle}" if self.middle else "")
+        """The spec options that give another policy this one's streaming shape and storage ("+comp", "+bounded",
+        "+tailN", "+midM", "+qB"; the whole-prompt prefill is the default and needs none)."""
+        prefill = {"whole": "", "bounded": "+bounded",
+                   "tail": (f"+tail{self.tail}" if self.tail else "") + (f"+early{self.early}" if self.early else "")
+                   }[self.prefill]
+        return ("+comp" if self.compensate else "") + prefill + (f"+mid{self.middle}" if self.middle else "") + \
+            (f"+q{self.quant}" if self.quant else "")
 
     def describe(self) -> str:
         return (f"{self.name}: {self.n_full}/{self.n_selectable} KV heads full ({self.full_fraction:.0%}), others "
                 f"sink {self.sink} + window {self.window}" + (" + compensation token" if self.compensate else "")
                 + (f" + {self.middle} middle tokens" if self.middle else "")
-                + (", whole-prompt prefill" if self.prefill == "whole" else ""))
+                + {"whole": ", whole-prompt prefill", "bounded": ", bounded prefill",
+                   "tail": f", whole-prompt prefill in the first {self.early} layers" * bool(self.early)
+                   + f", bounded prefill{' in the others' if self.early else ''} but the last {self.tail} queries"
+                   * bool(self.tail) + (", bounded prefill in the others" if self.early and not self.tail else "")
+                   }[self.prefill]
+                + (f", full heads stored in {self.quant} bits (KIVI: keys per channel in groups of {KIVI_GROUP} "
+                   f"tokens, values per token in groups of {value_group(self.geometry.head_dim)} channels, the last "
+                   f"{KIVI_RESIDUAL} tokens unquantized)" if self.quant else ""))
 
     # ---- builders ---------------------------------------------------------------------------
     @classmethod
-    def full_cache(cls, geometry: Geometry) -> HeadPolicy:
-        return cls(geometry, np.ones((geometry.n_layers, geometry.n_kv_heads), bool), name="full")
+    def full_cache(cls, geometry: Geometry, quant: int = 0) -> HeadPolicy:
+        return cls(geometry, np.ones((geometry.n_layers, geometry.n_kv_heads), bool), name="full", quant=quant)
 
     @classmethod
     def streaming(cls, geometry: Geometry, sink: int = STREAMINGLLM_SINK, window: int = DEFAULT_WINDOW,
-                  compensate: bool = False, prefill: str = "bounded", middle: int = 0) -> HeadPolicy:
+                  compensate: bool = False, prefill: str = "whole", middle: int = 0, tail: int = 0,
+                  early: int = 0, quant: int = 0) -> HeadPolicy:
         """StreamingLLM: every (selectable) head keeps `sink` first tokens + `window` recent ones."""
         return cls(geometry, np.zeros((geometry.n_layers, geometry.n_kv_heads), bool), sink=sink, window=window,
                    compensate=compensate, name="streaming", source={"method": "streamingllm"}, prefill=prefill,
-                   middle=middle)
+                   middle=middle, tail=tail, early=early, quant=quant)
 
     @classmethod
     def random(cls, geometry: Geometry, full_fraction: float | None = None, seed: int = 0, *,
@@ -251,13 +296,18 @@ class HeadPolicy(CachePolicy):
     # ---- files ------------------------------------------------------------------------------
     def fields(self) -> dict[str, Any]:
         return {"full": self.full.astype(int).tolist(), "sink": self.sink, "window": self.window,
-                "compensate": self.compensate, "prefill": self.prefill, "middle": self.middle}
+                "compensate": self.compensate, "prefill": self.prefill, "middle": self.middle, "tail": self.tail,
+                "early": self.early,
+                "quant": self.quant}
 
     @classmethod
     def from_fields(cls, geometry: Geometry, fields: dict[str, Any], name: str, source: dict[str, Any]) -> HeadPolicy:
         return cls(geometry, np.array(fields["full"], dtype=bool), sink=int(fields["sink"]),
                    window=int(fields["window"]), compensate=bool(fields["compensate"]), name=name, source=source,
-                   prefill=str(fields.get("prefill", "bounded")), middle=int(fields.get("middle", 0)))
+                   # files from before the default became "whole" always say which prefill they meant
+                   prefill=str(fields.get("prefill", "bounded")), middle=int(fields.get("middle", 0)),
+                   tail=int(fields.get("tail", 0)), early=int(fields.get("early", 0)),
+                   quant=int(fields.get("quant", 0)))
 
 
 def _needs_full(atlas: Any, score: str) -> str:
@@ -300,15 +350,13 @@ def _fit_budget(proto: HeadPolicy, budget_bytes: int, context: int) -> int:
         full = proto.full.copy()
         idx = np.flatnonzero(proto.selectable.ravel())[:n_full]
         full.ravel()[idx] = True
-        trial = HeadPolicy(proto.geometry, full, sink=proto.sink, window=proto.window, compensate=proto.compensate,
-                           prefill=proto.prefill, middle=proto.middle)
+        trial = replace(proto, full=full)
         if trial.kv_bytes(context) <= budget_bytes:
             best = n_full
         else:
             break
     if best < 0:
-        floor = HeadPolicy(proto.geometry, proto.full, sink=proto.sink, window=proto.window,
-                           compensate=proto.compensate, prefill=proto.prefill, middle=proto.middle).kv_bytes(context)
+        floor = proto.kv_bytes(context)
         raise HeadwiseError(f"a KV budget of {budget_bytes} bytes is below even the all-streaming cache at {context} "
                             f"tokens ({floor} bytes)")
     return best

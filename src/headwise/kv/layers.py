@@ -17,6 +17,8 @@ from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin
 
 from ..errors import HeadwiseError
+from .attention import check_no_padding, full_heads_attention
+from .quantized import QuantizedStore
 
 GROWTH = 1.25
 GROWTH_ALIGN = 16
@@ -48,6 +50,11 @@ class Store:
         self.k[:, :, self.length:need] = k
         self.v[:, :, self.length:need] = v
         self.length = need
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the call's tokens; the keys and values its queries attend to (QuantizedStore's interface)."""
+        self.append(k, v)
+        return self.keys, self.values
 
     @property
     def keys(self) -> Tensor:
@@ -124,22 +131,23 @@ class HeadwiseLayer(CacheLayerMixin):
 
 
 class FullLayer(HeadwiseLayer):
-    """Every KV head keeps every token: plain tensors, like transformers' DynamicLayer."""
+    """Every KV head keeps every token: plain tensors, like transformers' DynamicLayer (`quant` bits: KIVI's
+    quantized store)."""
 
-    def __init__(self, layer: int, n_kv_heads: int, head_dim: int, reserve: int | None = None):
+    def __init__(self, layer: int, n_kv_heads: int, head_dim: int, reserve: int | None = None, quant: int = 0):
         super().__init__(layer, n_kv_heads, head_dim)
-        self.store = Store(reserve)
+        self.store = QuantizedStore(head_dim, quant, reserve) if quant else Store(reserve)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.store.append(key_states, value_states)
+        keys, values = self.store.update(key_states, value_states)
         self.seen += key_states.shape[2]
-        return self.store.keys, self.store.values
+        return keys, values
 
     @property
     def keys(self) -> Tensor | None:  # what DynamicLayer exposes, for code that reads cache.layers[i].keys
-        return self.store.keys if self.store.k is not None else None
+        return self.store.keys if self.is_initialized else None
 
     @keys.setter
     def keys(self, value: Any) -> None:  # CacheLayerMixin.__init__ assigns None
@@ -147,7 +155,7 @@ class FullLayer(HeadwiseLayer):
 
     @property
     def values(self) -> Tensor | None:
-        return self.store.values if self.store.v is not None else None
+        return self.store.values if self.is_initialized else None
 
     @values.setter
     def values(self, value: Any) -> None:
@@ -157,4 +165,64 @@ class FullLayer(HeadwiseLayer):
         return np.full(self.n_kv_heads, self.store.per_head_bytes())
 
 
-__all__ = ["FullLayer", "HeadwiseLayer", "Store"]
+class _PromptView:
+    """Handed to the attention function for the prompt's call: the full cache's attention, then the eviction."""
+
+    def __init__(self, layer: PromptEvictionLayer, keys: Tensor, values: Tensor):
+        self.layer, self.keys, self.values = layer, keys, values
+
+    def headwise_attend(self, module: Any, query: Tensor, attention_mask: Tensor | None, scaling: float,
+                        session: Any = None, **kwargs: Any) -> Tensor:
+        if session is not None and session.observers:
+            raise HeadwiseError("observers cannot see heads whose cache drops tokens; profile without a HeadwiseCache")
+        check_no_padding(attention_mask)
+        out = full_heads_attention(query, self.keys, self.values, None, scaling)  # no padding: plain causal
+        self.layer.evict(query, scaling)
+        return out.transpose(1, 2)
+
+
+class PromptEvictionLayer(HeadwiseLayer):
+    """Full cache through the prompt (one call), one eviction at its end, decoded tokens appended: the
+    layer of SnapKV-like policies, which say in `choose` which stored tokens each KV head keeps."""
+
+    method: str = "this policy"  # named in the error a second prompt call gets
+
+    def __init__(self, layer: int, n_kv_heads: int, head_dim: int, policy: Any, max_length: int | None = None):
+        super().__init__(layer, n_kv_heads, head_dim)
+        self.policy = policy
+        self.max_length = max_length
+        self.store = Store(max_length)
+        self.compressed = False
+
+    def choose(self, query: Tensor, scaling: float) -> Tensor | None:  # pragma: no cover - interface
+        """Token slots [batch, kv_heads, n] to keep after the prompt (its queries [b, hq, T, d]); None: all."""
+        raise NotImplementedError
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.compressed and key_states.shape[2] > 1:
+            raise HeadwiseError(f"{self.method} compresses at the end of the prompt; feed the whole prompt in one call")
+        self.store.append(key_states, value_states)
+        self.seen += key_states.shape[2]
+        if key_states.shape[2] > 1:
+            view = _PromptView(self, self.store.keys, self.store.values)
+            return view, view
+        return self.store.keys, self.store.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # After eviction the stored keys no longer line up with positions: the mask covers what is stored.
+        return self.store.length + query_length, 0
+
+    def evict(self, query: Tensor, scaling: float) -> None:
+        index = self.choose(query, scaling)
+        self.compressed = True
+        if index is not None:  # room for the tokens still to be decoded, when the caller said how many
+            t = self.store.length
+            self.store.select(index, room=max(0, self.max_length - t) if self.max_length else 0)
+
+    def head_bytes(self) -> np.ndarray:
+        return np.full(self.n_kv_heads, self.store.per_head_bytes())
+
+
+__all__ = ["FullLayer", "HeadwiseLayer", "PromptEvictionLayer", "Store"]

@@ -9,7 +9,9 @@ function sees the view's `headwise_attend` and lets `mixed_attention` compute th
 With a whole-prompt prefill (RazorAttention's way) the first call attends like the full
 cache (streaming heads see the whole prompt), and the layer keeps sinks + window once it has
 been computed; with middle tokens, the M prompt tokens between them that the token vote of the
-prompt's last queries picks.
+prompt's last queries picks. With the tail prefill the first call is the same one call, but the
+streaming heads' queries attend to sinks + window except the prompt's last N (`_tail_prefill`),
+in every layer but the first L (`+earlyL`), which read the prompt as the whole prefill does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 from ..errors import HeadwiseError
 from .attention import KERNEL, OBSERVATION_WINDOW, check_no_padding, full_heads_attention, token_votes
 from .layers import HeadwiseLayer, Store
+from .quantized import QuantizedStore
 from .streaming import StreamingBuffer, StreamingKeys, streaming_heads_attention, whole_prefill_attention
 
 
@@ -50,14 +53,17 @@ class MixedLayer(HeadwiseLayer):
     """Some KV heads full, the others sinks + window (+ compensation token)."""
 
     def __init__(self, layer: int, full: np.ndarray, head_dim: int, sink: int, window: int, compensate: bool,
-                 reserve: int | None = None, whole_prefill: bool = False, middle: int = 0):
+                 reserve: int | None = None, whole_prefill: bool = False, middle: int = 0, tail: int | None = None,
+                 quant: int = 0):
         super().__init__(layer, len(full), head_dim)
-        # Multi-token calls: streaming heads attend to all they hold plus the call (Policy.prefill == "whole").
+        # Multi-token calls: streaming heads attend to all they hold plus the call (prefill "whole" or "tail").
         self.whole_prefill = whole_prefill
         self.middle = middle
+        # The prompt's one call: streaming heads' queries before its last `tail` see sinks + window only (None: none).
+        self.tail = tail
         self.full_heads = torch.tensor(np.flatnonzero(full), dtype=torch.long)
         self.stream_heads = torch.tensor(np.flatnonzero(~full), dtype=torch.long)
-        self.full = Store(reserve)
+        self.full = QuantizedStore(head_dim, quant, reserve) if quant else Store(reserve)  # KIVI's, with +qB
         self.streaming = StreamingBuffer(sink, window, compensate, limit=reserve)
         self._index: dict[tuple[int, Any], tuple[Tensor, Tensor]] = {}
 
@@ -77,8 +83,8 @@ class MixedLayer(HeadwiseLayer):
         call: tuple[Tensor | None, Tensor | None] = (None, None)
         full_idx, stream_idx = self.head_index(1, key_states.device)
         if len(self.full_heads):
-            self.full.append(key_states.index_select(1, full_idx), value_states.index_select(1, full_idx))
-            full_k, full_v = self.full.keys, self.full.values
+            full_k, full_v = self.full.update(key_states.index_select(1, full_idx),
+                                              value_states.index_select(1, full_idx))
         sk, sv = key_states.index_select(1, stream_idx), value_states.index_select(1, stream_idx)
         st = self.streaming
         if n == 1:
@@ -155,8 +161,11 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
     # [q, T] mask in memory) does the same; full_heads_attention rebuilds a mask only for chunked prefill.
     attention_mask = None
     b, hq, m, d = query.shape
-    if m > 1 and view.call_keys is not None:  # the whole prompt in one call: the full cache's attention
-        out = full_heads_attention(query, view.call_keys, view.call_values, None, scaling)
+    if m > 1 and view.call_keys is not None:  # the whole prompt in one call
+        if layer.tail is not None and layer.tail < m and len(layer.stream_heads):
+            out = _tail_prefill(view, query, scaling)
+        else:  # the full cache's attention
+            out = full_heads_attention(query, view.call_keys, view.call_values, None, scaling)
         if layer.middle:
             layer.keep_middle(query, view.call_keys, view.call_values, scaling)
         return out.transpose(1, 2)
@@ -176,6 +185,29 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
             out[:, stream_qi] = streaming_heads_attention(q, view.stream, scaling, view.query_start, st.sink,
                                                           st.window, st.compensate)
     return out.transpose(1, 2)
+
+
+def _tail_prefill(view: MixedView, query: Tensor, scaling: float) -> Tensor:
+    """The prompt's one call under the tail prefill, [b, hq, m, d]: full heads attend causally to the whole
+    prompt; streaming heads' queries attend to sinks + window, except the last `tail`, which attend to the
+    whole prompt (their keys are the call's, so nothing is dropped before they have seen it)."""
+    layer = view.layer
+    st, m = layer.streaming, query.shape[2]
+    g = query.shape[1] // layer.n_kv_heads
+    full_qi, stream_qi = layer.head_index(g, query.device)
+    out = torch.empty_like(query)
+    if len(layer.full_heads):  # from the call's own keys, as the whole prefill (stored ones may be quantized)
+        full_kv = layer.head_index(1, query.device)[0]
+        out[:, full_qi] = full_heads_attention(query[:, full_qi], view.call_keys.index_select(1, full_kv),
+                                               view.call_values.index_select(1, full_kv), None, scaling)
+    q, keys = query[:, stream_qi], view.stream
+    cut = m - layer.tail
+    out[:, stream_qi, :cut] = streaming_heads_attention(q[:, :, :cut], keys, scaling, 0, st.sink, st.window,
+                                                        st.compensate)
+    if cut < m:
+        out[:, stream_qi, cut:] = full_heads_attention(q[:, :, cut:], keys.keys.to(q.dtype),
+                                                       keys.values.to(q.dtype), None, scaling)
+    return out
 
 
 __all__ = ["MixedLayer", "MixedView", "mixed_attention"]

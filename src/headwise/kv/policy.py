@@ -28,9 +28,12 @@ from ..errors import HeadwiseError
 from ..geometry import Geometry
 
 # How a policy's layers read a prompt: "bounded" (each prompt query of a streaming head sees only
-# what that head keeps, so work and memory stay bounded, DuoAttention's way) or "whole" (the whole
-# prompt in one call, attended in full, then cut: RazorAttention's and SnapKV's way).
-PREFILL_MODES = ("bounded", "whole")
+# what that head keeps, so work and memory stay bounded, DuoAttention's way), "whole" (the whole
+# prompt in one call, attended in full, then cut: RazorAttention's and SnapKV's way; the default,
+# because it keeps the full cache's replies) or "tail" (one call; the streaming heads' queries are
+# bounded except the prompt's last N, which attend to the whole prompt: most of bounded's speed,
+# and the queries that write the reply see everything).
+PREFILL_MODES = ("bounded", "whole", "tail")
 _KINDS: dict[str, type[CachePolicy]] = {}
 
 
@@ -42,7 +45,7 @@ class CachePolicy(ABC):
     geometry: Geometry
     name: str
     source: dict[str, Any]
-    prefill: str = "bounded"
+    prefill: str = "whole"
     # Whether the cache takes more multi-token calls after the first (SnapKV evicts once, at the prompt's end).
     accepts_chunks: ClassVar[bool] = True
 
@@ -56,6 +59,11 @@ class CachePolicy(ABC):
             raise HeadwiseError(f"policy type {kind!r} is already {known.__module__}.{known.__qualname__}; give "
                                 f"{cls.__qualname__} another policy_type")
         _KINDS[kind] = cls
+
+    @property
+    def one_call_prefill(self) -> bool:
+        """Whether the prompt must reach the cache in one call (anything but the bounded prefill reads it whole)."""
+        return self.prefill != "bounded"
 
     # ---- what a policy must say -----------------------------------------------------------
     @abstractmethod

@@ -22,8 +22,8 @@ from transformers.cache_utils import CacheLayerMixin
 
 from ..errors import HeadwiseError
 from ..geometry import Geometry
-from .attention import KERNEL, OBSERVATION_WINDOW, check_no_padding, full_heads_attention, token_votes
-from .layers import HeadwiseLayer, Store
+from .attention import KERNEL, OBSERVATION_WINDOW, token_votes
+from .layers import PromptEvictionLayer
 from .policy import CachePolicy
 
 
@@ -87,62 +87,17 @@ def snapkv_select(query_obs: Tensor, keys: Tensor, scaling: float, keep: int, wi
     return torch.cat([top, recent], -1).sort(-1).values
 
 
-class _SnapView:
-    def __init__(self, layer: SnapKVLayer, keys: Tensor, values: Tensor):
-        self.layer, self.keys, self.values = layer, keys, values
-
-    def headwise_attend(self, module: torch.nn.Module, query: Tensor, attention_mask: Tensor | None, scaling: float,
-                        session: Any = None, **kwargs: Any) -> Tensor:
-        if session is not None and session.observers:
-            raise HeadwiseError("observers cannot see heads whose cache drops tokens; profile without a HeadwiseCache")
-        check_no_padding(attention_mask)
-        out = full_heads_attention(query, self.keys, self.values, None, scaling)  # no padding: plain causal
-        self.layer.compress(query, scaling)
-        return out.transpose(1, 2)
-
-
-class SnapKVLayer(HeadwiseLayer):
+class SnapKVLayer(PromptEvictionLayer):
     """Full cache through the prompt, then the SnapKV selection; decoded tokens appended."""
 
-    def __init__(self, layer: int, n_kv_heads: int, head_dim: int, policy: SnapKVPolicy,
-                 max_length: int | None = None):
-        super().__init__(layer, n_kv_heads, head_dim)
-        self.policy = policy
-        self.max_length = max_length
-        self.store = Store(max_length)
-        self.compressed = False
+    method = "SnapKV"
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.compressed and key_states.shape[2] > 1:
-            raise HeadwiseError("SnapKV compresses at the end of the prompt; feed the whole prompt in one call")
-        self.store.append(key_states, value_states)
-        self.seen += key_states.shape[2]
-        if key_states.shape[2] > 1:
-            view = _SnapView(self, self.store.keys, self.store.values)
-            return view, view
-        return self.store.keys, self.store.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # After eviction the stored keys no longer line up with positions: the mask covers what is stored.
-        return self.store.length + query_length, 0
-
-    def compress(self, query: Tensor, scaling: float) -> None:
-        p = self.policy
-        t = self.store.length
-        keep = p.tokens_kept(t)
-        w = min(p.observation, t)
+    def choose(self, query: Tensor, scaling: float) -> Tensor | None:
+        p, t = self.policy, self.store.length
+        keep, w = p.tokens_kept(t), min(p.observation, t)
         if keep >= t or t <= w:
-            self.compressed = True
-            return
-        index = snapkv_select(query[:, :, -w:], self.store.keys, scaling, keep, w, p.kernel)
-        # Room for the tokens still to be decoded, when the caller said how many (HeadwiseCache max_length).
-        self.store.select(index, room=max(0, self.max_length - t) if self.max_length else 0)
-        self.compressed = True
-
-    def head_bytes(self) -> np.ndarray:
-        return np.full(self.n_kv_heads, self.store.per_head_bytes())
+            return None
+        return snapkv_select(query[:, :, -w:], self.store.keys, scaling, keep, w, p.kernel)
 
 
 __all__ = ["SnapKVPolicy", "snapkv_select"]

@@ -14,10 +14,16 @@ Registered names (`register_policy` adds more, one call each):
   snapkv@X                      SnapKV eviction keeping X of the prompt (X < 1) or X tokens per head
   FILE.json                     a saved policy
 For the head policies, @kvB instead of @F keeps as many heads whole as fit in B times the full
-cache's KV bytes at the prompt's length. Options: +comp (RazorAttention's compensation token),
-+whole (whole-prompt prefill: streaming heads attend to the whole prompt, then keep sinks +
-window), +midM (with +whole: streaming heads also keep M prompt tokens between sinks and window,
-chosen by the token vote; not with +comp).
+cache's KV bytes at the prompt's length. Options:
+  how streaming heads read the prompt (one of; default: whole-prompt, which keeps the full
+  cache's replies): +whole (attend to the whole prompt, then keep sinks + window), +bounded
+  (every prompt query sees sinks + window only: DuoAttention's prefill, fastest), +tailN
+  (one call, bounded except the prompt's last N queries, which attend to the whole prompt),
+  +earlyL (one call: the first L layers read the prompt whole, the others bounded; with +tailN
+  their last N queries whole);
+  +comp (RazorAttention's compensation token), +midM (streaming heads also keep M prompt tokens
+  between sinks and window, chosen by the token vote; not with +bounded or +comp),
+  +q8 / +q4 (full heads' keys and values stored in 8 or 4 bits, KIVI's way; `full` takes it too).
 
 Every number is checked here: finite, in range, seeds whole numbers, sizes the model can hold.
 """
@@ -32,11 +38,12 @@ from typing import Any
 
 from ..errors import HeadwiseError
 from ..geometry import Geometry
+from .compresskv import build_compresskv
 from .heads import DEFAULT_SINK, DEFAULT_WINDOW, STREAMINGLLM_SINK, HeadPolicy
 from .policy import CachePolicy
 from .snapkv import SnapKVPolicy
 
-OPTIONS = ("comp", "whole", "mid")
+OPTIONS = ("comp", "whole", "bounded", "tail", "early", "mid", "q")
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 # Beyond any model's positions, sink/window/middle sizes are typos that would allocate gigabytes.
 MAX_TOKENS = 1 << 21
@@ -50,7 +57,7 @@ class PolicyRequest:
     name: str
     arg: str | None
     amount: str | None
-    options: dict[str, Any]  # comp: bool, whole: bool, mid: int
+    options: dict[str, Any]  # comp/whole/bounded: bool, tail/early/mid: int, q: bits (0 = none)
     geometry: Geometry
     atlas: Any
     context: int | None
@@ -99,11 +106,14 @@ class PolicyRequest:
         return {"full_fraction": fraction}
 
     def shape(self, sink: int = DEFAULT_SINK) -> dict[str, Any]:
-        """The streaming heads' shape: sinks, window, compensation, prefill mode, middle tokens."""
+        """The streaming heads' shape and the full heads' storage: sinks, window, compensation, prefill mode
+        (whole unless +bounded or +tailN), middle tokens, bits."""
+        o = self.options
+        prefill = "bounded" if o["bounded"] else "tail" if o["tail"] or o["early"] else "whole"
         return {"sink": self.sink if self.sink is not None else sink,
                 "window": self.window if self.window is not None else DEFAULT_WINDOW,
-                "compensate": self.options["comp"], "prefill": "whole" if self.options["whole"] else "bounded",
-                "middle": self.options["mid"]}
+                "compensate": o["comp"], "prefill": prefill, "middle": o["mid"], "tail": o["tail"],
+                "early": o["early"], "quant": o["q"]}
 
 
 @dataclass(frozen=True)
@@ -126,7 +136,8 @@ def register_policy(name: str, build: Callable[[PolicyRequest], CachePolicy], *,
     """Make `NAME[:ARG][@AMOUNT][+OPTION...]` specs build a policy with `build(request)`.
 
     `arg`: whether it takes `:ARG`; `amount`: whether `@AMOUNT` is required, optional or refused;
-    `options`: which of +comp, +whole, +midM it accepts. Specs outside that are refused here.
+    `options`: which of comp, whole, bounded, tail, mid, q (+comp, +whole, +bounded, +tailN, +midM,
+    +q8/+q4) it accepts. Specs outside that are refused here.
     """
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         raise HeadwiseError(f"policy name {name!r} must be lower-case letters, digits, '_' or '-'")
@@ -144,32 +155,51 @@ def registered_policies() -> list[str]:
     return [k.syntax for k in _REGISTERED.values()] + ["FILE.json"]
 
 
+_OPTION_HELP = "+whole, +bounded, +tailN, +earlyL, +comp, +midM, +q8, +q4"
+_NUMBERED = {"mid": ("a number of tokens", "+mid64"), "tail": ("a number of queries", "+tail64"),
+             "early": ("a number of layers", "+early4"),
+             "q": ("a number of bits, 8 or 4", "+q8")}
+
+
 def _split_options(body: str, spec: str) -> tuple[str, dict[str, Any]]:
-    """Strip +comp / +whole / +midM from the right; refuse an unknown or repeated option."""
-    options: dict[str, Any] = {"comp": False, "whole": False, "mid": 0}
+    """Strip +comp / +whole / +bounded / +tailN / +midM / +qB from the right; refuse an unknown, repeated or
+    contradictory option."""
+    options: dict[str, Any] = {"comp": False, "whole": False, "bounded": False, "tail": 0, "early": 0, "mid": 0,
+                               "q": 0}
     seen: set[str] = set()
     while True:
         head, plus, option = body.rpartition("+")
         if not plus:
+            # +tailN and +earlyL together make one mode (the tail prefill); +whole and +bounded are one each.
+            prefills = [k for k in ("whole", "bounded", "tail", "early") if k in seen]
+            if len(prefills) > 1 and prefills != ["tail", "early"]:
+                raise HeadwiseError(f"policy '{spec}': {' and '.join('+' + k for k in prefills)} are two prefill "
+                                    f"modes; keep one")
             return body, options
-        if re.fullmatch(r"mid\D.*|mid", option):
-            raise HeadwiseError(f"policy '{spec}': +mid takes a number of tokens, e.g. +mid64; "
-                                f"'{option[3:]}' is not a number")
-        match = re.fullmatch(r"(comp|whole|mid(\d+))", option)
+        match = re.fullmatch(r"(comp|whole|bounded)|(mid|tail|early|q)(\d+)", option)
         if match is None:
+            numbered = re.fullmatch(r"(mid|tail|early|q)(\D.*)?", option)
+            if numbered:
+                what, example = _NUMBERED[numbered.group(1)]
+                raise HeadwiseError(f"policy '{spec}': +{numbered.group(1)} takes {what}, e.g. {example}; "
+                                    f"'{numbered.group(2) or ''}' is not a number")
             if re.fullmatch(r"[A-Za-z]+\d*", option):
-                raise HeadwiseError(f"policy '{spec}': unknown option '+{option}'; options: +comp, +whole, +midM")
+                raise HeadwiseError(f"policy '{spec}': unknown option '+{option}'; options: {_OPTION_HELP}")
             return body, options
-        key = "mid" if option.startswith("mid") else option
+        key = match.group(1) or match.group(2)
         if key in seen:
             raise HeadwiseError(f"policy '{spec}': option +{key} given twice")
         seen.add(key)
-        if key == "mid":
-            options["mid"] = int(match.group(2))
-            if not 1 <= options["mid"] <= MAX_TOKENS:
-                raise HeadwiseError(f"policy '{spec}': +midM needs 1 <= M <= {MAX_TOKENS}")
-        else:
+        if match.group(1):
             options[key] = True
+        else:
+            options[key] = value = int(match.group(3))
+            if key == "q" and value not in (8, 4):
+                raise HeadwiseError(f"policy '{spec}': full heads are stored in 8 or 4 bits (+q8, +q4), not +q{value}")
+            if key == "early" and not 1 <= value <= 4096:
+                raise HeadwiseError(f"policy '{spec}': +earlyL needs 1 <= L <= the model's layers")
+            if key not in ("q", "early") and not 1 <= value <= MAX_TOKENS:
+                raise HeadwiseError(f"policy '{spec}': +{key}N needs 1 <= N <= {MAX_TOKENS}")
         body = head
 
 
@@ -226,12 +256,14 @@ def _parse(raw: str) -> tuple[RegisteredPolicy | None, str, str | None, str | No
         raise HeadwiseError(f"policy '{raw}': {name} needs an amount; the syntax is {kind.syntax}")
     given = {k for k, v in options.items() if v}
     if given and not kind.options:
-        raise HeadwiseError(f"policy '{raw}': {name} has no streaming heads; +comp, +whole and +mid apply to "
-                            f"policies with streaming heads only")
+        raise HeadwiseError(f"policy '{raw}': {name} takes no options: it has no streaming heads to shape and no full "
+                            f"heads to store in fewer bits")
     if given - kind.options:
-        allowed = ", ".join("+" + o + ("M" if o == "mid" else "") for o in sorted(kind.options)) or "none"
+        spell = {"mid": "midM", "tail": "tailN", "early": "earlyL", "q": "q8/+q4"}
+        allowed = ", ".join("+" + spell.get(o, o) for o in OPTIONS if o in kind.options) or "none"
         raise HeadwiseError(f"policy '{raw}': {name} takes no option "
-                            f"{', '.join('+' + o for o in sorted(given - kind.options))} (options: {allowed})")
+                            f"{', '.join('+' + spell.get(o, o) for o in OPTIONS if o in given - kind.options)} "
+                            f"(its options: {allowed})")
     return kind, body, arg, amount, options
 
 
@@ -274,14 +306,17 @@ def _from_file(raw: str, path: str, options: dict[str, Any], geometry: Geometry,
         return policy
     if not isinstance(policy, HeadPolicy):
         raise HeadwiseError(f"policy '{raw}': options apply to head policies only, not to a {policy.policy_type} file")
-    # The spec's options add to the file's (replace() checks the combination again).
-    return replace(policy, compensate=policy.compensate or options["comp"],
-                   prefill="whole" if options["whole"] else policy.prefill, middle=options["mid"] or policy.middle)
+    # The spec's options add to the file's (replace() checks the combination again); a prefill option replaces its.
+    prefill = {"prefill": "bounded", "tail": 0, "early": 0} if options["bounded"] else \
+        {"prefill": "tail", "tail": options["tail"], "early": options["early"]} if options["tail"] or options["early"] \
+        else {"prefill": "whole", "tail": 0, "early": 0} if options["whole"] else {}
+    return replace(policy, compensate=policy.compensate or options["comp"], middle=options["mid"] or policy.middle,
+                   quant=options["q"] or policy.quant, **prefill)
 
 
 # ---- the built-in policies --------------------------------------------------------------------
 def _full(r: PolicyRequest) -> CachePolicy:
-    return HeadPolicy.full_cache(r.geometry)
+    return HeadPolicy.full_cache(r.geometry, quant=r.options["q"])
 
 
 def _streaming(r: PolicyRequest) -> CachePolicy:
@@ -340,15 +375,15 @@ def _snapkv(r: PolicyRequest) -> CachePolicy:
     return SnapKVPolicy(r.geometry, budget=x)
 
 
-_HEAD_OPTIONS = ("comp", "whole", "mid")
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
-register_policy("full", _full, amount="none")
+_HEAD_OPTIONS = ("comp", "whole", "bounded", "tail", "early", "mid", "q")
+register_policy("full", _full, syntax="full[+q8|+q4]", options=("q",), amount="none")
 register_policy("streaming", _streaming, syntax="streaming[@X]", options=_HEAD_OPTIONS, amount="optional")
 register_policy("headwise", _headwise, syntax="headwise:SCORE[:high|:low]@F", options=_HEAD_OPTIONS, arg=True)
 register_policy("razor", _razor, syntax="razor@F", options=_HEAD_OPTIONS)
 register_policy("random", _random, syntax="random@F[:SEED]", options=_HEAD_OPTIONS)
 register_policy("duo", _duo, syntax="duo:FILE@F", options=_HEAD_OPTIONS, arg=True)
 register_policy("snapkv", _snapkv, syntax="snapkv@X")
+register_policy("compresskv", build_compresskv, syntax="compresskv@X")  # needs an atlas (kv/compresskv.py)
 
 __all__ = ["OPTIONS", "PolicyRequest", "check_sink_window", "check_spec", "parse_policy", "register_policy",
            "registered_policies", "token_limit"]

@@ -29,6 +29,7 @@ from .importance import ImportanceScores
 from .patterns import PatternScores
 from .razor import RazorScores
 from .retrieval import RetrievalScores
+from .semantic_retrieval import SemanticRetrievalScores
 from .sink import SinkScores
 from .spatial import SpatialScores
 from .streaming import StreamingScores
@@ -118,6 +119,7 @@ for _family in (PatternScores(), RazorScores(), SinkScores(), StreamingScores(),
                 RetrievalScores(), ImportanceScores(), SuccessorScores(), DuoScores(), SpatialScores(),
                 AutoencoderPatterns()):
     register(_family)
+register(SemanticRetrievalScores())
 
 __all__ = ["CORE_SETTINGS", "FAMILIES", "ComputedScoreFamily", "NeedsFull", "PerSequence", "ProbeScoreFamily",
            "Score", "ScoreFamily", "ScoreObserver", "ScoreResult", "Setting", "all_score_names", "all_settings",

@@ -43,7 +43,7 @@ from .base import ComputedScoreFamily, Score, ScoreResult, Setting
 
 def gated_mix(geometry: Any, gates: Tensor, sink: int, window: int) -> Callable[..., Tensor]:
     """instrument.Session(mix=...) blending each KV group's full and sink+window attention by its gate."""
-    masks: dict[int, Tensor] = {}
+    masks: dict[tuple[int, Any], Tensor] = {}  # per length and device: layers may sit on different devices
 
     def mix(module: Any, layer: int, query: Tensor, key: Tensor, value: Tensor, scaling: float, out: Tensor) -> Tensor:
         if geometry.windowed[layer]:
@@ -51,12 +51,13 @@ def gated_mix(geometry: Any, gates: Tensor, sink: int, window: int) -> Callable[
         t = query.shape[2]
         if key.shape[2] != t:
             raise HeadwiseError("DuoAttention gates are trained on whole sequences; call the model without a cache")
-        if t not in masks:
+        if (t, query.device) not in masks:
             positions = torch.arange(t, device=query.device)
-            masks[t] = sink_window_mask(positions, positions, sink, window)
-        stream = F.scaled_dot_product_attention(query, key, value, attn_mask=masks[t], scale=scaling,
+            masks[t, query.device] = sink_window_mask(positions, positions, sink, window)
+        stream = F.scaled_dot_product_attention(query, key, value, attn_mask=masks[t, query.device], scale=scaling,
                                                 enable_gqa=key.shape[1] != query.shape[1]).transpose(1, 2)
-        a = gates[layer].to(out.dtype).repeat_interleave(geometry.group_size)[None, None, :, None]
+        a = gates[layer].to(device=out.device, dtype=out.dtype)
+        a = a.repeat_interleave(geometry.group_size)[None, None, :, None]
         return a * out + (1 - a) * stream
 
     return mix

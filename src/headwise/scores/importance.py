@@ -36,6 +36,7 @@ import torch
 
 from .._progress import progress
 from ..ablation import Readout, class_ablation_effects, class_logits, head_ablation_effects, sequence_losses
+from ..devices import execution_device
 from ..errors import HeadwiseError
 from ..geometry import Geometry
 from ..instrument import AttentionChunk, Observer, Session
@@ -57,7 +58,7 @@ def importance_text(tokenizer: Any, geometry: Geometry, settings: Any) -> Probe:
 def gradient_importance(model: torch.nn.Module, geometry: Geometry, input_ids: torch.Tensor,
                         batch_size: int = 4) -> np.ndarray:
     """[layers, heads]: mean over sequences of |d loss(sequence) / d xi_h| (Michel et al.)."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     grads = []
     batches = range(0, input_ids.shape[0], batch_size)
     for start in progress(batches, desc="importance_grad", total=len(batches), unit="batch"):
@@ -106,7 +107,7 @@ def probe_norm_importance(model: torch.nn.Module, geometry: Geometry, probe: Pro
     """[layers, heads]: mean over every token of every input of a probe (text or images) of ||o_h W_O^h||_1."""
     matrices = [projection_matrix(a, geometry) for a in attention_modules(model, geometry)]
     observer = _ContributionNorm(matrices, geometry)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     sums = []
     kwargs = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
     batches = list(probe.batches(batch_size))
@@ -128,14 +129,14 @@ def ablation_importance(model: torch.nn.Module, geometry: Geometry, input_ids: t
 
 def clean_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> float:
     with torch.inference_mode():
-        hidden = final_hidden(model, input_ids.to(next(model.parameters()).device))
+        hidden = final_hidden(model, input_ids.to(execution_device(model)))
         return float(sequence_losses(model, hidden, Readout.language_model(input_ids)).mean())
 
 
 def image_gradient_importance(model: torch.nn.Module, geometry: Geometry, pixel_values: torch.Tensor,
                               labels: torch.Tensor, batch_size: int = 4) -> np.ndarray:
     """[layers, heads]: mean over images of |d cross-entropy(image) / d xi_h| (Michel et al.)."""
-    device = next(model.parameters()).device
+    device = execution_device(model)
     grads = []
     batches = range(0, pixel_values.shape[0], batch_size)
     for start in progress(batches, desc="importance_grad", total=len(batches), unit="batch"):

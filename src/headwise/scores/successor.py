@@ -138,6 +138,11 @@ def ov_outputs(model: torch.nn.Module, geometry: Geometry, layer: int, values: T
 def successor_scores(model: torch.nn.Module, geometry: Geometry,
                      tasks: Sequence[OrdinalTask]) -> tuple[np.ndarray, np.ndarray]:
     """(successor [layers, heads], per-task successor [layers, heads, tasks])."""
+    unembed = model.get_output_embeddings().weight
+    if unembed.device.type == "meta":  # offloaded by a device map: only a forward pass brings it in
+        raise HeadwiseError("the successor score reads the unembedding's weights, which the device map offloads to "
+                            "disk; keep lm_head on a device (e.g. device_map {..., 'lm_head': 'cpu'}) or drop "
+                            "--scores successor")
     tasks = list(tasks)
     all_ids = torch.tensor(sorted({i for t in tasks for i in t.members}), dtype=torch.long)
     row_of = {int(i): r for r, i in enumerate(all_ids)}
@@ -145,7 +150,6 @@ def successor_scores(model: torch.nn.Module, geometry: Geometry,
     zero = embedding.new_zeros(1, embedding.shape[1])
     inputs = [torch.cat([embedding if layer == 0 else effective, zero]) for layer in range(geometry.n_layers)]
     values = head_values(model, geometry, inputs)
-    unembed = model.get_output_embeddings().weight
     hits = np.zeros((geometry.n_layers, geometry.n_heads, len(tasks)))
     counts = np.array([len(t.pairs) for t in tasks], dtype=float)
     for layer in progress(range(geometry.n_layers), desc="successor", total=geometry.n_layers, unit="layer"):
