@@ -163,6 +163,13 @@ class HeadPolicy(CachePolicy):
                           whole_prefill=self.prefill != "bounded", middle=self.middle, tail=self.layer_tail(layer),
                           quant=self.quant)
 
+    def _prefill_text(self) -> str:
+        if self.prefill != "tail":
+            return {"whole": ", whole-prompt prefill", "bounded": ", bounded prefill"}[self.prefill]
+        text = f", whole-prompt prefill in the first {self.early} layers" if self.early else ""
+        text += ", bounded prefill" + (" in the others" if self.early else "")
+        return text + (f" but the last {self.tail} queries" if self.tail else "")
+
     def layer_tail(self, layer: int) -> int | None:
         """How many of the prompt's last queries of this layer's streaming heads attend to the whole prompt in its
         one call (None: all of them; the bounded prefill has no one call)."""
@@ -183,11 +190,7 @@ class HeadPolicy(CachePolicy):
         return (f"{self.name}: {self.n_full}/{self.n_selectable} KV heads full ({self.full_fraction:.0%}), others "
                 f"sink {self.sink} + window {self.window}" + (" + compensation token" if self.compensate else "")
                 + (f" + {self.middle} middle tokens" if self.middle else "")
-                + {"whole": ", whole-prompt prefill", "bounded": ", bounded prefill",
-                   "tail": f", whole-prompt prefill in the first {self.early} layers" * bool(self.early)
-                   + f", bounded prefill{' in the others' if self.early else ''} but the last {self.tail} queries"
-                   * bool(self.tail) + (", bounded prefill in the others" if self.early and not self.tail else "")
-                   }[self.prefill]
+                + self._prefill_text()
                 + (f", full heads stored in {self.quant} bits (KIVI: keys per channel in groups of {KIVI_GROUP} "
                    f"tokens, values per token in groups of {value_group(self.geometry.head_dim)} channels, the last "
                    f"{KIVI_RESIDUAL} tokens unquantized)" if self.quant else ""))
@@ -304,7 +307,7 @@ class HeadPolicy(CachePolicy):
     def from_fields(cls, geometry: Geometry, fields: dict[str, Any], name: str, source: dict[str, Any]) -> HeadPolicy:
         return cls(geometry, np.array(fields["full"], dtype=bool), sink=int(fields["sink"]),
                    window=int(fields["window"]), compensate=bool(fields["compensate"]), name=name, source=source,
-                   # files from before the default became "whole" always say which prefill they meant
+                   # a file without the field predates prefill modes: it meant the bounded prefill
                    prefill=str(fields.get("prefill", "bounded")), middle=int(fields.get("middle", 0)),
                    tail=int(fields.get("tail", 0)), early=int(fields.get("early", 0)),
                    quant=int(fields.get("quant", 0)))
