@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from _kv_setup import load_model_and_atlas
@@ -66,14 +67,16 @@ def main() -> None:
                 for i, layer in enumerate(cache.layers):
                     if isinstance(layer, MixedLayer) and i not in whole:
                         layer.whole_prefill, layer.middle = False, 0
+            cpu = time.process_time()
             with torch.no_grad():
                 logits = forward(loaded.model, case.input_ids, cache)[0][0, -1].float()
+            cpu = time.process_time() - cpu
             p = torch.softmax(logits, -1)
             top = int(p.argmax())
             row = {"seed": int(seed), "depth": float(depth), "spec": spec, "whole_layers": group,
                    "top": tok.decode([top]), "p_top": round(float(p[top]), 3),
                    "p_answer_first_token": round(float(p[case.answer_ids[0]]), 3),
-                   "first_token_right": top == case.answer_ids[0], "kv_bytes": cache.nbytes()}
+                   "first_token_right": top == case.answer_ids[0], "kv_bytes": cache.nbytes(), "cpu_s": round(cpu, 1)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     out = {"note": "development prompts; first reply token only", "model": loaded.info.to_dict(),

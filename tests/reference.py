@@ -124,7 +124,7 @@ def entropy(a: np.ndarray) -> float:
 # --- the streaming heads of the KV cache ---------------------------------------------------
 def naive_sink_window_attention(query: Tensor, keys: Tensor, values: Tensor, scaling: float, sink: int, window: int,
                                 compensate: bool = False, whole_calls: list[tuple[int, int]] = (),
-                                middle: tuple[int, ...] = (), tail: int | None = None) -> Tensor:
+                                middle: tuple[int, ...] = (), tail: int | None = None, stride: int = 0) -> Tensor:
     """Reference: each query at position t (t = index, all keys given) in an explicit loop. [b, h, T, d].
 
     For tests: no chunking, no cache, no prefix sums. keys/values already expanded to the
@@ -132,7 +132,8 @@ def naive_sink_window_attention(query: Tensor, keys: Tensor, values: Tensor, sca
     prefill, whose queries see sinks, the `window` tokens before `start`, and the call itself.
     `middle`: positions every query after the first call also sees (Policy.middle). `tail`: the
     tail prefill: in the first call only its last `tail` queries see everything, the others their window
-    (None: every query of the first call sees everything).
+    (None: every query of the first call sees everything), and with `stride` also positions sink + stride - 1,
+    sink + 2 stride - 1, ...
     """
     b, h, t, d = query.shape
     out = torch.zeros(b, h, t, d, dtype=torch.float64)
@@ -144,7 +145,9 @@ def naive_sink_window_attention(query: Tensor, keys: Tensor, values: Tensor, sca
             start = 0 if i >= first_end - tail else None
         lo = i - window + 1 if start is None else start - window
         kept = middle if i >= first_end else ()
-        keep = [j for j in range(i + 1) if j < sink or j >= lo or j in kept]
+        strided = stride and tail is not None and i < first_end and start is None
+        keep = [j for j in range(i + 1) if j < sink or j >= lo or j in kept
+                or (strided and (j - sink) % stride == stride - 1)]
         dropped = [j for j in range(i + 1) if j not in keep]
         logits = torch.einsum("bhd,bhkd->bhk", q[:, :, i], k[:, :, keep]) * scaling
         vals = v[:, :, keep]

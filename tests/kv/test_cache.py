@@ -45,7 +45,7 @@ def _reference_attention(policy: HeadPolicy, whole_calls: list[tuple[int, int]] 
                                        policy.window, policy.middle) if policy.middle else ()
                 out[:, heads] = naive_sink_window_attention(query[:, heads], k, v, scaling, policy.sink, policy.window,
                                                             policy.compensate, whole_calls, middle,
-                                                            policy.layer_tail(layer))
+                                                            policy.layer_tail(layer), policy.stride)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("headwise", ref)
@@ -171,6 +171,10 @@ def test_tail_prefill_matches_naive_reference(tiny, arch, compensate):
                 # the first layer reads the prompt whole, the others bounded, with or without a tail
                 HeadPolicy.streaming(g, sink=3, window=5, compensate=compensate, prefill="tail", early=1),
                 HeadPolicy.streaming(g, sink=2, window=4, compensate=compensate, prefill="tail", tail=2, early=1)]
+    if not compensate:  # sinks + window + a stride, alone and with a tail and whole early layers
+        policies += [HeadPolicy.streaming(g, sink=3, window=4, prefill="tail", stride=3),
+                     HeadPolicy(g, rng.random((g.n_layers, g.n_kv_heads)) < 0.5, sink=2, window=3, prefill="tail",
+                                tail=2, early=1, stride=4, middle=2)]
     ids = _ids(34, seed=12)
     _assert_matches_reference(tiny.model, policies, ids, [16, 1, 1, 9, 1, 6], [(0, 16), (18, 27), (28, 34)])
 
@@ -189,6 +193,21 @@ def test_tail_prefill_lies_between_bounded_and_whole():
     longer = _cached_logits(lm.model, ids, HeadwiseCache(HeadPolicy.streaming(lm.geometry, sink=2, window=4,
                                                                               prefill="tail", tail=40)), [40])
     torch.testing.assert_close(longer, logits["whole"], atol=1e-5, rtol=1e-5)
+
+
+def test_stride_prefill_lies_between_bounded_and_whole():
+    """Stride 1 sees every token (the whole prefill); a stride past the prompt sees none more than bounded; one
+    in between differs from both (so the reference test above can fail)."""
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    ids = _ids(40, seed=15)
+
+    def logits(**prefill):
+        return _cached_logits(lm.model, ids, HeadwiseCache(HeadPolicy.streaming(lm.geometry, sink=2, window=4,
+                                                                                **prefill)), [40])
+    whole, bounded, stride3 = logits(prefill="whole"), logits(prefill="bounded"), logits(prefill="tail", stride=3)
+    torch.testing.assert_close(logits(prefill="tail", stride=1), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(prefill="tail", stride=64), bounded, atol=1e-5, rtol=1e-5)
+    assert (stride3 - whole).abs().max() > 1e-3 and (stride3 - bounded).abs().max() > 1e-3
 
 
 def test_tail_and_early_prefill_read_the_prompt_in_one_call():

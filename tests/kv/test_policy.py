@@ -163,6 +163,10 @@ def test_parse_policy_specs():
     assert (e.prefill, e.tail, e.early, e.option_suffix()) == ("tail", 0, 2, "+early2+mid8")
     assert [e.layer_tail(i) for i in range(4)] == [None, None, 0, 0]
     assert parse_policy("random@0.5+tail16+early1", G).layer_tail(3) == 16
+    k = parse_policy("random@0.5+early1+stride8+mid8", G)
+    assert (k.prefill, k.tail, k.early, k.stride, k.option_suffix()) == ("tail", 0, 1, 8, "+early1+stride8+mid8")
+    assert "every 8th earlier token" in k.describe()
+    assert parse_policy("random@0.5+stride4+tail16", G).layer_tail(0) == 16
     w = parse_policy("headwise:streamable_mass@0.5+whole+comp", G, atlas=atlas)
     assert (w.prefill, w.compensate, w.n_full) == ("whole", True, 4)
     assert parse_policy("streaming@64+whole", G).prefill == "whole"
@@ -175,7 +179,10 @@ def test_parse_policy_specs():
                      ("random@0.5+tail", r"\+tail takes"), ("random@0.5+tail0", "1 <= N"),
                      ("random@0.5+whole+bounded", "two prefill modes"), ("random@0.5+tail8+whole", "two prefill"),
                      ("random@0.5+bounded+mid8", r"drop \+bounded"), ("random@0.5+whole+early2", "two prefill"),
-                     ("random@0.5+early", "number of layers"), ("random@0.5+early9", r"early layers in \[0, 4\]")):
+                     ("random@0.5+early", "number of layers"), ("random@0.5+early9", r"early layers in \[0, 4\]"),
+                     ("random@0.5+stride", r"\+stride takes"), ("random@0.5+stride0", "1 <= N"),
+                     ("random@0.5+bounded+stride8", "two prefill"), ("random@0.5+stride8+comp", r"\+comp"),
+                     ("snapkv@0.3+stride8", "takes no option")):
         with pytest.raises(HeadwiseError, match=why):
             parse_policy(bad, G, atlas=None if "atlas" in why else atlas)
 
@@ -193,6 +200,10 @@ def test_middle_tokens_in_specs_bytes_budgets_and_files(tmp_path):
     assert parse_policy("random@kv0.5+whole", G, context=1000, sink=10, window=40).n_full == 3
     assert parse_policy("random@kv0.5+whole+mid200", G, context=1000, sink=10, window=40).n_full == 2
     assert HeadPolicy.load(p.save(tmp_path / "m.json")).middle == 30
+    strided = parse_policy("headwise:retrieval@0.25+stride8+mid30", G, atlas=atlas)
+    assert HeadPolicy.load(strided.save(tmp_path / "s.json")).stride == 8
+    assert parse_policy(str(tmp_path / "s.json") + "+whole", G).stride == 0  # a prefill option replaces the file's
+    assert parse_policy(str(tmp_path / "m.json") + "+stride4", G).stride == 4
     assert parse_policy(str(tmp_path / "m.json"), G).middle == 30
     for bad, why in (("headwise:retrieval@0.25+bounded+mid30", "bounded"), ("razor@0.25+whole+mid8", "compensation"),
                      ("full+mid8", "takes no option"), ("headwise:retrieval@0.25+whole+midx", "not a number")):

@@ -17,7 +17,11 @@ cache. The loop is copied rather than called so its parts can be timed, and it s
 headwise's decode.greedy stops for that prompt (the prompt's `until`: end of sequence or the budget,
 and for the passkey also a newline after visible text), so replies and decode times compare with
 `headwise eval`'s. `--compress prompt` instead compresses all of the prompt but its last token,
-question included, as headwise's whole-prompt policies do.
+question included, and feeds that token after compression. `--compress whole` prefills the whole
+prompt inside the press and takes the first reply token from that prefill, as headwise's
+whole-prompt policies and its SnapKV do (the last prompt token's keys and values, and the first
+reply token, then come from the uncompressed prefill). `--snapkv-window`/`--snapkv-kernel` change
+SnapKVPress's window and pooling kernel (kvpress's defaults 64 and 5; headwise's SnapKV uses 32 and 7).
 
 Scores, reimplemented here from headwise (this venv cannot import it): a passkey reply scores 1
 when it contains the key (probes.needle.answer_found); a RULER reply scores the share of its
@@ -134,7 +138,8 @@ def install_duo_pattern(model, directory: Path) -> tuple[int, int]:
     return sink, recent
 
 
-def make_press(name: str, budget: float, context: int, duo: tuple[int, int] | None):
+def make_press(name: str, budget: float, context: int, duo: tuple[int, int] | None, window: int = 64,
+               kernel: int = 5):
     """(press, what it was built with); None when the budget cannot be reached by this press."""
     from kvpress import AdaKVPress, DuoAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress
 
@@ -143,12 +148,14 @@ def make_press(name: str, budget: float, context: int, duo: tuple[int, int] | No
         return None, {}
     if name == "streaming_llm":
         return StreamingLLMPress(compression_ratio=ratio), {"compression_ratio": ratio, "n_sink": 4}
+    snap = {"window_size": window, "kernel_size": kernel}
     if name == "snapkv":
-        return SnapKVPress(compression_ratio=ratio), {"compression_ratio": ratio, "window_size": 64, "kernel_size": 5}
+        return SnapKVPress(compression_ratio=ratio, **snap), {"compression_ratio": ratio, **snap}
     if name == "knorm":
         return KnormPress(compression_ratio=ratio), {"compression_ratio": ratio}
     if name == "adakv_snapkv":
-        return AdaKVPress(SnapKVPress(compression_ratio=ratio)), {"compression_ratio": ratio, "alpha_safeguard": 0.2}
+        return AdaKVPress(SnapKVPress(compression_ratio=ratio, **snap)), {"compression_ratio": ratio,
+                                                                          "alpha_safeguard": 0.2, **snap}
     if name == "duo":
         sink, recent = duo
         # A streaming head keeps sink + recent of the context: the share of heads made streaming that
@@ -176,17 +183,22 @@ def answer(model, tokenizer, press, ids: list[int], question_start: int, max_new
     """One prompt as kvpress's pipeline runs it (see the module docstring), timed in three parts (wall and
     this process's CPU seconds: on a shared machine the CPU time is the steadier of the two).
     until="line" also ends the reply at a newline after visible text (headwise's rule for a question);
-    "eos" only at the end of sequence or the budget (RULER's)."""
+    "eos" only at the end of sequence or the budget (RULER's). question_start == len(ids): the whole prompt is
+    prefilled inside the press and the first reply token comes from that prefill (no question step)."""
     import torch
     from transformers import DynamicCache
 
+    whole = question_start >= len(ids)
     context = torch.tensor([ids[:question_start]])
     question = torch.tensor([ids[question_start:]])
     cache = DynamicCache()
     with torch.inference_mode():
         t0, c0 = time.perf_counter(), time.process_time()
         with press(model) if press is not None else _null():
-            model.model(input_ids=context, past_key_values=cache)
+            if whole:
+                out = model(input_ids=context, past_key_values=cache, logits_to_keep=1)
+            else:
+                model.model(input_ids=context, past_key_values=cache)
         t1, c1 = time.perf_counter(), time.process_time()
         layers = model.model.layers
         stored = sum(int(cache.layers[i].keys.shape[2]) * int(cache.layers[i].keys.shape[1])
@@ -194,10 +206,11 @@ def answer(model, tokenizer, press, ids: list[int], question_start: int, max_new
         masked = sum(len(idx[2]) for idx in (getattr(layer.self_attn, "masked_key_indices", None) for layer in layers)
                      if idx is not None)
         n = context.shape[1]
-        position_ids = torch.arange(n, n + question.shape[1]).unsqueeze(0)
-        out = model(input_ids=question, past_key_values=cache, position_ids=position_ids, logits_to_keep=1)
+        if not whole:
+            position_ids = torch.arange(n, n + question.shape[1]).unsqueeze(0)
+            out = model(input_ids=question, past_key_values=cache, position_ids=position_ids, logits_to_keep=1)
         t2, c2 = time.perf_counter(), time.process_time()
-        position = position_ids[:, -1:] + 1
+        position = torch.tensor([[len(ids)]])
         stops, reply = _stops(tokenizer, model), []
         token = int(out.logits[0, -1].argmax())
         while token not in stops:
@@ -261,10 +274,13 @@ def child(spec: dict) -> None:
     for p in prompts:
         if p["context"] != spec["context"]:
             continue
-        # "prompt": compress everything but the prompt's last token, question included (as headwise's
-        # whole-prompt policies and SnapKV do); "context": kvpress's pipeline, the question after compression.
-        split = p["question_start"] if spec["compress"] == "context" else len(p["input_ids"]) - 1
-        press, args = make_press(spec["press"], spec["budget"], split, duo)
+        # "context": kvpress's pipeline, the question after compression; "prompt": compress everything but the
+        # prompt's last token, question included, then feed that token; "whole": compress the whole prompt and
+        # answer from its prefill (headwise's whole-prompt policies and SnapKV).
+        split = {"context": p["question_start"], "prompt": len(p["input_ids"]) - 1,
+                 "whole": len(p["input_ids"])}[spec["compress"]]
+        press, args = make_press(spec["press"], spec["budget"], split, duo, spec.get("snapkv_window", 64),
+                                 spec.get("snapkv_kernel", 5))
         row = {"id": p["id"], "task": p["task"], "context": p["context"], "press": spec["press"],
                "budget": spec["budget"], "press_args": args, "answers": p["answers"], "compressed_tokens": split}
         if press == "unreachable":
@@ -339,9 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default="0.3333", help="shares of the context's KV cache kept, e.g. 0.3333,0.5")
     p.add_argument("--duo-pattern", default=str(PEERS / "models" / "duo-smollm2-duo4k"),
                    help="a DuoAttention pattern directory (headwise export-duo) for the duo press")
-    p.add_argument("--compress", choices=("context", "prompt"), default="context",
+    p.add_argument("--compress", choices=("context", "prompt", "whole"), default="context",
                    help="context: compress the context, then feed the question (kvpress's pipeline); prompt: "
-                        "compress all of the prompt but its last token, question included")
+                        "compress all of the prompt but its last token, question included; whole: compress the "
+                        "whole prompt and answer from its prefill (headwise's regime)")
+    p.add_argument("--snapkv-window", type=int, default=64, help="SnapKVPress window_size (kvpress's default 64)")
+    p.add_argument("--snapkv-kernel", type=int, default=5, help="SnapKVPress kernel_size (kvpress's default 5)")
     p.add_argument("--out", default="bench/results/kvpress_passkey.json")
     args = p.parse_args(argv)
     if args.child:
@@ -361,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"kind": "headwise-peer-kvpress", "complete": False, "versions": _versions(),
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "settings": {"presses": presses, "budgets": budgets, "threads": 1, "model": args.model,
-                           "compress": args.compress,
+                           "compress": args.compress, "snapkv_window": args.snapkv_window,
+                           "snapkv_kernel": args.snapkv_kernel,
                            "duo_pattern": args.duo_pattern if "duo" in presses else None,
                            "prompts": [{"path": str(f), "sha256": hashlib.sha256(f.read_bytes()).hexdigest(),
                                         "header": read_prompts(f)[0]} for f in prompt_files]},
@@ -379,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in presses:
                 for budget in ([1.0] if name == "none" else budgets):
                     spec = {"model": args.model, "prompts": str(f), "press": name, "budget": budget,
-                            "context": context, "duo_pattern": args.duo_pattern, "compress": args.compress}
+                            "context": context, "duo_pattern": args.duo_pattern, "compress": args.compress,
+                            "snapkv_window": args.snapkv_window, "snapkv_kernel": args.snapkv_kernel}
                     print(f"{name}@{budget:g} on {context} tokens ({f.name})", flush=True)
                     group = run_group(spec)
                     seen = group["tensors_sha256"]

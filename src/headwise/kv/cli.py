@@ -42,9 +42,10 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="full", help="policy spec (full, streaming[@X], headwise:SCORE[:high|:low]@F, "
                                                     "razor@F, random@F[:SEED], duo:FILE@F, snapkv@X, compresskv@X) or "
                                                     "a policy .json; @kvB for @F: the most full heads within B x the "
-                                                    "full cache's KV bytes; append +bounded, +tailN or +earlyL (faster "
-                                                    "prefills than the default whole-prompt one), +midM (streaming "
-                                                    "heads also keep M prompt tokens chosen by the token vote), +comp "
+                                                    "full cache's KV bytes; append +bounded, +tailN, +earlyL or "
+                                                    "+strideK (faster prefills than the default whole-prompt one), "
+                                                    "+midM (streaming heads also keep M prompt tokens chosen by the "
+                                                    "token vote), +comp "
                                                     "(compensation token), +q8/+q4 (full heads in 8/4 bits); "
                                                     "docs/kv-cache.md")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")

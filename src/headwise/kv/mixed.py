@@ -11,7 +11,8 @@ cache (streaming heads see the whole prompt), and the layer keeps sinks + window
 been computed; with middle tokens, the M prompt tokens between them that the token vote of the
 prompt's last queries picks. With the tail prefill the first call is the same one call, but the
 streaming heads' queries attend to sinks + window except the prompt's last N (`_tail_prefill`),
-in every layer but the first L (`+earlyL`), which read the prompt as the whole prefill does.
+in every layer but the first L (`+earlyL`), which read the prompt as the whole prefill does; with
+`+strideK` those bounded queries also see every K-th earlier token.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from ..errors import HeadwiseError
 from .attention import KERNEL, OBSERVATION_WINDOW, check_no_padding, full_heads_attention, token_votes
 from .layers import HeadwiseLayer, Store
 from .quantized import QuantizedStore
-from .streaming import StreamingBuffer, StreamingKeys, streaming_heads_attention, whole_prefill_attention
+from .streaming import (
+    StreamingBuffer,
+    StreamingKeys,
+    streaming_heads_attention,
+    strided_prefill_attention,
+    whole_prefill_attention,
+)
 
 
 @dataclass
@@ -54,13 +61,14 @@ class MixedLayer(HeadwiseLayer):
 
     def __init__(self, layer: int, full: np.ndarray, head_dim: int, sink: int, window: int, compensate: bool,
                  reserve: int | None = None, whole_prefill: bool = False, middle: int = 0, tail: int | None = None,
-                 quant: int = 0):
+                 stride: int = 0, quant: int = 0):
         super().__init__(layer, len(full), head_dim)
         # Multi-token calls: streaming heads attend to all they hold plus the call (prefill "whole" or "tail").
         self.whole_prefill = whole_prefill
         self.middle = middle
         # The prompt's one call: streaming heads' queries before its last `tail` see sinks + window only (None: none).
         self.tail = tail
+        self.stride = stride  # ... and, K > 0, see every K-th earlier token too (sinks + window + a stride)
         self.full_heads = torch.tensor(np.flatnonzero(full), dtype=torch.long)
         self.stream_heads = torch.tensor(np.flatnonzero(~full), dtype=torch.long)
         self.full = QuantizedStore(head_dim, quant, reserve) if quant else Store(reserve)  # KIVI's, with +qB
@@ -189,8 +197,9 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
 
 def _tail_prefill(view: MixedView, query: Tensor, scaling: float) -> Tensor:
     """The prompt's one call under the tail prefill, [b, hq, m, d]: full heads attend causally to the whole
-    prompt; streaming heads' queries attend to sinks + window, except the last `tail`, which attend to the
-    whole prompt (their keys are the call's, so nothing is dropped before they have seen it)."""
+    prompt; streaming heads' queries attend to sinks + window (+ every `stride`-th earlier token), except the
+    last `tail`, which attend to the whole prompt (their keys are the call's, so nothing is dropped before they
+    have seen it)."""
     layer = view.layer
     st, m = layer.streaming, query.shape[2]
     g = query.shape[1] // layer.n_kv_heads
@@ -202,8 +211,12 @@ def _tail_prefill(view: MixedView, query: Tensor, scaling: float) -> Tensor:
                                                view.call_values.index_select(1, full_kv), None, scaling)
     q, keys = query[:, stream_qi], view.stream
     cut = m - layer.tail
-    out[:, stream_qi, :cut] = streaming_heads_attention(q[:, :, :cut], keys, scaling, 0, st.sink, st.window,
-                                                        st.compensate)
+    if layer.stride:
+        out[:, stream_qi, :cut] = strided_prefill_attention(q[:, :, :cut], keys, scaling, st.sink, st.window,
+                                                            layer.stride)
+    else:
+        out[:, stream_qi, :cut] = streaming_heads_attention(q[:, :, :cut], keys, scaling, 0, st.sink, st.window,
+                                                            st.compensate)
     if cut < m:
         out[:, stream_qi, cut:] = full_heads_attention(q[:, :, cut:], keys.keys.to(q.dtype),
                                                        keys.values.to(q.dtype), None, scaling)

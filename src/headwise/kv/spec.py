@@ -20,7 +20,8 @@ cache's KV bytes at the prompt's length. Options:
   (every prompt query sees sinks + window only: DuoAttention's prefill, fastest), +tailN
   (one call, bounded except the prompt's last N queries, which attend to the whole prompt),
   +earlyL (one call: the first L layers read the prompt whole, the others bounded; with +tailN
-  their last N queries whole);
+  their last N queries whole), +strideK (with or without those: the bounded prompt queries also
+  see every K-th earlier token, sinks + window + a stride);
   +comp (RazorAttention's compensation token), +midM (streaming heads also keep M prompt tokens
   between sinks and window, chosen by the token vote; not with +bounded or +comp),
   +q8 / +q4 (full heads' keys and values stored in 8 or 4 bits, KIVI's way; `full` takes it too).
@@ -43,7 +44,7 @@ from .heads import DEFAULT_SINK, DEFAULT_WINDOW, STREAMINGLLM_SINK, HeadPolicy
 from .policy import CachePolicy
 from .snapkv import SnapKVPolicy
 
-OPTIONS = ("comp", "whole", "bounded", "tail", "early", "mid", "q")
+OPTIONS = ("comp", "whole", "bounded", "tail", "early", "stride", "mid", "q")
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 # Beyond any model's positions, sink/window/middle sizes are typos that would allocate gigabytes.
 MAX_TOKENS = 1 << 21
@@ -57,7 +58,7 @@ class PolicyRequest:
     name: str
     arg: str | None
     amount: str | None
-    options: dict[str, Any]  # comp/whole/bounded: bool, tail/early/mid: int, q: bits (0 = none)
+    options: dict[str, Any]  # comp/whole/bounded: bool, tail/early/stride/mid: int, q: bits (0 = none)
     geometry: Geometry
     atlas: Any
     context: int | None
@@ -107,13 +108,13 @@ class PolicyRequest:
 
     def shape(self, sink: int = DEFAULT_SINK) -> dict[str, Any]:
         """The streaming heads' shape and the full heads' storage: sinks, window, compensation, prefill mode
-        (whole unless +bounded or +tailN), middle tokens, bits."""
+        (whole unless +bounded or +tailN / +earlyL / +strideK), middle tokens, bits."""
         o = self.options
-        prefill = "bounded" if o["bounded"] else "tail" if o["tail"] or o["early"] else "whole"
+        prefill = "bounded" if o["bounded"] else "tail" if o["tail"] or o["early"] or o["stride"] else "whole"
         return {"sink": self.sink if self.sink is not None else sink,
                 "window": self.window if self.window is not None else DEFAULT_WINDOW,
                 "compensate": o["comp"], "prefill": prefill, "middle": o["mid"], "tail": o["tail"],
-                "early": o["early"], "quant": o["q"]}
+                "early": o["early"], "stride": o["stride"], "quant": o["q"]}
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,8 @@ def register_policy(name: str, build: Callable[[PolicyRequest], CachePolicy], *,
     """Make `NAME[:ARG][@AMOUNT][+OPTION...]` specs build a policy with `build(request)`.
 
     `arg`: whether it takes `:ARG`; `amount`: whether `@AMOUNT` is required, optional or refused;
-    `options`: which of comp, whole, bounded, tail, mid, q (+comp, +whole, +bounded, +tailN, +midM,
-    +q8/+q4) it accepts. Specs outside that are refused here.
+    `options`: which of comp, whole, bounded, tail, early, stride, mid, q (+comp, +whole, +bounded, +tailN,
+    +earlyL, +strideK, +midM, +q8/+q4) it accepts. Specs outside that are refused here.
     """
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         raise HeadwiseError(f"policy name {name!r} must be lower-case letters, digits, '_' or '-'")
@@ -155,30 +156,30 @@ def registered_policies() -> list[str]:
     return [k.syntax for k in _REGISTERED.values()] + ["FILE.json"]
 
 
-_OPTION_HELP = "+whole, +bounded, +tailN, +earlyL, +comp, +midM, +q8, +q4"
+_OPTION_HELP = "+whole, +bounded, +tailN, +earlyL, +strideK, +comp, +midM, +q8, +q4"
 _NUMBERED = {"mid": ("a number of tokens", "+mid64"), "tail": ("a number of queries", "+tail64"),
-             "early": ("a number of layers", "+early4"),
+             "early": ("a number of layers", "+early4"), "stride": ("a number of tokens", "+stride8"),
              "q": ("a number of bits, 8 or 4", "+q8")}
 
 
 def _split_options(body: str, spec: str) -> tuple[str, dict[str, Any]]:
     """Strip +comp / +whole / +bounded / +tailN / +midM / +qB from the right; refuse an unknown, repeated or
     contradictory option."""
-    options: dict[str, Any] = {"comp": False, "whole": False, "bounded": False, "tail": 0, "early": 0, "mid": 0,
-                               "q": 0}
+    options: dict[str, Any] = {"comp": False, "whole": False, "bounded": False, "tail": 0, "early": 0, "stride": 0,
+                               "mid": 0, "q": 0}
     seen: set[str] = set()
     while True:
         head, plus, option = body.rpartition("+")
         if not plus:
-            # +tailN and +earlyL together make one mode (the tail prefill); +whole and +bounded are one each.
-            prefills = [k for k in ("whole", "bounded", "tail", "early") if k in seen]
-            if len(prefills) > 1 and prefills != ["tail", "early"]:
+            # +tailN, +earlyL and +strideK together make one mode (the tail prefill); +whole and +bounded one each.
+            prefills = [k for k in ("whole", "bounded", "tail", "early", "stride") if k in seen]
+            if len(prefills) > 1 and not set(prefills) <= {"tail", "early", "stride"}:
                 raise HeadwiseError(f"policy '{spec}': {' and '.join('+' + k for k in prefills)} are two prefill "
                                     f"modes; keep one")
             return body, options
-        match = re.fullmatch(r"(comp|whole|bounded)|(mid|tail|early|q)(\d+)", option)
+        match = re.fullmatch(r"(comp|whole|bounded)|(mid|tail|early|stride|q)(\d+)", option)
         if match is None:
-            numbered = re.fullmatch(r"(mid|tail|early|q)(\D.*)?", option)
+            numbered = re.fullmatch(r"(mid|tail|early|stride|q)(\D.*)?", option)
             if numbered:
                 what, example = _NUMBERED[numbered.group(1)]
                 raise HeadwiseError(f"policy '{spec}': +{numbered.group(1)} takes {what}, e.g. {example}; "
@@ -259,7 +260,7 @@ def _parse(raw: str) -> tuple[RegisteredPolicy | None, str, str | None, str | No
         raise HeadwiseError(f"policy '{raw}': {name} takes no options: it has no streaming heads to shape and no full "
                             f"heads to store in fewer bits")
     if given - kind.options:
-        spell = {"mid": "midM", "tail": "tailN", "early": "earlyL", "q": "q8/+q4"}
+        spell = {"mid": "midM", "tail": "tailN", "early": "earlyL", "stride": "strideK", "q": "q8/+q4"}
         allowed = ", ".join("+" + spell.get(o, o) for o in OPTIONS if o in kind.options) or "none"
         raise HeadwiseError(f"policy '{raw}': {name} takes no option "
                             f"{', '.join('+' + spell.get(o, o) for o in OPTIONS if o in given - kind.options)} "
@@ -307,9 +308,10 @@ def _from_file(raw: str, path: str, options: dict[str, Any], geometry: Geometry,
     if not isinstance(policy, HeadPolicy):
         raise HeadwiseError(f"policy '{raw}': options apply to head policies only, not to a {policy.policy_type} file")
     # The spec's options add to the file's (replace() checks the combination again); a prefill option replaces its.
-    prefill = {"prefill": "bounded", "tail": 0, "early": 0} if options["bounded"] else \
-        {"prefill": "tail", "tail": options["tail"], "early": options["early"]} if options["tail"] or options["early"] \
-        else {"prefill": "whole", "tail": 0, "early": 0} if options["whole"] else {}
+    tail = {k: options[k] for k in ("tail", "early", "stride")}
+    prefill = {"prefill": "bounded", "tail": 0, "early": 0, "stride": 0} if options["bounded"] else \
+        {"prefill": "tail", **tail} if any(tail.values()) \
+        else {"prefill": "whole", "tail": 0, "early": 0, "stride": 0} if options["whole"] else {}
     return replace(policy, compensate=policy.compensate or options["comp"], middle=options["mid"] or policy.middle,
                    quant=options["q"] or policy.quant, **prefill)
 
@@ -375,7 +377,7 @@ def _snapkv(r: PolicyRequest) -> CachePolicy:
     return SnapKVPolicy(r.geometry, budget=x)
 
 
-_HEAD_OPTIONS = ("comp", "whole", "bounded", "tail", "early", "mid", "q")
+_HEAD_OPTIONS = ("comp", "whole", "bounded", "tail", "early", "stride", "mid", "q")
 register_policy("full", _full, syntax="full[+q8|+q4]", options=("q",), amount="none")
 register_policy("streaming", _streaming, syntax="streaming[@X]", options=_HEAD_OPTIONS, amount="optional")
 register_policy("headwise", _headwise, syntax="headwise:SCORE[:high|:low]@F", options=_HEAD_OPTIONS, arg=True)

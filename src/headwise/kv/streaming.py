@@ -252,6 +252,33 @@ def streaming_heads_attention(query: Tensor, st: StreamingKeys, scaling: float, 
     return out.reshape(b, hq, m, d)
 
 
+def strided_prefill_attention(query: Tensor, st: StreamingKeys, scaling: float, sink: int, window: int, stride: int,
+                              chunk_bytes: int = CHUNK_BYTES) -> Tensor:
+    """The prompt's first call, sinks + window + a stride: the query at t also sees the tokens j <= t - window at
+    j = sink + stride - 1, sink + 2 stride - 1, ... (the sparse pattern for the middle of the prompt; every
+    stride-th one of the tokens the bounded prefill drops). `st` holds the call's keys at positions 0 .. n - 1.
+    [b, hq_s, m, d]"""
+    b, hq, m, d = query.shape
+    n = st.keys.shape[2]
+    keys, values = st.keys.to(query.dtype), st.values.to(query.dtype)
+    first = sink + stride - 1
+    strided = torch.arange(first, max(first, n), stride, device=query.device)
+    out = torch.empty_like(query)
+    per_query = b * hq * (sink + len(strided) + window + 2) * 4 * 3
+    step = max(1, min(m, chunk_bytes // max(1, per_query)))
+    for a in range(0, m, step):
+        e = min(m, a + step)
+        lo = max(sink, a - window + 1)  # the chunk's first query's window; earlier tokens only on the stride
+        kp = torch.cat([torch.arange(min(sink, e), device=query.device), strided[strided < lo],
+                        torch.arange(lo, max(lo, e), device=query.device)])  # a chunk inside the sinks: no band
+        t, j = torch.arange(a, e, device=query.device)[:, None], kp[None, :]
+        seen = (j <= t) & ((j < sink) | (j > t - window) | ((j - sink) % stride == stride - 1))
+        out[:, :, a:e] = F.scaled_dot_product_attention(query[:, :, a:e], keys[:, :, kp], values[:, :, kp],
+                                                        attn_mask=seen, scale=scaling,
+                                                        enable_gqa=hq != keys.shape[1])
+    return out
+
+
 def whole_prefill_attention(query: Tensor, st: StreamingKeys, scaling: float, query_start: int, sink: int,
                             compensate: bool) -> Tensor:
     """Streaming heads in a multi-token call of a whole-prompt prefill: causal over every key held. [b, hq_s, m, d]"""
@@ -278,4 +305,5 @@ def _decode_step(query: Tensor, st: StreamingKeys, scaling: float, compensate: b
     return out.reshape(b, hq, 1, d).to(query.dtype)
 
 
-__all__ = ["StreamingBuffer", "StreamingKeys", "streaming_heads_attention", "whole_prefill_attention"]
+__all__ = ["StreamingBuffer", "StreamingKeys", "streaming_heads_attention", "strided_prefill_attention",
+           "whole_prefill_attention"]
