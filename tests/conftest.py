@@ -130,6 +130,15 @@ def model_dir(tmp_path):
     return d
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """model_dir's directory, saved once per test module (for modules whose tests only read it)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama-gqa").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def word_file(tmp_path):
     """A text file over the tiny tokenizer's words, skewed so that tokens repeat (sinks, copies)."""

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -158,3 +159,30 @@ def naive_sink_window_attention(query: Tensor, keys: Tensor, values: Tensor, sca
             vals = torch.cat([vals, v_hat[:, :, None]], 2)
         out[:, :, i] = torch.einsum("bhk,bhkd->bhd", torch.softmax(logits, -1), vals)
     return out
+
+
+# --- CompressKV's token vote ------------------------------------------------------------------
+def naive_srh_votes(q: Tensor, k: Tensor, scaling: float, kernel: int, heads: list[int]) -> Tensor:
+    """Each selected query head's softmax over its KV head, summed over the window queries and pooled, then
+    averaged over the heads: one loop per query and key. q [1, hq, w, d] (the last w queries), k [1, kv, t, d];
+    votes for the t - w tokens before the window."""
+    _, hq, w, _ = q.shape
+    t, group = k.shape[2], hq // k.shape[1]
+    total = torch.zeros(t - w, dtype=torch.float64)
+    for h in heads:
+        votes = torch.zeros(t - w, dtype=torch.float64)
+        for i in range(w):
+            pos = t - w + i
+            logits = torch.stack([q[0, h, i].double() @ k[0, h // group, j].double() * scaling
+                                  for j in range(pos + 1)])
+            votes += torch.softmax(logits, 0)[:t - w]
+        total += F.avg_pool1d(votes[None, None], kernel, padding=kernel // 2, stride=1,
+                              count_include_pad=False)[0, 0] / len(heads)
+    return total
+
+
+def naive_srh_select(q: Tensor, k: Tensor, scaling: float, keep: int, kernel: int, heads: list[int]) -> list[int]:
+    """The `keep` positions kept: the window itself plus the top keep - w by naive_srh_votes, sorted."""
+    t, w = k.shape[2], q.shape[2]
+    top = naive_srh_votes(q, k, scaling, kernel, heads).topk(keep - w).indices.tolist()
+    return sorted(top + list(range(t - w, t)))

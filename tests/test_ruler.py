@@ -12,7 +12,6 @@ import torch
 
 from headwise.errors import HeadwiseError
 from headwise.probes.ruler import NOISE, RULER_TASKS, TOKENS_TO_GENERATE, ruler_case, ruler_score, string_match_all
-from tests.conftest import tiny_model, tiny_tokenizer
 
 CHAT = "{% for m in messages %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}<|assistant|>\n"
 
@@ -202,14 +201,6 @@ def test_bad_inputs(tok):
 
 
 # --- headwise eval --tasks ruler, on a tiny random model (replies are noise; the plumbing is what is tested)
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-ruler")
-    tiny_model("llama-gqa").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
 
 def test_summary_scores_and_the_ruler_average_by_hand():
     from headwise.kv.evaluate import summarize

@@ -22,7 +22,6 @@ question begins.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -40,29 +39,10 @@ def _versions() -> dict[str, str]:
     return versions()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tensors_sha256(model) -> str:
-    """sha256 over the sorted state_dict: each name, then the tensor's raw bytes (the formula of headwise's
-    weights hash for in-memory models; run.py computes the same in the peer's venv)."""
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
-    return digest.hexdigest()
-
-
 def export_model(spec: str, out: Path) -> dict:
     """Save headwise's model `spec` to `out` (safetensors + tokenizer) and return the record written beside it."""
     import headwise
+    from headwise.load import file_sha256, weights_sha256
 
     loaded = headwise.load(spec)
     model, tok = loaded.model, loaded.tokenizer
@@ -75,7 +55,7 @@ def export_model(spec: str, out: Path) -> dict:
         "model_spec": spec,
         "headwise_model": loaded.info.to_dict(),
         "geometry": loaded.geometry.to_dict(),
-        "tensors_sha256": tensors_sha256(model),
+        "tensors_sha256": weights_sha256(model),
         "tensors_sha256_formula": "sha256 over sorted(state_dict): name bytes, then the tensor's raw bytes",
         "files_sha256": {p.name: file_sha256(p) for p in sorted(out.glob("*.safetensors"))},
         "versions": _versions(),

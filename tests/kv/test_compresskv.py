@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import headwise
 from headwise.atlas import Atlas
@@ -22,27 +21,10 @@ from headwise.kv.generate import generate
 from headwise.kv.snapkv import snapkv_select
 from headwise.scores.semantic_retrieval import srh_select
 from tests.conftest import VOCAB, tiny_model, tiny_tokenizer
+from tests.reference import naive_srh_select
 
 G = Geometry(model_type="llama", n_layers=4, n_heads=6, n_kv_heads=2, head_dim=8, layer_types=("full",) * 4,
              sliding_window=(None,) * 4, max_positions=4096, vocab_size=100)
-
-
-def _reference_select(q, k, scaling, keep, kernel, heads):
-    """Each selected query head's softmax over its KV head, summed over the window, pooled; mean; top-k + window."""
-    _, hq, w, _ = q.shape
-    t, group = k.shape[2], hq // k.shape[1]
-    votes = torch.zeros(t - w, dtype=torch.float64)
-    for h in heads:
-        mine = torch.zeros(t - w, dtype=torch.float64)
-        for i in range(w):
-            pos = t - w + i
-            logits = torch.stack([q[0, h, i].double() @ k[0, h // group, j].double() * scaling
-                                  for j in range(pos + 1)])
-            mine += torch.softmax(logits, 0)[:t - w]
-        votes += F.avg_pool1d(mine[None, None], kernel, padding=kernel // 2, stride=1,
-                              count_include_pad=False)[0, 0]
-    top = (votes / len(heads)).topk(keep - w).indices.tolist()
-    return sorted(top + list(range(t - w, t)))
 
 
 def test_selection_matches_a_loop_over_the_selected_heads_only():
@@ -51,7 +33,7 @@ def test_selection_matches_a_loop_over_the_selected_heads_only():
     k = torch.randn(1, 2, 40, 8, generator=gen) * 2
     for heads in ([2], [0, 5], [1, 2, 3]):
         got = srh_select(q, k, 8 ** -0.5, 14, 3, heads)[0].tolist()
-        assert got == _reference_select(q, k, 8 ** -0.5, 14, 3, heads)
+        assert got == naive_srh_select(q, k, 8 ** -0.5, 14, 3, heads)
     assert srh_select(q, k, 8 ** -0.5, 14, 3, [0])[0].tolist() != srh_select(q, k, 8 ** -0.5, 14, 3, [5])[0].tolist()
 
 

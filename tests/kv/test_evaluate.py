@@ -8,15 +8,6 @@ import pytest
 
 from headwise.cli import main
 from headwise.kv.evaluate import EvalSettings, evaluate, run_speed, summarize
-from tests.conftest import tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama-gqa").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_summarize_counts_and_ratios():

@@ -26,6 +26,7 @@ from headwise.kv.quantized import (
     unpack,
 )
 from tests.conftest import tiny_model, tiny_tokenizer
+from tests.kv.test_cache import _cached_logits, _ids
 from tests.reference import naive_sink_window_attention
 
 
@@ -161,20 +162,6 @@ def test_byte_formula_by_hand():
 
 
 # ---- in the model -----------------------------------------------------------------------------------
-def _ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _run(model, ids: torch.Tensor, cache: HeadwiseCache, chunks: list[int]) -> torch.Tensor:
-    out, start = [], 0
-    with torch.no_grad():
-        for n in chunks:
-            out.append(model(input_ids=ids[:, start:start + n], cache=cache, use_cache=True).logits)
-            start += n
-    assert start == ids.shape[1]
-    return torch.cat(out, 1)
-
-
 def _calls(chunks: list[int]) -> list[tuple[int, int]]:
     ends = np.cumsum(chunks)
     return list(zip([0, *ends[:-1]], ends))
@@ -226,7 +213,7 @@ def test_quantized_policies_match_naive_reference(tiny, arch, bits):
     ids = _ids(sum(chunks), seed=3)
     for policy in policies:
         cache = HeadwiseCache(policy, max_length=ids.shape[1])
-        cached = _run(tiny.model, ids, cache, chunks)
+        cached = _cached_logits(tiny.model, ids, cache, chunks)
         with _kivi_reference(policy, _calls(chunks)), torch.no_grad():
             ref = tiny.model(input_ids=ids, use_cache=False).logits
         torch.testing.assert_close(cached, ref, atol=2e-4, rtol=2e-4)
@@ -248,7 +235,7 @@ def test_bytes_allocated_are_predicted(tiny, arch, length):
         prompt = length - 3
         chunks = [prompt, 1, 1, 1] if policy.one_call_prefill else [prompt // 2, prompt - prompt // 2, 1, 1, 1]
         cache = HeadwiseCache(policy, max_length=length)
-        _run(tiny.model, ids, cache, chunks)
+        _cached_logits(tiny.model, ids, cache, chunks)
         assert cache.nbytes() == policy.kv_bytes(length), policy.describe()
     # Below R tokens all is residual; from a little after R (the two residual buffers are allocated whole),
     # fewer bytes than the unquantized cache, 4 bits fewest.
@@ -265,8 +252,8 @@ def test_logits_near_full_and_four_bits_further(tiny, arch):
     g = tiny.geometry
     ids = _ids(330, seed=7)
     chunks = [300] + [1] * 30
-    logits = {bits: _run(tiny.model, ids, HeadwiseCache(HeadPolicy.full_cache(g, quant=bits)), chunks)[:, 300:]
-              for bits in (0, 8, 4)}
+    logits = {bits: _cached_logits(tiny.model, ids, HeadwiseCache(HeadPolicy.full_cache(g, quant=bits)),
+                                   chunks)[:, 300:] for bits in (0, 8, 4)}
     scale = logits[0].abs().max()
     err8 = float((logits[8] - logits[0]).abs().max() / scale)
     err4 = float((logits[4] - logits[0]).abs().max() / scale)

@@ -10,23 +10,15 @@ every file and the GGUF's sha256, so the comparison can prove both tools ran the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from importlib.metadata import version
 from pathlib import Path
 
 import headwise
+from headwise.load import file_sha256
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_OUT = ROOT / "bench" / "peers" / "models" / "smollm2-135m-tl"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main() -> None:
@@ -42,7 +34,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(args.out, safe_serialization=True)
     lm.tokenizer.save_pretrained(args.out)
-    files = {p.name: sha256(p) for p in sorted(args.out.iterdir()) if p.is_file() and p.name != "export.json"}
+    files = {p.name: file_sha256(p) for p in sorted(args.out.iterdir()) if p.is_file() and p.name != "export.json"}
     record = {"model": args.model, "headwise_model_info": lm.info.to_dict(), "files_sha256": files,
               "weights_sha256": files["model.safetensors"], "headwise_version": version("headwise")}
     (args.out / "export.json").write_text(json.dumps(record, indent=1))
