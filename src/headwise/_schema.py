@@ -178,7 +178,8 @@ def eval_schema() -> dict[str, Any]:
     # summary: task -> context -> policy -> cell (kv/evaluate.py summarize), with the fields its readers use
     cell = _obj({"correct": _int(0), "n": _int(1), "kv_bytes": _int(0), "accuracy": share,
                  "kv_ratio": {"type": ["number", "null"], "minimum": 0}, "answer_logprob": NUMBER,
-                 "key_recall": {**share, "type": ["number", "null"]}},
+                 "key_recall": {**share, "type": ["number", "null"]},
+                 "peak_rss_above_start_bytes": {"type": ["integer", "null"], "minimum": 0}},
                 ["correct", "n", "kv_bytes", "accuracy", "kv_ratio"])
     props = {
         "schema": {"const": EVAL}, "model": model_schema(), "geometry": geometry_schema(), "settings": _obj(),

@@ -34,6 +34,12 @@ def test_evaluate_runs_every_policy_on_the_same_cases(tiny_dir):
     assert all(c["n"] == 2 for c in cells.values())
     assert cells["full"]["kv_ratio"] == 1.0 and all(c["kv_ratio"] < 0.75 for k, c in cells.items() if k != "full")
     assert json.dumps(result)  # JSON-ready
+    for row in result["rows"]:  # every row carries its costs: bytes, prefill and decode time, peak memory
+        assert row["prefill_s"] > 0 and row["decode_s"] >= 0 and row["kv_bytes"] > 0
+        if row["peak_rss_bytes"] is not None:  # Linux
+            assert row["peak_rss_bytes"] >= row["peak_rss_above_start_bytes"] >= 0
+    per_cell = [c["peak_rss_above_start_bytes"] for c in cells.values()]
+    assert all(x is None for x in per_cell) or all(isinstance(x, int) for x in per_cell)
 
 
 def test_speed_runs_in_subprocesses(tiny_dir):

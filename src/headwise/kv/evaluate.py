@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import write_bytes_atomic
+from .._memory import PeakRSS, peak_rss
 from .._plotting import pyplot
 from .._progress import progress
 from .._schema import EVAL as SCHEMA
@@ -181,13 +182,13 @@ def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: 
                   f"{case.reply_budget} a reply restating the needle takes; replies may be cut short (use a shorter "
                   f"context)", file=sys.stderr)
         for spec, policy in policies.items():
-            res = generate(loaded, case.input_ids, policy, max_new_tokens=budget,
-                           prefill_chunk=settings.prefill_chunk, until="line", answer_ids=case.answer_ids)
+            with peak_rss() as memory:
+                res = generate(loaded, case.input_ids, policy, max_new_tokens=budget,
+                               prefill_chunk=settings.prefill_chunk, until="line", answer_ids=case.answer_ids)
             rows.append({**meta, "policy": spec, "tokens": case.length, "answer": case.answer, "reply": res.text,
                          "new_tokens": len(res.tokens), "reply_budget": budget,
                          "correct": answer_found(res.text, case.answer),
-                         **_answer_scores(res, case.key_tokens), "kv_bytes": res.kv_bytes,
-                         "prefill_s": round(res.prefill_seconds, 4), "decode_s": round(res.decode_seconds, 4)})
+                         **_answer_scores(res, case.key_tokens), **_costs(res, memory)})
         if on_case is not None:
             on_case(rows, done, len(all_cases))
     return rows
@@ -200,14 +201,24 @@ def _ruler_rows(loaded: Any, case: RulerCase, meta: dict[str, Any], policies: di
 
     rows = []
     for spec, policy in policies.items():
-        res = generate(loaded, case.input_ids, policy, max_new_tokens=case.max_new_tokens,
-                       prefill_chunk=settings.prefill_chunk, until=case.until)
+        with peak_rss() as memory:
+            res = generate(loaded, case.input_ids, policy, max_new_tokens=case.max_new_tokens,
+                           prefill_chunk=settings.prefill_chunk, until=case.until)
         score = ruler_score(res.text, case.answers)
         rows.append({**meta, "policy": spec, "tokens": case.length, "answers": case.answers, "reply": res.text,
                      "new_tokens": len(res.tokens), "reply_budget": case.max_new_tokens, "until": case.until,
-                     "score": score, "correct": score == 1.0, "kv_bytes": res.kv_bytes,
-                     "prefill_s": round(res.prefill_seconds, 4), "decode_s": round(res.decode_seconds, 4)})
+                     "score": score, "correct": score == 1.0, **_costs(res, memory)})
     return rows
+
+
+def _costs(res: Any, memory: PeakRSS) -> dict[str, Any]:
+    """What one reply cost: KV bytes, prefill and decode seconds, and the peak RSS while it ran (Linux; else None).
+
+    The peak is read in this process, after giving free memory back, so it counts the prompt's activations and
+    cache, not memory an earlier policy left behind (speed's subprocesses give each policy a process of its own)."""
+    return {"kv_bytes": res.kv_bytes, "prefill_s": round(res.prefill_seconds, 4),
+            "decode_s": round(res.decode_seconds, 4), "peak_rss_bytes": memory.peak_bytes,
+            "peak_rss_above_start_bytes": memory.above_start_bytes}
 
 
 def _answer_scores(res: Any, key_tokens: list[int] | None) -> dict[str, Any]:
@@ -228,10 +239,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for row in rows:
         cell = out.setdefault(row["task"], {}).setdefault(str(row["context"]), {}).setdefault(
-            row["policy"], {"correct": 0, "n": 0, "kv_bytes_sum": 0, "logprobs": [], "recalled": []})
+            row["policy"], {"correct": 0, "n": 0, "kv_bytes_sum": 0, "logprobs": [], "recalled": [], "rss": []})
         cell["correct"] += int(row["correct"])
         cell["n"] += 1
         cell["kv_bytes_sum"] += row["kv_bytes"]
+        if row.get("peak_rss_above_start_bytes") is not None:  # older results and non-Linux runs have none
+            cell["rss"].append(row["peak_rss_above_start_bytes"])
         if row.get("answer_logprob") is not None:
             cell["logprobs"].append(row["answer_logprob"])
             cell["recalled"].append(bool(row["key_recalled"]))
@@ -247,6 +260,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 cell["answer_logprob"] = round(sum(lps) / len(lps), 4) if lps else None
                 cell["key_recall"] = sum(recalled) / len(recalled) if recalled else None
                 cell["kv_bytes"] = int(cell.pop("kv_bytes_sum") / cell["n"])
+                rss = cell.pop("rss")
+                cell["peak_rss_above_start_bytes"] = max(rss) if rss else None
                 cell["kv_ratio"] = round(cell["kv_bytes"] / full_bytes, 4) if full_bytes else None
                 if "scores" in cell:
                     scores = cell.pop("scores")
