@@ -15,7 +15,7 @@ PACKAGE = SRC / "headwise"
 # modules, which may import each other within it as noted below).
 LAYERS: list[set[str]] = [
     {"headwise.errors", "headwise._progress", "headwise._jsonl", "headwise._schema", "headwise._io",
-     "headwise.digits", "headwise._plotting"},
+     "headwise.digits", "headwise._plotting", "headwise._memory"},
     {"headwise.geometry", "headwise.roles", "headwise.devices"},  # devices: where each part of a split model runs
     {"headwise.instrument"},  # the one attention function; load attaches every model to it
     {"headwise.vit_digits"},  # trains the bundled image model; load asks for it
