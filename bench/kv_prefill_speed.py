@@ -31,14 +31,18 @@ def main() -> None:
     ap.add_argument("--policy", required=True, help="comma-separated specs, timed against the full cache")
     ap.add_argument("--context", type=int, default=8176)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed full-cache prefills first (the process's first one pays for fresh memory pages)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     import torch
     from tqdm import tqdm
+    from transformers import AttentionInterface
 
     from headwise.atlas import versions
     from headwise.decode import forward
+    from headwise.instrument import IMPLEMENTATION
     from headwise.kv import HeadwiseCache, parse_policy
     from headwise.probes.needle import passkey_case
 
@@ -51,14 +55,30 @@ def main() -> None:
     seconds: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     kv_bytes: dict[str, int] = {}
+    attention_cpu: dict[str, list[float]] = {name: [] for name in names}
+    spent = [0.0]
+    attend = AttentionInterface()[IMPLEMENTATION]
+
+    def timed_attention(*a, **k):  # calls are synchronous on CPU: their CPU time is the attention's
+        c = time.process_time()
+        try:
+            return attend(*a, **k)
+        finally:
+            spent[0] += time.process_time() - c
+
+    AttentionInterface.register(IMPLEMENTATION, timed_attention)
     with torch.no_grad():
+        for _ in range(args.warmup):
+            forward(loaded.model, case.input_ids, HeadwiseCache(policies["full"], max_length=case.length + 1))
         for r in tqdm(range(args.rounds), desc="prefill rounds", unit="round"):
             for name in names[r % len(names):] + names[:r % len(names)]:  # each policy takes each turn in order
                 cache = HeadwiseCache(policies[name], max_length=case.length + 1)
+                spent[0] = 0.0
                 t0, c0 = time.perf_counter(), time.process_time()
                 forward(loaded.model, case.input_ids, cache)
                 seconds[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
+                attention_cpu[name].append(spent[0])
                 kv_bytes[name] = cache.nbytes()
     out = {"model": loaded.info.to_dict(), "versions": versions(), "args": vars(args),
            "torch_threads": torch.get_num_threads(), "context": case.length, "policies": {}}
@@ -67,14 +87,22 @@ def main() -> None:
                "prefill_s_median": round(statistics.median(seconds[name]), 3),
                "prefill_cpu_s_rounds": [round(s, 3) for s in cpu[name]],
                "prefill_cpu_s_median": round(statistics.median(cpu[name]), 3), "kv_bytes": kv_bytes[name],
-               "kv_share": round(kv_bytes[name] / kv_bytes["full"], 4), "description": policies[name].describe()}
+               "kv_share": round(kv_bytes[name] / kv_bytes["full"], 4), "description": policies[name].describe(),
+               "attention_cpu_s_median": round(statistics.median(attention_cpu[name]), 3),
+               "rest_cpu_s_median": round(statistics.median(c - a for c, a in zip(cpu[name], attention_cpu[name])), 3)}
         if name != "full":
             ratios = [f / p for f, p in zip(cpu["full"], cpu[name])]
+            share = getattr(policies[name], "full_fraction", None)
             row.update({"speedup_per_round": [round(x, 3) for x in ratios],
                         "speedup_median": round(statistics.median(ratios), 3)})
+            if share is not None:
+                full_row = out["policies"]["full"]
+                ceiling = full_row["prefill_cpu_s_median"] / (
+                    full_row["rest_cpu_s_median"] + full_row["attention_cpu_s_median"] * share)
+                row.update({"full_kv_share": round(share, 4), "ceiling_free_streaming": round(ceiling, 3)})
         out["policies"][name] = row
         print(name, f"prefill median {row['prefill_cpu_s_median']:.1f} CPU s ({row['prefill_s_median']:.1f} s wall), "
-                    f"KV {row['kv_share']:.1%}",
+                    f"KV {row['kv_share']:.1%}, attention {row['attention_cpu_s_median']:.1f} CPU s",
               f"speed-up median {row['speedup_median']:.2f}x" if name != "full" else "")
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
 

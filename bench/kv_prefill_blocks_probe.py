@@ -1,0 +1,96 @@
+"""Development probe of a prefill headwise does NOT implement: MInference-style block-sparse attention for the
+streaming heads (Jiang et al., arXiv 2407.02490, its block-sparse pattern), checked for accuracy only.
+
+    python bench/kv_prefill_blocks_probe.py --atlas bench/results/atlas-smollm2-duo4k.json --prompts 97:0.9,99:0.5 \
+        --blocks 4,8,16 --out bench/results/kv_prefill_blocks_dev.json
+
+Each streaming-head prompt query at t sees its sinks, its window and the K key blocks (64 tokens each) that its
+query block picks: the blocks whole before the block's first window whose mean key has the largest dot product
+with the block's mean query, per query head. Every other prompt query of the full heads reads the whole prompt.
+The mask is applied to a dense SDPA (so its CPU time says nothing about the mode's speed): this only asks whether
+the pattern keeps the first reply token. It runs kv_prefill_probe.py with that attention in place of +strideK's.
+
+With `--eval ARGS...` it runs `headwise eval ARGS` instead, with the same attention in place of +strideK's, so
+held-out passkey prompts can be answered greedily under the pattern (`+strideK` in a policy there means K blocks;
+the output's specs are renamed `+blocksK(dense check)`):
+
+    python bench/kv_prefill_blocks_probe.py --eval --model smollm2-135m --atlas A \
+        --policies full,headwise:duo@kv0.1667+stride16+mid64 --tasks passkey --contexts 8176 ... --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 64
+
+
+def block_sparse_prefill(query, st, scaling, sink, window, blocks, chunk_bytes=0):
+    b, hq, m, d = query.shape
+    keys, values = st.keys.to(query.dtype), st.values.to(query.dtype)
+    n, kv = keys.shape[2], keys.shape[1]
+    nb = (n + BLOCK - 1) // BLOCK
+    k_mean = F.pad(keys, (0, 0, 0, nb * BLOCK - n)).reshape(b, kv, nb, BLOCK, d).mean(3)
+    q_mean = F.pad(query, (0, 0, 0, nb * BLOCK - m)).reshape(b, hq, nb, BLOCK, d).mean(3)
+    scores = torch.matmul(q_mean, k_mean.repeat_interleave(hq // kv, 1).transpose(-1, -2))  # [b, hq, nbq, nbk]
+    qi, kj = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+    candidate = ((kj + 1) * BLOCK <= qi * BLOCK - window + 1) & (kj * BLOCK >= sink)
+    top = scores.masked_fill(~candidate, float("-inf")).topk(min(blocks, nb), -1)
+    chosen = torch.zeros(b, hq, nb, nb, dtype=torch.bool).scatter_(-1, top.indices, torch.isfinite(top.values))
+    out, j = torch.empty_like(query), torch.arange(n)
+    for a in range(0, m, 512):
+        e = min(m, a + 512)
+        t = torch.arange(a, e)[:, None]
+        causal = j[None] <= t
+        band = causal & ((j[None] < sink) | (j[None] > t - window))
+        mask = band[None, None] | (chosen[:, :, t[:, 0] // BLOCK][..., j // BLOCK] & causal[None, None])
+        out[:, :, a:e] = F.scaled_dot_product_attention(query[:, :, a:e], keys, values, attn_mask=mask,
+                                                         scale=scaling, enable_gqa=hq != kv)
+    return out
+
+
+def _eval(argv: list[str]) -> None:
+    import headwise.kv.mixed as mixed
+    from headwise.cli import main as cli_main
+
+    mixed.strided_prefill_attention = block_sparse_prefill
+    code = cli_main(["eval", *argv])
+    out = Path(argv[argv.index("--out") + 1])
+    out.write_text(out.read_text(encoding="utf-8").replace("+stride", "+blocks(dense check)"), encoding="utf-8")
+    raise SystemExit(code)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--eval"]:
+        _eval(sys.argv[2:])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--atlas", required=True)
+    ap.add_argument("--prompts", required=True, help="SEED:DEPTH,... (development seeds only)")
+    ap.add_argument("--budget", default="kv0.3333")
+    ap.add_argument("--blocks", default="4,8,16")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    import headwise.kv.mixed as mixed
+
+    mixed.strided_prefill_attention = block_sparse_prefill  # the +strideK path, K read as blocks
+    specs = ["full"] + [f"headwise:duo@{args.budget}+stride{k}+mid64" for k in args.blocks.split(",")]
+    sys.argv = ["kv_prefill_probe.py", "--atlas", args.atlas, "--prompts", args.prompts, "--specs", ",".join(specs),
+                "--out", args.out]
+    runpy.run_path(str(Path(__file__).with_name("kv_prefill_probe.py")), run_name="__main__")
+    out = json.loads(Path(args.out).read_text(encoding="utf-8"))
+    for row in out["rows"]:  # say what ran: block-sparse, not a stride
+        row["spec"] = row["spec"].replace("+stride", "+blocks(dense check)")
+    out["note"] = "development prompts; first reply token only; block-sparse streaming prefill, dense masked compute"
+    out["blocks_args"] = vars(args)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
