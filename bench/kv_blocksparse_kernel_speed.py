@@ -6,7 +6,8 @@ like one smollm2 layer's streaming heads at 8K (an experiment: headwise has no b
 The kernel: one choice of K key blocks (64 tokens) per KV head and query block, by pooled mean query . mean key;
 each query block reads sinks + its K blocks + its local band through one SDPA call per chunk of blocks, with one
 [64, keys] mask shared by every block (no per-head masks); query blocks with fewer than K candidate blocks read
-the prefix causally. Reported: median CPU seconds of each over --repeats calls, and the ratio to the causal SDPA.
+the prefix causally. Reported: median CPU seconds of each over --repeats calls, the ratio to the causal SDPA, and
+the largest difference from kv_prefill_blocks_probe.py's dense masked attention with the same choice (2,048 tokens).
 The prefill-level consequence is arithmetic on bench/kv_prefill_speed.py's split (see RESULTS).
 """
 
@@ -17,11 +18,16 @@ import json
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from kv_prefill_blocks_probe import BLOCK, block_sparse_prefill, candidate_blocks
 
-BLOCK = 64
+
+def _first_sparse_block(candidate: torch.Tensor, blocks: int) -> int:
+    """The first query block with `blocks` candidates; earlier ones read their prefix causally."""
+    return int((candidate.sum(1) >= blocks).nonzero()[0])
 
 
 def block_sparse_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, sink: int,
@@ -32,9 +38,8 @@ def block_sparse_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
     g, nb = hq // kv, n // BLOCK
     k_mean = keys.reshape(b, kv, nb, BLOCK, d).mean(3)
     q_mean = query.reshape(b, kv, g, nb, BLOCK, d).mean(4).mean(2)  # pooled over the group: one choice per KV head
-    qi, kj = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
-    candidate = ((kj + 1) * BLOCK <= qi * BLOCK - window + 1) & (kj * BLOCK >= sink)
-    first = int((candidate.sum(1) >= blocks).nonzero()[0])  # earlier query blocks read their prefix causally
+    candidate = candidate_blocks(nb, sink, window)
+    first = _first_sparse_block(candidate, blocks)
     top = (q_mean @ k_mean.transpose(-1, -2)).masked_fill(~candidate, float("-inf")).topk(blocks, -1).indices
     out = torch.empty_like(query)
     e0 = first * BLOCK
@@ -59,6 +64,18 @@ def block_sparse_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
                                            attn_mask=mask, scale=scaling)
         out[:, :, c0 * BLOCK:c1 * BLOCK] = o.reshape(b, kv, c, g, BLOCK, d).transpose(2, 3).reshape(b, hq, c * BLOCK, d)
     return out
+
+
+def dense_check(sink: int, window: int, blocks: int, seed: int, n: int = 2048) -> float:
+    """Largest difference from the probe's dense masked attention with the same per-KV-head choice, on the query
+    blocks that read `blocks` key blocks (the earlier ones read their prefix causally here)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 6, n, 64, generator=gen)
+    k, v = torch.randn(1, 2, n, 64, generator=gen), torch.randn(1, 2, n, 64, generator=gen)
+    out = block_sparse_attention(q, k, v, 0.125, sink, window, blocks)
+    ref = block_sparse_prefill(q, SimpleNamespace(keys=k, values=v), 0.125, sink, window, blocks, per_kv_head=True)
+    first = _first_sparse_block(candidate_blocks(n // BLOCK, sink, window), blocks) * BLOCK
+    return float((out[:, :, first:] - ref[:, :, first:]).abs().max())
 
 
 def main() -> None:
@@ -90,7 +107,9 @@ def main() -> None:
             run()
             cpu[name].append(time.process_time() - c)
     base = statistics.median(cpu["causal_sdpa"])
+    check = {f"blocks{b}": dense_check(args.sink, args.window, int(b), args.seed) for b in args.blocks.split(",")}
     out = {"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "max_abs_diff_vs_dense_masked": check,
            "kernels": {name: {"cpu_s": [round(x, 4) for x in xs], "cpu_s_median": round(statistics.median(xs), 4),
                               "vs_causal_sdpa": round(statistics.median(xs) / base, 3)} for name, xs in cpu.items()}}
     for name, row in out["kernels"].items():

@@ -32,16 +32,26 @@ import torch.nn.functional as F
 BLOCK = 64
 
 
-def block_sparse_prefill(query, st, scaling, sink, window, blocks, chunk_bytes=0):
+def candidate_blocks(n_blocks: int, sink: int, window: int) -> torch.Tensor:
+    """[query block, key block]: the key blocks a query block may pick, wholly past the sinks and wholly before
+    the window of the block's first query."""
+    qi, kj = torch.arange(n_blocks)[:, None], torch.arange(n_blocks)[None, :]
+    return ((kj + 1) * BLOCK <= qi * BLOCK - window + 1) & (kj * BLOCK >= sink)
+
+
+def block_sparse_prefill(query, st, scaling, sink, window, blocks, chunk_bytes=0, per_kv_head=False):
+    """`per_kv_head`: one choice per KV head from the group's pooled mean query (as the kernel in
+    kv_blocksparse_kernel_speed.py chooses), instead of one per query head."""
     b, hq, m, d = query.shape
     keys, values = st.keys.to(query.dtype), st.values.to(query.dtype)
     n, kv = keys.shape[2], keys.shape[1]
     nb = (n + BLOCK - 1) // BLOCK
     k_mean = F.pad(keys, (0, 0, 0, nb * BLOCK - n)).reshape(b, kv, nb, BLOCK, d).mean(3)
     q_mean = F.pad(query, (0, 0, 0, nb * BLOCK - m)).reshape(b, hq, nb, BLOCK, d).mean(3)
+    if per_kv_head:
+        q_mean = q_mean.reshape(b, kv, hq // kv, nb, d).mean(2).repeat_interleave(hq // kv, 1)
     scores = torch.matmul(q_mean, k_mean.repeat_interleave(hq // kv, 1).transpose(-1, -2))  # [b, hq, nbq, nbk]
-    qi, kj = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
-    candidate = ((kj + 1) * BLOCK <= qi * BLOCK - window + 1) & (kj * BLOCK >= sink)
+    candidate = candidate_blocks(nb, sink, window)
     top = scores.masked_fill(~candidate, float("-inf")).topk(min(blocks, nb), -1)
     chosen = torch.zeros(b, hq, nb, nb, dtype=torch.bool).scatter_(-1, top.indices, torch.isfinite(top.values))
     out, j = torch.empty_like(query), torch.arange(n)
