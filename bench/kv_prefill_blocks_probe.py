@@ -1,5 +1,6 @@
-"""Development probe of a prefill headwise does NOT implement: MInference-style block-sparse attention for the
-streaming heads (Jiang et al., arXiv 2407.02490, its block-sparse pattern), checked for accuracy only.
+"""Development probe of MInference-style block-sparse attention for the streaming heads (Jiang et al., arXiv
+2407.02490, its block-sparse pattern), checked for accuracy only; headwise's own kernel for it is `+blocksK`
+(src/headwise/kv/block_sparse.py), written after this probe.
 
     python bench/kv_prefill_blocks_probe.py --atlas bench/results/atlas-smollm2-duo4k.json --prompts 97:0.9,99:0.5 \
         --blocks 4,8,16 --out bench/results/kv_prefill_blocks_dev.json
@@ -9,6 +10,8 @@ query block picks: the blocks whole before the block's first window whose mean k
 with the block's mean query, per query head. Every other prompt query of the full heads reads the whole prompt.
 The mask is applied to a dense SDPA (so its CPU time says nothing about the mode's speed): this only asks whether
 the pattern keeps the first reply token. It runs kv_prefill_probe.py with that attention in place of +strideK's.
+With `--per-kv-head` each KV head's blocks are chosen once from its group's pooled mean query (cheaper to gather;
+it lost a development prompt, so +blocksK chooses per query head).
 
 With `--eval ARGS...` it runs `headwise eval ARGS` instead, with the same attention in place of +strideK's, so
 held-out passkey prompts can be answered greedily under the pattern (`+strideK` in a policy there means K blocks;
@@ -21,6 +24,7 @@ the output's specs are renamed `+blocksK(dense check)`):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import runpy
 import sys
@@ -29,19 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-BLOCK = 64
-
-
-def candidate_blocks(n_blocks: int, sink: int, window: int) -> torch.Tensor:
-    """[query block, key block]: the key blocks a query block may pick, wholly past the sinks and wholly before
-    the window of the block's first query."""
-    qi, kj = torch.arange(n_blocks)[:, None], torch.arange(n_blocks)[None, :]
-    return ((kj + 1) * BLOCK <= qi * BLOCK - window + 1) & (kj * BLOCK >= sink)
+from headwise.kv.block_sparse import BLOCK, candidate_blocks
 
 
 def block_sparse_prefill(query, st, scaling, sink, window, blocks, chunk_bytes=0, per_kv_head=False):
-    """`per_kv_head`: one choice per KV head from the group's pooled mean query (as the kernel in
-    kv_blocksparse_kernel_speed.py chooses), instead of one per query head."""
+    """`per_kv_head`: one choice per KV head from the group's pooled mean query, instead of one per query head."""
     b, hq, m, d = query.shape
     keys, values = st.keys.to(query.dtype), st.values.to(query.dtype)
     n, kv = keys.shape[2], keys.shape[1]
@@ -85,18 +81,21 @@ def main() -> None:
     ap.add_argument("--prompts", required=True, help="SEED:DEPTH,... (development seeds only)")
     ap.add_argument("--budget", default="kv0.3333")
     ap.add_argument("--blocks", default="4,8,16")
+    ap.add_argument("--per-kv-head", action="store_true", help="one block choice per KV head (pooled queries)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import headwise.kv.mixed as mixed
 
-    mixed.strided_prefill_attention = block_sparse_prefill  # the +strideK path, K read as blocks
+    # the +strideK path, K read as blocks
+    mixed.strided_prefill_attention = functools.partial(block_sparse_prefill, per_kv_head=args.per_kv_head)
     specs = ["full"] + [f"headwise:duo@{args.budget}+stride{k}+mid64" for k in args.blocks.split(",")]
     sys.argv = ["kv_prefill_probe.py", "--atlas", args.atlas, "--prompts", args.prompts, "--specs", ",".join(specs),
                 "--out", args.out]
     runpy.run_path(str(Path(__file__).with_name("kv_prefill_probe.py")), run_name="__main__")
     out = json.loads(Path(args.out).read_text(encoding="utf-8"))
     for row in out["rows"]:  # say what ran: block-sparse, not a stride
-        row["spec"] = row["spec"].replace("+stride", "+blocks(dense check)")
+        row["spec"] = row["spec"].replace("+stride", "+blocks(dense check" + (", per KV head)" if args.per_kv_head
+                                                                               else ")"))
     out["note"] = "development prompts; first reply token only; block-sparse streaming prefill, dense masked compute"
     out["blocks_args"] = vars(args)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

@@ -160,7 +160,7 @@ def policy_schema(n_layers: int | None = None, n_kv_heads: int | None = None) ->
         _list(bit, max_items=MAX_HEADS), max_items=MAX_LAYERS)
     heads = {"properties": {"full": full, "sink": _int(0), "window": _int(1), "compensate": {"type": "boolean"},
                             "prefill": {"enum": ["window", "whole", "bounded", "tail"]}, "middle": _int(0),
-                            "tail": _int(0), "early": _int(0), "stride": _int(0),
+                            "tail": _int(0), "early": _int(0), "stride": _int(0), "blocks": _int(0),
                             "quant": {"enum": [0, 4, 8]}},
              # prefill, middle and source came later: Policy.from_dict has defaults for them
              "required": ["full", "sink", "window", "compensate"]}

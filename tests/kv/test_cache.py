@@ -210,6 +210,23 @@ def test_stride_prefill_lies_between_bounded_and_whole():
     assert (stride3 - whole).abs().max() > 1e-3 and (stride3 - bounded).abs().max() > 1e-3
 
 
+def test_block_sparse_prefill_lies_between_bounded_and_whole():
+    """+blocksK in a model: as many blocks as the prompt has reads it whole; one block differs from the whole
+    and the bounded prefill; the cache it leaves is the same size (block_sparse.py's own test checks the pattern)."""
+    lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())
+    ids = _ids(330, seed=16)
+
+    def run(**prefill):
+        cache = HeadwiseCache(HeadPolicy.streaming(lm.geometry, sink=2, window=4, **prefill))
+        return _cached_logits(lm.model, ids, cache, [330]), cache.nbytes()
+    (whole, whole_bytes), (bounded, _) = run(prefill="whole"), run(prefill="bounded")
+    (one, one_bytes), (every, _) = run(prefill="tail", blocks=1), run(prefill="tail", blocks=6)
+    torch.testing.assert_close(every, whole, atol=1e-5, rtol=1e-5)
+    assert (one - whole).abs().max() > 1e-3 and (one - bounded).abs().max() > 1e-3
+    torch.testing.assert_close(one[:, :256], whole[:, :256], atol=1e-5, rtol=1e-5)  # blocks 0-3: their prefix
+    assert one_bytes == whole_bytes
+
+
 def test_tail_and_early_prefill_read_the_prompt_in_one_call():
     """generate ignores prefill_chunk for them: the first answer token is scored from the one-call prefill."""
     lm = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer())

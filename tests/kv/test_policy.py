@@ -167,6 +167,9 @@ def test_parse_policy_specs():
     assert (k.prefill, k.tail, k.early, k.stride, k.option_suffix()) == ("tail", 0, 1, 8, "+early1+stride8+mid8")
     assert "every 8th earlier token" in k.describe()
     assert parse_policy("random@0.5+stride4+tail16", G).layer_tail(0) == 16
+    bs = parse_policy("random@0.5+blocks16+mid64", G)
+    assert (bs.prefill, bs.blocks, bs.stride, bs.option_suffix()) == ("tail", 16, 0, "+blocks16+mid64")
+    assert "16 key blocks per query block" in bs.describe()
     w = parse_policy("headwise:streamable_mass@0.5+whole+comp", G, atlas=atlas)
     assert (w.prefill, w.compensate, w.n_full) == ("whole", True, 4)
     assert parse_policy("streaming@64+whole", G).prefill == "whole"
@@ -182,7 +185,10 @@ def test_parse_policy_specs():
                      ("random@0.5+early", "number of layers"), ("random@0.5+early9", r"early layers in \[0, 4\]"),
                      ("random@0.5+stride", r"\+stride takes"), ("random@0.5+stride0", "1 <= N"),
                      ("random@0.5+bounded+stride8", "two prefill"), ("random@0.5+stride8+comp", r"\+comp"),
-                     ("snapkv@0.3+stride8", "takes no option")):
+                     ("snapkv@0.3+stride8", "takes no option"), ("random@0.5+blocks", r"\+blocks takes"),
+                     ("random@0.5+blocks0", "1 <= N"), ("random@0.5+stride8+blocks4", "two patterns"),
+                     ("random@0.5+blocks4+comp", r"\+blocksK does not combine"),
+                     ("random@0.5+bounded+blocks4", "two prefill"), ("snapkv@0.3+blocks8", "takes no option")):
         with pytest.raises(HeadwiseError, match=why):
             parse_policy(bad, G, atlas=None if "atlas" in why else atlas)
 
@@ -204,6 +210,9 @@ def test_middle_tokens_in_specs_bytes_budgets_and_files(tmp_path):
     assert HeadPolicy.load(strided.save(tmp_path / "s.json")).stride == 8
     assert parse_policy(str(tmp_path / "s.json") + "+whole", G).stride == 0  # a prefill option replaces the file's
     assert parse_policy(str(tmp_path / "m.json") + "+stride4", G).stride == 4
+    blocked = HeadPolicy.load(parse_policy("headwise:retrieval@0.25+blocks8", G, atlas=atlas).save(tmp_path / "b.json"))
+    assert (blocked.blocks, blocked.prefill) == (8, "tail")
+    assert parse_policy(str(tmp_path / "b.json") + "+stride4", G).blocks == 0  # the file's pattern is replaced
     assert parse_policy(str(tmp_path / "m.json"), G).middle == 30
     for bad, why in (("headwise:retrieval@0.25+bounded+mid30", "bounded"), ("razor@0.25+whole+mid8", "compensation"),
                      ("full+mid8", "takes no option"), ("headwise:retrieval@0.25+whole+midx", "not a number")):

@@ -8,7 +8,8 @@ streaming heads read a prompt (`prefill`):
 - "tail" (`+tailN`): one call; the streaming heads' prompt queries are bounded as above except
   the last N, which attend to the whole prompt (DuoAttention's saving on all but the queries
   that write the reply); with `+earlyL` the first L layers read the prompt whole, and with
-  `+strideK` the bounded queries also see every K-th earlier token (sinks + window + a stride);
+  `+strideK` the bounded queries also see every K-th earlier token (sinks + window + a stride), with
+  `+blocksK` the K 64-token key blocks their query block picks (MInference's block-sparse pattern);
 - "whole" (the default; RazorAttention, SnapKV): streaming heads attend to the whole prompt, and each
   layer's cache is cut to sinks + window as soon as that layer has been computed. The first
   reply token comes from full attention; KV memory during the prefill is the compressed
@@ -71,6 +72,7 @@ class HeadPolicy(CachePolicy):
     tail: int = 0  # prefill "tail": the last `tail` prompt queries of streaming heads attend to the whole prompt
     early: int = 0  # prefill "tail": the streaming heads of the first `early` layers attend to the whole prompt
     stride: int = 0  # prefill "tail": the other prompt queries also see every `stride`-th earlier token
+    blocks: int = 0  # prefill "tail": ... or the `blocks` 64-token key blocks their query block picks (block_sparse.py)
     quant: int = 0  # full heads' keys and values stored in this many bits (8 or 4; 0: the model's dtype)
 
     def __post_init__(self) -> None:
@@ -89,17 +91,20 @@ class HeadPolicy(CachePolicy):
             raise HeadwiseError(f"prefill must be one of {', '.join(PREFILL_MODES)}, not '{self.prefill}'")
         if self.middle < 0:
             raise HeadwiseError(f"middle tokens must be >= 0, got {self.middle}")
-        if self.tail < 0 or self.stride < 0 or not 0 <= self.early <= self.geometry.n_layers:
-            raise HeadwiseError(f"tail queries and the stride must be >= 0 and early layers in [0, "
-                                f"{self.geometry.n_layers}] (got tail {self.tail}, stride {self.stride}, early "
-                                f"{self.early})")
-        if (self.prefill == "tail") != (self.tail > 0 or self.early > 0 or self.stride > 0):
-            raise HeadwiseError(f"the tail prefill needs tail queries (+tailN), early layers (+earlyL) or a stride "
-                                f"(+strideK), and only it takes them (prefill '{self.prefill}', tail {self.tail}, "
-                                f"early {self.early}, stride {self.stride})")
-        if self.stride and self.compensate:
-            raise HeadwiseError("+strideK does not combine with the compensation token (+comp): the strided tokens "
-                                "would be counted among the evicted ones; drop one")
+        if min(self.tail, self.stride, self.blocks) < 0 or not 0 <= self.early <= self.geometry.n_layers:
+            raise HeadwiseError(f"tail queries, the stride and the key blocks must be >= 0 and early layers in [0, "
+                                f"{self.geometry.n_layers}] (got tail {self.tail}, stride {self.stride}, blocks "
+                                f"{self.blocks}, early {self.early})")
+        if (self.prefill == "tail") != (self.tail > 0 or self.early > 0 or self.stride > 0 or self.blocks > 0):
+            raise HeadwiseError(f"the tail prefill needs tail queries (+tailN), early layers (+earlyL), a stride "
+                                f"(+strideK) or key blocks (+blocksK), and only it takes them (prefill "
+                                f"'{self.prefill}', tail {self.tail}, early {self.early}, stride {self.stride}, "
+                                f"blocks {self.blocks})")
+        if self.stride and self.blocks:
+            raise HeadwiseError("+strideK and +blocksK are two patterns for the same prompt queries; keep one")
+        if (self.stride or self.blocks) and self.compensate:
+            raise HeadwiseError(f"{'+strideK' if self.stride else '+blocksK'} does not combine with the compensation "
+                                f"token (+comp): the tokens it adds would be counted among the evicted ones; drop one")
         if self.middle and (self.prefill == "bounded" or self.compensate):
             raise HeadwiseError("middle tokens are chosen from a prefill that reads the whole prompt in one call and "
                                 "do not combine with the compensation token: drop +bounded or +comp")
@@ -168,13 +173,14 @@ class HeadPolicy(CachePolicy):
             return FullLayer(layer, g.n_kv_heads, g.head_dim, max_length, quant=self.quant)
         return MixedLayer(layer, self.full[layer], g.head_dim, self.sink, self.window, self.compensate, max_length,
                           whole_prefill=self.prefill != "bounded", middle=self.middle, tail=self.layer_tail(layer),
-                          stride=self.stride, quant=self.quant)
+                          stride=self.stride, blocks=self.blocks, quant=self.quant)
 
     def _prefill_text(self) -> str:
         if self.prefill != "tail":
             return {"whole": ", whole-prompt prefill", "bounded": ", bounded prefill"}[self.prefill]
         text = f", whole-prompt prefill in the first {self.early} layers" if self.early else ""
         text += ", bounded prefill" + (f" + every {self.stride}th earlier token" if self.stride else "") + \
+            (f" + {self.blocks} key blocks per query block" if self.blocks else "") + \
             (" in the others" if self.early else "")
         return text + (f" but the last {self.tail} queries" if self.tail else "")
 
@@ -187,10 +193,12 @@ class HeadPolicy(CachePolicy):
 
     def option_suffix(self) -> str:
         """The spec options that give another policy this one's streaming shape and storage ("+comp", "+bounded",
-        "+tailN", "+earlyL", "+strideK", "+midM", "+qB"; the whole-prompt prefill is the default and needs none)."""
+        "+tailN", "+earlyL", "+strideK", "+blocksK", "+midM", "+qB"; the whole-prompt prefill is the default and
+        needs none)."""
         prefill = {"whole": "", "bounded": "+bounded",
                    "tail": (f"+tail{self.tail}" if self.tail else "") + (f"+early{self.early}" if self.early else "")
-                   + (f"+stride{self.stride}" if self.stride else "")}[self.prefill]
+                   + (f"+stride{self.stride}" if self.stride else "") + (f"+blocks{self.blocks}" if self.blocks else "")
+                   }[self.prefill]
         return ("+comp" if self.compensate else "") + prefill + (f"+mid{self.middle}" if self.middle else "") + \
             (f"+q{self.quant}" if self.quant else "")
 
@@ -211,11 +219,11 @@ class HeadPolicy(CachePolicy):
     @classmethod
     def streaming(cls, geometry: Geometry, sink: int = STREAMINGLLM_SINK, window: int = DEFAULT_WINDOW,
                   compensate: bool = False, prefill: str = "whole", middle: int = 0, tail: int = 0,
-                  early: int = 0, stride: int = 0, quant: int = 0) -> HeadPolicy:
+                  early: int = 0, stride: int = 0, blocks: int = 0, quant: int = 0) -> HeadPolicy:
         """StreamingLLM: every (selectable) head keeps `sink` first tokens + `window` recent ones."""
         return cls(geometry, np.zeros((geometry.n_layers, geometry.n_kv_heads), bool), sink=sink, window=window,
                    compensate=compensate, name="streaming", source={"method": "streamingllm"}, prefill=prefill,
-                   middle=middle, tail=tail, early=early, stride=stride, quant=quant)
+                   middle=middle, tail=tail, early=early, stride=stride, blocks=blocks, quant=quant)
 
     @classmethod
     def random(cls, geometry: Geometry, full_fraction: float | None = None, seed: int = 0, *,
@@ -308,7 +316,7 @@ class HeadPolicy(CachePolicy):
     def fields(self) -> dict[str, Any]:
         return {"full": self.full.astype(int).tolist(), "sink": self.sink, "window": self.window,
                 "compensate": self.compensate, "prefill": self.prefill, "middle": self.middle, "tail": self.tail,
-                "early": self.early, "stride": self.stride, "quant": self.quant}
+                "early": self.early, "stride": self.stride, "blocks": self.blocks, "quant": self.quant}
 
     @classmethod
     def from_fields(cls, geometry: Geometry, fields: dict[str, Any], name: str, source: dict[str, Any]) -> HeadPolicy:
@@ -317,7 +325,7 @@ class HeadPolicy(CachePolicy):
                    # a file without the field predates prefill modes: it meant the bounded prefill
                    prefill=str(fields.get("prefill", "bounded")), middle=int(fields.get("middle", 0)),
                    tail=int(fields.get("tail", 0)), early=int(fields.get("early", 0)),
-                   stride=int(fields.get("stride", 0)),
+                   stride=int(fields.get("stride", 0)), blocks=int(fields.get("blocks", 0)),
                    quant=int(fields.get("quant", 0)))
 
 

@@ -12,7 +12,8 @@ been computed; with middle tokens, the M prompt tokens between them that the tok
 prompt's last queries picks. With the tail prefill the first call is the same one call, but the
 streaming heads' queries attend to sinks + window except the prompt's last N (`_tail_prefill`),
 in every layer but the first L (`+earlyL`), which read the prompt as the whole prefill does; with
-`+strideK` those bounded queries also see every K-th earlier token.
+`+strideK` those bounded queries also see every K-th earlier token, with `+blocksK` the K key
+blocks their query block picks (block_sparse.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from ..errors import HeadwiseError
 from .attention import KERNEL, OBSERVATION_WINDOW, check_no_padding, full_heads_attention, token_votes
+from .block_sparse import block_sparse_prefill_attention
 from .layers import HeadwiseLayer, Store
 from .quantized import QuantizedStore
 from .streaming import (
@@ -61,7 +63,7 @@ class MixedLayer(HeadwiseLayer):
 
     def __init__(self, layer: int, full: np.ndarray, head_dim: int, sink: int, window: int, compensate: bool,
                  reserve: int | None = None, whole_prefill: bool = False, middle: int = 0, tail: int | None = None,
-                 stride: int = 0, quant: int = 0):
+                 stride: int = 0, blocks: int = 0, quant: int = 0):
         super().__init__(layer, len(full), head_dim)
         # Multi-token calls: streaming heads attend to all they hold plus the call (prefill "whole" or "tail").
         self.whole_prefill = whole_prefill
@@ -69,6 +71,7 @@ class MixedLayer(HeadwiseLayer):
         # The prompt's one call: streaming heads' queries before its last `tail` see sinks + window only (None: none).
         self.tail = tail
         self.stride = stride  # ... and, K > 0, see every K-th earlier token too (sinks + window + a stride)
+        self.blocks = blocks  # ... or the K key blocks their query block picks (block_sparse.py)
         self.full_heads = torch.tensor(np.flatnonzero(full), dtype=torch.long)
         self.stream_heads = torch.tensor(np.flatnonzero(~full), dtype=torch.long)
         self.full = QuantizedStore(head_dim, quant, reserve) if quant else Store(reserve)  # KIVI's, with +qB
@@ -197,7 +200,8 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
 
 def _tail_prefill(view: MixedView, query: Tensor, scaling: float) -> Tensor:
     """The prompt's one call under the tail prefill, [b, hq, m, d]: full heads attend causally to the whole
-    prompt; streaming heads' queries attend to sinks + window (+ every `stride`-th earlier token), except the
+    prompt; streaming heads' queries attend to sinks + window (+ every `stride`-th earlier token, or + the
+    `blocks` key blocks of block_sparse.py), except the
     last `tail`, which attend to the whole prompt (their keys are the call's, so nothing is dropped before they
     have seen it)."""
     layer = view.layer
@@ -211,7 +215,10 @@ def _tail_prefill(view: MixedView, query: Tensor, scaling: float) -> Tensor:
                                                view.call_values.index_select(1, full_kv), None, scaling)
     q, keys = query[:, stream_qi], view.stream
     cut = m - layer.tail
-    if layer.stride:
+    if layer.blocks:
+        out[:, stream_qi, :cut] = block_sparse_prefill_attention(q[:, :, :cut], keys, scaling, st.sink, st.window,
+                                                                 layer.blocks)
+    elif layer.stride:
         out[:, stream_qi, :cut] = strided_prefill_attention(q[:, :, :cut], keys, scaling, st.sink, st.window,
                                                             layer.stride)
     else:

@@ -21,7 +21,8 @@ cache's KV bytes at the prompt's length. Options:
   (one call, bounded except the prompt's last N queries, which attend to the whole prompt),
   +earlyL (one call: the first L layers read the prompt whole, the others bounded; with +tailN
   their last N queries whole), +strideK (with or without those: the bounded prompt queries also
-  see every K-th earlier token, sinks + window + a stride);
+  see every K-th earlier token, sinks + window + a stride), +blocksK (instead of a stride: the K
+  64-token key blocks each query block picks, MInference's block-sparse pattern);
   +comp (RazorAttention's compensation token), +midM (streaming heads also keep M prompt tokens
   between sinks and window, chosen by the token vote; not with +bounded or +comp),
   +q8 / +q4 (full heads' keys and values stored in 8 or 4 bits, KIVI's way; `full` takes it too).
@@ -44,7 +45,7 @@ from .heads import DEFAULT_SINK, DEFAULT_WINDOW, STREAMINGLLM_SINK, HeadPolicy
 from .policy import CachePolicy
 from .snapkv import SnapKVPolicy
 
-OPTIONS = ("comp", "whole", "bounded", "tail", "early", "stride", "mid", "q")
+OPTIONS = ("comp", "whole", "bounded", "tail", "early", "stride", "blocks", "mid", "q")
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 # Beyond any model's positions, sink/window/middle sizes are typos that would allocate gigabytes.
 MAX_TOKENS = 1 << 21
@@ -58,7 +59,7 @@ class PolicyRequest:
     name: str
     arg: str | None
     amount: str | None
-    options: dict[str, Any]  # comp/whole/bounded: bool, tail/early/stride/mid: int, q: bits (0 = none)
+    options: dict[str, Any]  # comp/whole/bounded: bool, tail/early/stride/blocks/mid: int, q: bits (0 = none)
     geometry: Geometry
     atlas: Any
     context: int | None
@@ -108,13 +109,13 @@ class PolicyRequest:
 
     def shape(self, sink: int = DEFAULT_SINK) -> dict[str, Any]:
         """The streaming heads' shape and the full heads' storage: sinks, window, compensation, prefill mode
-        (whole unless +bounded or +tailN / +earlyL / +strideK), middle tokens, bits."""
+        (whole unless +bounded or +tailN / +earlyL / +strideK / +blocksK), middle tokens, bits."""
         o = self.options
-        prefill = "bounded" if o["bounded"] else "tail" if o["tail"] or o["early"] or o["stride"] else "whole"
+        prefill = "bounded" if o["bounded"] else "tail" if any(o[k] for k in _TAIL) else "whole"
         return {"sink": self.sink if self.sink is not None else sink,
                 "window": self.window if self.window is not None else DEFAULT_WINDOW,
                 "compensate": o["comp"], "prefill": prefill, "middle": o["mid"], "tail": o["tail"],
-                "early": o["early"], "stride": o["stride"], "quant": o["q"]}
+                "early": o["early"], "stride": o["stride"], "blocks": o["blocks"], "quant": o["q"]}
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,8 @@ def register_policy(name: str, build: Callable[[PolicyRequest], CachePolicy], *,
     """Make `NAME[:ARG][@AMOUNT][+OPTION...]` specs build a policy with `build(request)`.
 
     `arg`: whether it takes `:ARG`; `amount`: whether `@AMOUNT` is required, optional or refused;
-    `options`: which of comp, whole, bounded, tail, early, stride, mid, q (+comp, +whole, +bounded, +tailN,
-    +earlyL, +strideK, +midM, +q8/+q4) it accepts. Specs outside that are refused here.
+    `options`: which of comp, whole, bounded, tail, early, stride, blocks, mid, q (+comp, +whole, +bounded,
+    +tailN, +earlyL, +strideK, +blocksK, +midM, +q8/+q4) it accepts. Specs outside that are refused here.
     """
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         raise HeadwiseError(f"policy name {name!r} must be lower-case letters, digits, '_' or '-'")
@@ -156,9 +157,11 @@ def registered_policies() -> list[str]:
     return [k.syntax for k in _REGISTERED.values()] + ["FILE.json"]
 
 
-_OPTION_HELP = "+whole, +bounded, +tailN, +earlyL, +strideK, +comp, +midM, +q8, +q4"
+_OPTION_HELP = "+whole, +bounded, +tailN, +earlyL, +strideK, +blocksK, +comp, +midM, +q8, +q4"
+_TAIL = ("tail", "early", "stride", "blocks")  # the options of the tail prefill
 _NUMBERED = {"mid": ("a number of tokens", "+mid64"), "tail": ("a number of queries", "+tail64"),
              "early": ("a number of layers", "+early4"), "stride": ("a number of tokens", "+stride8"),
+             "blocks": ("a number of 64-token key blocks", "+blocks16"),
              "q": ("a number of bits, 8 or 4", "+q8")}
 
 
@@ -166,20 +169,20 @@ def _split_options(body: str, spec: str) -> tuple[str, dict[str, Any]]:
     """Strip +comp / +whole / +bounded / +tailN / +midM / +qB from the right; refuse an unknown, repeated or
     contradictory option."""
     options: dict[str, Any] = {"comp": False, "whole": False, "bounded": False, "tail": 0, "early": 0, "stride": 0,
-                               "mid": 0, "q": 0}
+                               "blocks": 0, "mid": 0, "q": 0}
     seen: set[str] = set()
     while True:
         head, plus, option = body.rpartition("+")
         if not plus:
-            # +tailN, +earlyL and +strideK together make one mode (the tail prefill); +whole and +bounded one each.
-            prefills = [k for k in ("whole", "bounded", "tail", "early", "stride") if k in seen]
-            if len(prefills) > 1 and not set(prefills) <= {"tail", "early", "stride"}:
+            # +tailN, +earlyL and +strideK / +blocksK make one mode (the tail prefill); +whole and +bounded one each.
+            prefills = [k for k in ("whole", "bounded", *_TAIL) if k in seen]
+            if len(prefills) > 1 and not set(prefills) <= set(_TAIL):
                 raise HeadwiseError(f"policy '{spec}': {' and '.join('+' + k for k in prefills)} are two prefill "
                                     f"modes; keep one")
             return body, options
-        match = re.fullmatch(r"(comp|whole|bounded)|(mid|tail|early|stride|q)(\d+)", option)
+        match = re.fullmatch(r"(comp|whole|bounded)|(mid|tail|early|stride|blocks|q)(\d+)", option)
         if match is None:
-            numbered = re.fullmatch(r"(mid|tail|early|stride|q)(\D.*)?", option)
+            numbered = re.fullmatch(r"(mid|tail|early|stride|blocks|q)(\D.*)?", option)
             if numbered:
                 what, example = _NUMBERED[numbered.group(1)]
                 raise HeadwiseError(f"policy '{spec}': +{numbered.group(1)} takes {what}, e.g. {example}; "
@@ -260,7 +263,8 @@ def _parse(raw: str) -> tuple[RegisteredPolicy | None, str, str | None, str | No
         raise HeadwiseError(f"policy '{raw}': {name} takes no options: it has no streaming heads to shape and no full "
                             f"heads to store in fewer bits")
     if given - kind.options:
-        spell = {"mid": "midM", "tail": "tailN", "early": "earlyL", "stride": "strideK", "q": "q8/+q4"}
+        spell = {"mid": "midM", "tail": "tailN", "early": "earlyL", "stride": "strideK", "blocks": "blocksK",
+                 "q": "q8/+q4"}
         allowed = ", ".join("+" + spell.get(o, o) for o in OPTIONS if o in kind.options) or "none"
         raise HeadwiseError(f"policy '{raw}': {name} takes no option "
                             f"{', '.join('+' + spell.get(o, o) for o in OPTIONS if o in given - kind.options)} "
@@ -308,10 +312,10 @@ def _from_file(raw: str, path: str, options: dict[str, Any], geometry: Geometry,
     if not isinstance(policy, HeadPolicy):
         raise HeadwiseError(f"policy '{raw}': options apply to head policies only, not to a {policy.policy_type} file")
     # The spec's options add to the file's (replace() checks the combination again); a prefill option replaces its.
-    tail = {k: options[k] for k in ("tail", "early", "stride")}
-    prefill = {"prefill": "bounded", "tail": 0, "early": 0, "stride": 0} if options["bounded"] else \
-        {"prefill": "tail", **tail} if any(tail.values()) \
-        else {"prefill": "whole", "tail": 0, "early": 0, "stride": 0} if options["whole"] else {}
+    tail = {k: options[k] for k in _TAIL}
+    none = dict.fromkeys(_TAIL, 0)
+    prefill = {"prefill": "bounded", **none} if options["bounded"] else {"prefill": "tail", **tail} \
+        if any(tail.values()) else {"prefill": "whole", **none} if options["whole"] else {}
     return replace(policy, compensate=policy.compensate or options["comp"], middle=options["mid"] or policy.middle,
                    quant=options["q"] or policy.quant, **prefill)
 
@@ -377,7 +381,7 @@ def _snapkv(r: PolicyRequest) -> CachePolicy:
     return SnapKVPolicy(r.geometry, budget=x)
 
 
-_HEAD_OPTIONS = ("comp", "whole", "bounded", "tail", "early", "stride", "mid", "q")
+_HEAD_OPTIONS = ("comp", "whole", "bounded", "tail", "early", "stride", "blocks", "mid", "q")
 register_policy("full", _full, syntax="full[+q8|+q4]", options=("q",), amount="none")
 register_policy("streaming", _streaming, syntax="streaming[@X]", options=_HEAD_OPTIONS, amount="optional")
 register_policy("headwise", _headwise, syntax="headwise:SCORE[:high|:low]@F", options=_HEAD_OPTIONS, arg=True)
