@@ -10,8 +10,8 @@ query block picks: the blocks whole before the block's first window whose mean k
 with the block's mean query, per query head. Every other prompt query of the full heads reads the whole prompt.
 The mask is applied to a dense SDPA (so its CPU time says nothing about the mode's speed): this only asks whether
 the pattern keeps the first reply token. It runs kv_prefill_probe.py with that attention in place of +strideK's.
-With `--per-kv-head` each KV head's blocks are chosen once from its group's pooled mean query (cheaper to gather;
-it lost a development prompt, so +blocksK chooses per query head).
+With `--per-kv-head mean` each KV head's blocks are chosen once from its group's pooled mean query (cheaper to
+gather; it lost a development prompt); `--per-kv-head rank` takes the blocks best ranked by any of its query heads.
 
 With `--eval ARGS...` it runs `headwise eval ARGS` instead, with the same attention in place of +strideK's, so
 held-out passkey prompts can be answered greedily under the pattern (`+strideK` in a policy there means K blocks;
@@ -36,19 +36,35 @@ import torch.nn.functional as F
 from headwise.kv.block_sparse import BLOCK, candidate_blocks
 
 
-def block_sparse_prefill(query, st, scaling, sink, window, blocks, chunk_bytes=0, per_kv_head=False):
-    """`per_kv_head`: one choice per KV head from the group's pooled mean query, instead of one per query head."""
+def block_sparse_prefill(query, st, scaling, sink, window, blocks, chunk_bytes=0, per_kv_head=None):
+    """`per_kv_head`: one choice per KV head instead of one per query head: "mean" (True) from the group's pooled
+    mean query; "rank" the blocks best ranked by any of the group's query heads (each head's first choice, then
+    each head's second, ...; ties by the pooled query's ranking)."""
     b, hq, m, d = query.shape
     keys, values = st.keys.to(query.dtype), st.values.to(query.dtype)
     n, kv = keys.shape[2], keys.shape[1]
-    nb = (n + BLOCK - 1) // BLOCK
+    g, nb = hq // kv, (n + BLOCK - 1) // BLOCK
     k_mean = F.pad(keys, (0, 0, 0, nb * BLOCK - n)).reshape(b, kv, nb, BLOCK, d).mean(3)
     q_mean = F.pad(query, (0, 0, 0, nb * BLOCK - m)).reshape(b, hq, nb, BLOCK, d).mean(3)
-    if per_kv_head:
-        q_mean = q_mean.reshape(b, kv, hq // kv, nb, d).mean(2).repeat_interleave(hq // kv, 1)
-    scores = torch.matmul(q_mean, k_mean.repeat_interleave(hq // kv, 1).transpose(-1, -2))  # [b, hq, nbq, nbk]
     candidate = candidate_blocks(nb, sink, window)
-    top = scores.masked_fill(~candidate, float("-inf")).topk(min(blocks, nb), -1)
+
+    def fit(q):  # [b, h, nbq, nbk], non-candidates -inf
+        return torch.matmul(q, k_mean.repeat_interleave(q.shape[1] // kv, 1).transpose(-1, -2)).masked_fill(
+            ~candidate, float("-inf"))
+
+    def ranks(x):  # 0 = best
+        return x.argsort(-1, descending=True).argsort(-1)
+
+    pooled = q_mean.reshape(b, kv, g, nb, d).mean(2)
+    if per_kv_head in (True, "mean"):
+        scores = fit(pooled).repeat_interleave(g, 1)
+    elif per_kv_head == "rank":
+        best = ranks(fit(q_mean)).reshape(b, kv, g, nb, nb).amin(2)
+        scores = (-(best * nb + ranks(fit(pooled))).float()).masked_fill(~candidate, float("-inf"))
+        scores = scores.repeat_interleave(g, 1)
+    else:
+        scores = fit(q_mean)
+    top = scores.topk(min(blocks, nb), -1)
     chosen = torch.zeros(b, hq, nb, nb, dtype=torch.bool).scatter_(-1, top.indices, torch.isfinite(top.values))
     out, j = torch.empty_like(query), torch.arange(n)
     for a in range(0, m, 512):
@@ -81,7 +97,8 @@ def main() -> None:
     ap.add_argument("--prompts", required=True, help="SEED:DEPTH,... (development seeds only)")
     ap.add_argument("--budget", default="kv0.3333")
     ap.add_argument("--blocks", default="4,8,16")
-    ap.add_argument("--per-kv-head", action="store_true", help="one block choice per KV head (pooled queries)")
+    ap.add_argument("--per-kv-head", choices=("mean", "rank"),
+                    help="one block choice per KV head: from the pooled query, or by the group's best ranks")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import headwise.kv.mixed as mixed
@@ -94,8 +111,8 @@ def main() -> None:
     runpy.run_path(str(Path(__file__).with_name("kv_prefill_probe.py")), run_name="__main__")
     out = json.loads(Path(args.out).read_text(encoding="utf-8"))
     for row in out["rows"]:  # say what ran: block-sparse, not a stride
-        row["spec"] = row["spec"].replace("+stride", "+blocks(dense check" + (", per KV head)" if args.per_kv_head
-                                                                               else ")"))
+        per_kv = f", per KV head by {args.per_kv_head})" if args.per_kv_head else ")"
+        row["spec"] = row["spec"].replace("+stride", "+blocks(dense check" + per_kv)
     out["note"] = "development prompts; first reply token only; block-sparse streaming prefill, dense masked compute"
     out["blocks_args"] = vars(args)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
