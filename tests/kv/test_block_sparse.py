@@ -13,43 +13,33 @@ from headwise.kv.streaming import StreamingKeys
 BLOCK = 64
 
 
-def _places(q_mean, k_mean):
-    """{key block: its place when ranked by mean key . q_mean, best first}."""
-    ranked = sorted(k_mean, key=lambda kj: -float(q_mean @ k_mean[kj]))
-    return {kj: i for i, kj in enumerate(ranked)}
-
-
 def _pattern_reference(query, keys, values, scaling, sink, window, blocks):
-    """A query block reads its whole prefix if at most `blocks` key blocks lie wholly past the sinks and wholly
-    before its first query's window. Otherwise each query reads the sinks, its window and `blocks` of those key
-    blocks: each query head of the KV group ranks them by mean key . the block's mean query, and the group takes
-    every head's first, then every head's second, ... (ties: the ranking by the group's mean query). float64."""
+    """Each query head's query block reads its whole prefix if at most `blocks` key blocks lie wholly past the
+    sinks and wholly before its first query's window; else sinks + the `blocks` of those blocks whose mean key
+    best matches the block's mean query + each query's window. float64."""
     b, hq, m, d = query.shape
-    n_kv, n = keys.shape[1], keys.shape[2]
-    g = hq // n_kv
+    g, n = hq // keys.shape[1], keys.shape[2]
     q, k, v = query.double(), keys.double(), values.double()
     out = torch.zeros(b, hq, m, d, dtype=torch.float64)
     for row in range(b):
-        for kh in range(n_kv):
-            heads = range(kh * g, (kh + 1) * g)
+        for h in range(hq):
+            kh = h // g
             for qb in range(math.ceil(m / BLOCK)):
                 t0, t1 = qb * BLOCK, min(m, qb * BLOCK + BLOCK)
                 cands = [kj for kj in range(n // BLOCK)
                          if kj * BLOCK >= sink and (kj + 1) * BLOCK - 1 <= t0 - window]
                 base = None  # the keys every query of the block reads besides its window (None: its prefix)
                 if len(cands) > blocks:
-                    k_mean = {kj: k[row, kh, kj * BLOCK:(kj + 1) * BLOCK].mean(0) for kj in cands}
-                    q_means = [q[row, h, t0:t1].mean(0) for h in heads]
-                    places, pooled = [_places(x, k_mean) for x in q_means], _places(sum(q_means) / g, k_mean)
-                    chosen = sorted(cands, key=lambda kj: (min(p[kj] for p in places), pooled[kj]))[:blocks]
+                    q_mean = q[row, h, t0:t1].mean(0)
+                    fit = {kj: float(q_mean @ k[row, kh, kj * BLOCK:(kj + 1) * BLOCK].mean(0)) for kj in cands}
+                    chosen = sorted(cands, key=fit.__getitem__)[-blocks:]
                     picked = [j for kj in chosen for j in range(kj * BLOCK, (kj + 1) * BLOCK)]
                     base = torch.tensor([*range(sink), *picked])
-                for h in heads:
-                    for t in range(t0, t1):
-                        band = torch.arange(t - window + 1, t + 1)
-                        seen = torch.arange(t + 1) if base is None else torch.cat([base, band])
-                        w = torch.softmax(k[row, kh, seen] @ q[row, h, t] * scaling, 0)
-                        out[row, h, t] = w @ v[row, kh, seen]
+                for t in range(t0, t1):
+                    band = torch.arange(t - window + 1, t + 1)
+                    seen = torch.arange(t + 1) if base is None else torch.cat([base, band])
+                    w = torch.softmax(k[row, kh, seen] @ q[row, h, t] * scaling, 0)
+                    out[row, h, t] = w @ v[row, kh, seen]
     return out
 
 
