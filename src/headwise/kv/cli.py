@@ -42,7 +42,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="full", help="policy spec (full, streaming[@X], headwise:SCORE[:high|:low]@F, "
                                                     "razor@F, random@F[:SEED], duo:FILE@F, snapkv@X, compresskv@X) or "
                                                     "a policy .json; @kvB for @F: the most full heads within B x the "
-                                                    "full cache's KV bytes; append +bounded, +tailN, +earlyL or "
+                                                    "full cache's KV bytes; append +bounded, +tailN, +earlyL, "
                                                     "+strideK or +blocksK (faster prefills than the default "
                                                     "whole-prompt one), "
                                                     "+midM (streaming heads also keep M prompt tokens chosen by the "

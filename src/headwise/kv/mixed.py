@@ -201,9 +201,8 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
 def _tail_prefill(view: MixedView, query: Tensor, scaling: float) -> Tensor:
     """The prompt's one call under the tail prefill, [b, hq, m, d]: full heads attend causally to the whole
     prompt; streaming heads' queries attend to sinks + window (+ every `stride`-th earlier token, or + the
-    `blocks` key blocks of block_sparse.py), except the
-    last `tail`, which attend to the whole prompt (their keys are the call's, so nothing is dropped before they
-    have seen it)."""
+    `blocks` key blocks of block_sparse.py), except the last `tail`, which attend to the whole prompt (their keys
+    are the call's, so nothing is dropped before they have seen it)."""
     layer = view.layer
     st, m = layer.streaming, query.shape[2]
     g = query.shape[1] // layer.n_kv_heads
