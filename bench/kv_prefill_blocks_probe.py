@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from headwise.kv.block_sparse import BLOCK, candidate_blocks
 
 
-def block_sparse_prefill(query, st, scaling, sink, window, blocks, chunk_bytes=0, per_kv_head=None):
-    """`per_kv_head`: one choice per KV head instead of one per query head: "mean" (True) from the group's pooled
+def block_sparse_prefill(query, st, scaling, sink, window, blocks, per_kv_head=None):
+    """`per_kv_head`: one choice per KV head instead of one per query head: "mean" from the group's pooled
     mean query; "rank" the blocks best ranked by any of the group's query heads (each head's first choice, then
     each head's second, ...; ties by the pooled query's ranking)."""
     b, hq, m, d = query.shape
@@ -56,7 +56,7 @@ def block_sparse_prefill(query, st, scaling, sink, window, blocks, chunk_bytes=0
         return x.argsort(-1, descending=True).argsort(-1)
 
     pooled = q_mean.reshape(b, kv, g, nb, d).mean(2)
-    if per_kv_head in (True, "mean"):
+    if per_kv_head == "mean":
         scores = fit(pooled).repeat_interleave(g, 1)
     elif per_kv_head == "rank":
         best = ranks(fit(q_mean)).reshape(b, kv, g, nb, nb).amin(2)
