@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HEADWISE_QUIET", "1")
 
 
-def load_model_and_atlas(model: str, atlas_path: str) -> tuple[Any, Any]:
+def load_model_and_atlas(model: str, atlas_path: str, dtype: str = "float32") -> tuple[Any, Any]:
     import torch
 
     import headwise
@@ -18,7 +18,7 @@ def load_model_and_atlas(model: str, atlas_path: str) -> tuple[Any, Any]:
     threads = os.environ.get("HEADWISE_THREADS")
     if threads:  # two single-thread runs side by side on the 2 cores
         torch.set_num_threads(int(threads))
-    loaded = headwise.load(model)
+    loaded = headwise.load(model, dtype=getattr(torch, dtype))
     atlas = headwise.Atlas.load(atlas_path)
     atlas.check_model(loaded.info, loaded.geometry)
     return loaded, atlas

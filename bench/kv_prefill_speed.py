@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed full-cache prefills first (the process's first one pays for fresh memory pages)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's weights and activations (bfloat16: what a CPU with AMX runs fastest)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -46,11 +48,12 @@ def main() -> None:
     from headwise.kv import HeadwiseCache, parse_policy
     from headwise.probes.needle import passkey_case
 
-    loaded, atlas = load_model_and_atlas(args.model, args.atlas)
+    loaded, atlas = load_model_and_atlas(args.model, args.atlas, args.dtype)
     case = passkey_case(loaded.tokenizer, context=args.context, depth=0.5, seed=0)
     specs = [x.strip() for x in args.policy.split(",") if x.strip()]
     policies = {"full": parse_policy("full", loaded.geometry)}
-    policies.update({spec: parse_policy(spec, loaded.geometry, atlas=atlas, context=case.length) for spec in specs})
+    policies.update({spec: parse_policy(spec, loaded.geometry, atlas=atlas, context=case.length,
+                                        dtype_bytes=loaded.dtype_bytes) for spec in specs})
     names = list(policies)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}

@@ -19,6 +19,19 @@ def test_load_hf_directory(model_dir):
     assert m.model.config._attn_implementation == "headwise"
 
 
+def test_load_in_another_dtype_records_it(tiny_dir):
+    import torch
+
+    m = headwise.load(str(tiny_dir), dtype="bfloat16")
+    assert {p.dtype for p in m.model.parameters()} == {torch.bfloat16}
+    assert m.info.to_dict()["dtype"] == "bfloat16" and m.dtype_bytes == 2
+    assert headwise.load(str(tiny_dir)).info.to_dict()["dtype"] == "float32"
+    assert headwise.load(str(tiny_dir), dtype=torch.float16).dtype_bytes == 2
+    for bad in ("int8", torch.int8, "fp8"):
+        with pytest.raises(HeadwiseError, match="not one headwise loads a model in; use one of float32, bfloat16"):
+            headwise.load(str(tiny_dir), dtype=bad)
+
+
 def test_load_hub_id_from_local_cache_only(model_dir, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     snap = cache / "models--someone--tiny" / "snapshots" / "abc123"

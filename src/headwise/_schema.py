@@ -89,7 +89,8 @@ def model_schema() -> dict[str, Any]:
     """The model record of every output (load.ModelInfo)."""
     props = {"spec": _str(MAX_TEXT), "kind": _str(), "path": _str(MAX_TEXT, null=True),
              "weights_sha256": _str(), "config_sha256": _str()}
-    return _obj(props, list(props))
+    # Files written before headwise recorded the dtype have none.
+    return _obj({**props, "dtype": _str(null=True)}, list(props))
 
 
 def geometry_schema(n_layers: int | None = None) -> dict[str, Any]:

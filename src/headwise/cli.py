@@ -67,7 +67,7 @@ def _run_profile(args: argparse.Namespace) -> None:
     report = not args.no_report
     # Checked before the model loads; a refused run removes the directory it made.
     with output_location(out, what="the atlas"):
-        loaded = load(args.model)
+        loaded = load(args.model, dtype=args.dtype)
         need = unit_bytes(loaded.geometry, len(scores or default_scores(loaded.geometry.modality)), settings.context,
                           report)
         check_output_dir(out, what="the atlas", need_bytes=need)
@@ -110,7 +110,7 @@ def _run_report(args: argparse.Namespace) -> None:
         from .load import load
         from .report import collect_for_atlas
 
-        collect_for_atlas(load(args.model), atlas, report=True)
+        collect_for_atlas(load(args.model, dtype=args.dtype), atlas, report=True)
     else:
         write_report(atlas.directory)
     path = atlas.directory / REPORT_FILE
@@ -159,7 +159,7 @@ def _run_attribute(args: argparse.Namespace) -> None:
     load_examples(args.data)  # a bad data file is refused before the model loads
     out = Path(args.atlas) if args.atlas else Path(f"atlas-{Path(args.model).stem}")
     with output_location(atlas_file(out).parent, what="the atlas"):
-        loaded = load(args.model)
+        loaded = load(args.model, dtype=args.dtype)
         atlas, path = attribute_to_atlas(loaded, args.data, args.name, out, metric=args.metric, chat=args.chat)
     metric = atlas.data["scores"][args.name]["settings"]["metric"]
     print(f"{args.name} ({metric}): top heads by the behaviour change when zeroed alone")
@@ -213,7 +213,7 @@ def _run_validate(args: argparse.Namespace) -> None:
     # So that `--role NAME` works for a `headwise attribute --name NAME` result; only that one: the atlas's
     # other attributions have nothing to do with this run.
     register_atlas_attribution(atlas, args.role)
-    loaded = load(args.model or atlas.model["spec"])
+    loaded = load(args.model or atlas.model["spec"], dtype=args.dtype)
     result = validate_and_store(loaded, atlas, args.role, k=args.k, draws=args.draws, seed=args.seed, task=task)
     print(format_validation(result))
     if is_lone_file(args.atlas):
@@ -259,7 +259,7 @@ def _run_prune(args: argparse.Namespace) -> None:
     atlas = Atlas.load(args.atlas)
     with output_location(args.out, what="the pruned model"):
         check_pruned_output(args.out)  # before the model loads
-        loaded = load(args.model)
+        loaded = load(args.model, dtype=args.dtype)
         protect = [r.strip() for r in args.protect.split(",") if r.strip()]
         heads = select_heads(atlas, loaded.geometry, args.score, args.fraction, seed=args.seed, info=loaded.info,
                              config=loaded.model.config, protect=protect)
@@ -329,7 +329,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         raise HeadwiseError(f"--out {out} names the plot's file; give the results a .json name")
     with output_location(out, what="the comparison", file=True):
         check_output_file(png, what="the comparison plot")
-        base = load(args.model)
+        base = load(args.model, dtype=args.dtype)
         first = [True]
 
         def checkpoint(partial: dict) -> None:
@@ -414,7 +414,7 @@ def _run_influence(args: argparse.Namespace) -> None:
     if meta_path(out).is_dir():
         raise HeadwiseError(f"cannot write {meta_path(out)}: it is a directory; choose another --out")
     with output_location(out, what="the ranking", file=True):
-        loaded = load(args.model or atlas.model["spec"])
+        loaded = load(args.model or atlas.model["spec"], dtype=args.dtype)
         result = influence_scores(loaded, atlas, docs, role=args.role, k=args.k,
                                   heads=heads if args.random_seed is not None else None,
                                   max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, ablation=args.ablation)
@@ -449,6 +449,9 @@ def _version() -> str:
         return "unknown"
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # load.DTYPES, named here so `headwise --help` needs no torch
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line like every other error (not the usage block, not SystemExit)."""
 
@@ -462,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for every command (on 2 shared cores, 1 is often fastest for "
                              "decoding); default: torch's own choice")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+                        help="the model's weights and activations for every command (bfloat16: half the memory, "
+                             "and faster on CPUs with AMX and on GPUs); default: float32")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=help_text))

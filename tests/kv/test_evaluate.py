@@ -62,6 +62,23 @@ def test_cli_generate_and_errors(tiny_dir, tmp_path, capsys):
     assert "unknown task" in capsys.readouterr().err
 
 
+def test_cli_dtype_reaches_the_model_the_bytes_and_the_speed_runs(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "bf16.json"
+    assert main(["--dtype", "bfloat16", "eval", "--model", str(tiny_dir), "--policies", "streaming@0.3",
+                 "--tasks", "passkey,speed", "--contexts", "120", "--depths", "0.5", "--trials", "1",
+                 "--speed-context", "150", "--sink", "4", "--window", "16", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"]["dtype"] == "bfloat16"
+    per_token = 3 * 2 * 16 * 2 * 2  # layers x KV heads x head_dim x (K, V) x 2 bytes of bfloat16
+    assert result["policies"]["full"]["kv_bytes"] == 120 * per_token  # the prediction
+    row = next(r for r in result["rows"] if r["policy"] == "full")
+    assert row["kv_bytes"] == (row["tokens"] + row["new_tokens"]) * per_token  # measured
+    speed = result["speed"]["policies"]["full"]  # its own process, loaded in bfloat16 too
+    assert speed["kv_bytes"] == (150 + speed["new_tokens"]) * per_token
+    assert main(["--dtype", "int8", "eval", "--model", str(tiny_dir), "--out", str(out)]) == 2
+    assert "argument --dtype: invalid choice: 'int8'" in capsys.readouterr().err
+
+
 def test_plot_accuracy_against_bytes(tmp_path):
     pytest.importorskip("matplotlib")
     from headwise.kv.evaluate import plot

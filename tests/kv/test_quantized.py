@@ -271,6 +271,26 @@ def test_four_bits_fit_more_full_heads_in_a_budget():
     assert max(plain.kv_bytes(1000), q8.kv_bytes(1000), q4.kv_bytes(1000)) <= budget
 
 
+def test_a_budget_is_fitted_in_the_model_dtype_and_checked_against_it():
+    """bfloat16 halves the plain heads' bytes but not the 8-bit codes: at the same share, fewer heads fit."""
+    lm = headwise.from_model(tiny_model("llama-gqa").to(torch.bfloat16), tiny_tokenizer())
+    g = lm.geometry
+    as_float32 = parse_policy("random@kv0.5+q8", g, context=1000)
+    as_bf16 = parse_policy("random@kv0.5+q8", g, context=1000, dtype_bytes=lm.dtype_bytes)
+    assert lm.dtype_bytes == 2 and as_bf16.n_full < as_float32.n_full
+    budget = int(0.5 * HeadPolicy.full_cache(g).kv_bytes(1000, dtype_bytes=2))
+    assert as_bf16.kv_bytes(1000, dtype_bytes=2) <= budget < as_float32.kv_bytes(1000, dtype_bytes=2)
+    ids = _ids(40)
+    _cached_logits(lm.model, ids, HeadwiseCache(as_bf16), [40])
+    with pytest.raises(HeadwiseError, match="fitted its KV budget for a 4-byte dtype, but this model's keys are "
+                                            "bfloat16; build it for this model: parse_policy"):
+        _cached_logits(lm.model, ids, HeadwiseCache(as_float32), [40])
+    # Without quantization every head's bytes scale with the dtype: the same heads fit, and nothing is checked.
+    plain = parse_policy("random@kv0.5", g, context=1000)
+    assert np.array_equal(plain.full, parse_policy("random@kv0.5", g, context=1000, dtype_bytes=2).full)
+    _cached_logits(lm.model, ids, HeadwiseCache(plain), [40])
+
+
 def test_saved_policy_round_trip(tmp_path):
     g = headwise.from_model(tiny_model("qwen2"), tiny_tokenizer()).geometry
     policy = parse_policy("random@0.5+q4+mid8", g)

@@ -39,6 +39,11 @@ class HeadwiseCache(Cache):
         if layer_idx >= len(self.layers):
             raise HeadwiseError(f"the model has more layers than the policy ({len(self.layers)}); build the policy "
                                 f"for this model")
+        sized = getattr(self.policy, "source", {}).get("budget_dtype_bytes")
+        if sized is not None and layer_idx == 0 and sized != key_states.element_size():
+            raise HeadwiseError(f"policy '{self.policy.name}' fitted its KV budget for a {sized}-byte dtype, but this "
+                                f"model's keys are {str(key_states.dtype).removeprefix('torch.')}; build it for this "
+                                f"model: parse_policy(..., dtype_bytes={key_states.element_size()})")
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     def nbytes_by_head(self) -> np.ndarray:

@@ -87,7 +87,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         from ..steer import read_record
 
         read_record(args.steer)  # a missing or broken steering before the model loads
-    loaded = load(args.model)
+    loaded = load(args.model, dtype=args.dtype)
     loaded.require("text", "headwise generate")
     edits = None
     if args.steer is not None:
@@ -110,7 +110,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         raise HeadwiseError(f"the prompt ({ids.shape[1]} tokens) and --max-new-tokens {args.max_new_tokens} exceed "
                             f"this model's {limit} positions; shorten {path} or lower --max-new-tokens")
     policy = parse_policy(args.policy, loaded.geometry, atlas=_load_atlas(args, loaded), context=ids.shape[1],
-                          sink=args.sink, window=args.window)
+                          sink=args.sink, window=args.window, dtype_bytes=loaded.dtype_bytes)
     if args.prefill_chunk is not None and policy.one_call_prefill:
         raise HeadwiseError(f"policy '{args.policy}' reads the whole prompt in one call; drop --prefill-chunk")
     if edits is not None and edits.weights is not None and args.policy != "full":
@@ -120,7 +120,8 @@ def _run_generate(args: argparse.Namespace) -> None:
                    edits=edits)
     from .heads import HeadPolicy
 
-    full = HeadPolicy.full_cache(loaded.geometry).kv_bytes(res.prompt_tokens + len(res.tokens))
+    full = HeadPolicy.full_cache(loaded.geometry).kv_bytes(res.prompt_tokens + len(res.tokens),
+                                                           dtype_bytes=loaded.dtype_bytes)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(res.text)
     print(f"--- {policy.describe()}")
@@ -194,7 +195,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     if png == out:
         raise HeadwiseError(f"--out {out} names the plot's file; give the results a .json name")
     with output_location(out, what="the eval results", file=True):
-        loaded = load(args.model)
+        loaded = load(args.model, dtype=args.dtype)
         loaded.require("text", "headwise eval")
         atlas = _load_atlas(args, loaded)
         first = [True]

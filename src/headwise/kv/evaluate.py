@@ -145,13 +145,13 @@ def _cases(loaded: Any, task: str, settings: EvalSettings, context: int) -> list
 
 def _policies_for(specs: list[str], loaded: Any, atlas: Any, context: int, settings: EvalSettings) -> dict[str, Any]:
     return {s: parse_policy(s, loaded.geometry, atlas=atlas, context=context, sink=settings.sink,
-                            window=settings.window) for s in specs}
+                            window=settings.window, dtype_bytes=loaded.dtype_bytes) for s in specs}
 
 
-def _describe(policy: Any, context: int) -> dict[str, Any]:
+def _describe(policy: Any, context: int, dtype_bytes: int) -> dict[str, Any]:
     fields = {k: v for k, v in policy.to_dict().items() if k not in ("schema", "geometry", "name", "source")}
     return {"description": policy.describe(), "source": policy.source, "context": context,
-            "kv_bytes": policy.kv_bytes(context), **fields}
+            "kv_bytes": policy.kv_bytes(context, dtype_bytes=dtype_bytes), **fields}
 
 
 def run_retrieval(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any = None, *,
@@ -322,12 +322,12 @@ def _speed_worker(args: dict[str, Any]) -> dict[str, Any]:
 
     if args.get("threads"):
         torch.set_num_threads(int(args["threads"]))
-    loaded = load(args["model"])
+    loaded = load(args["model"], dtype=args["dtype"])
     atlas = Atlas.load(args["atlas"]) if args.get("atlas") else None
     case = passkey_case(loaded.tokenizer, context=args["context"], depth=0.5, seed=0,
                         max_positions=loaded.geometry.max_positions)
     policy = parse_policy(args["policy"], loaded.geometry, atlas=atlas, context=args["context"], sink=args["sink"],
-                          window=args["window"])
+                          window=args["window"], dtype_bytes=loaded.dtype_bytes)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res = generate(loaded, case.input_ids, policy, max_new_tokens=args["new_tokens"], until="budget",
                    prefill_chunk=args.get("prefill_chunk"))
@@ -338,7 +338,8 @@ def _speed_worker(args: dict[str, Any]) -> dict[str, Any]:
             "rss_after_load_bytes": rss_loaded}
 
 
-def run_speed(model: str, specs: list[str], settings: EvalSettings, atlas_path: str | None = None) -> dict[str, Any]:
+def run_speed(model: str, specs: list[str], settings: EvalSettings, atlas_path: str | None = None,
+              dtype: str = "float32") -> dict[str, Any]:
     """One subprocess per policy and repeat, alternating policies; the best repeat of each is kept.
     Each runs with this process's torch thread count."""
     import torch
@@ -348,7 +349,7 @@ def run_speed(model: str, specs: list[str], settings: EvalSettings, atlas_path: 
     for spec in progress(jobs, desc=f"speed @ {settings.speed_context} tokens", unit="run"):
         args = {"model": model, "policy": spec, "context": settings.speed_context, "atlas": atlas_path,
                 "sink": settings.sink, "window": settings.window, "new_tokens": settings.speed_new_tokens,
-                "prefill_chunk": settings.prefill_chunk, "threads": torch.get_num_threads()}
+                "prefill_chunk": settings.prefill_chunk, "threads": torch.get_num_threads(), "dtype": dtype}
         # Its output is captured, so a worker stopped by Ctrl-C (which reaches it too) prints nothing here.
         proc = subprocess.run([sys.executable, "-m", "headwise.kv.evaluate", "--speed-worker", json.dumps(args)],
                               capture_output=True, text=True, env={**os.environ, "HEADWISE_QUIET": "1"},
@@ -390,7 +391,8 @@ def evaluate(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any =
     if "full" not in specs:
         specs = ["full", *specs]  # every ratio is against the full cache measured in the same run
     longest = max(settings.contexts) if settings.contexts else settings.perplexity_context
-    example = {s: _describe(p, longest) for s, p in _policies_for(specs, loaded, atlas, longest, settings).items()}
+    example = {s: _describe(p, longest, loaded.dtype_bytes)
+               for s, p in _policies_for(specs, loaded, atlas, longest, settings).items()}
     t0 = time.perf_counter()
     result: dict[str, Any] = {"schema": SCHEMA, "model": loaded.info.to_dict(), "geometry": loaded.geometry.to_dict(),
                               "settings": asdict(settings), "versions": versions(), "policies": example,
@@ -410,7 +412,8 @@ def evaluate(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any =
         result["perplexity"] = run_perplexity(loaded, specs, settings, atlas)
         save()
     if "speed" in settings.tasks:
-        result["speed"] = run_speed(model_spec or loaded.info.spec, specs, settings, atlas_path)
+        result["speed"] = run_speed(model_spec or loaded.info.spec, specs, settings, atlas_path,
+                                    loaded.info.dtype or "float32")
         save()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["complete"] = True

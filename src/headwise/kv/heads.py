@@ -227,11 +227,12 @@ class HeadPolicy(CachePolicy):
 
     @classmethod
     def random(cls, geometry: Geometry, full_fraction: float | None = None, seed: int = 0, *,
-               budget_bytes: int | None = None, context: int | None = None, **shape: Any) -> HeadPolicy:
+               budget_bytes: int | None = None, context: int | None = None, dtype_bytes: int = 4,
+               **shape: Any) -> HeadPolicy:
         """The control: as many full heads as a scored policy (a fraction or a budget, as
         from_ranking), chosen uniformly at random."""
         proto = cls(geometry, np.zeros((geometry.n_layers, geometry.n_kv_heads), bool), **shape)
-        n_full = _how_many(proto, full_fraction, budget_bytes, context)
+        n_full = _how_many(proto, full_fraction, budget_bytes, context, dtype_bytes)
         if full_fraction is None:
             full_fraction = n_full / max(1, proto.n_selectable)
         idx = np.flatnonzero(proto.selectable.ravel())
@@ -239,27 +240,31 @@ class HeadPolicy(CachePolicy):
         full = np.zeros(proto.full.size, bool)
         full[chosen] = True
         return cls(geometry, full.reshape(proto.full.shape), name=f"random@{full_fraction:g}",
-                   source={"method": "random", "seed": seed, "full_fraction": full_fraction}, **shape)
+                   source={"method": "random", "seed": seed, "full_fraction": full_fraction,
+                           **_sized_for(budget_bytes, dtype_bytes, shape)}, **shape)
 
     @classmethod
     def from_ranking(cls, geometry: Geometry, need: np.ndarray, *, full_fraction: float | None = None,
                      budget_bytes: int | None = None, context: int | None = None, name: str = "ranked",
-                     source: dict[str, Any] | None = None, **shape: Any) -> HeadPolicy:
+                     source: dict[str, Any] | None = None, dtype_bytes: int = 4, **shape: Any) -> HeadPolicy:
         """Give the full cache to the KV heads with the highest `need` [layers, kv_heads].
 
         Exactly one of full_fraction (of the selectable heads) or budget_bytes (the most full
-        heads whose cache at `context` tokens fits the budget) sets how many.
+        heads whose cache at `context` tokens fits the budget) sets how many. `dtype_bytes`: the
+        bytes of the model's dtype (4: float32; 2: bfloat16), which a budget's bytes are counted in:
+        quantized heads' codes do not shrink with it, so it changes how many fit.
         """
         proto = cls(geometry, np.zeros((geometry.n_layers, geometry.n_kv_heads), bool), **shape)
-        n_full = _how_many(proto, full_fraction, budget_bytes, context)
+        n_full = _how_many(proto, full_fraction, budget_bytes, context, dtype_bytes)
         full = np.zeros(proto.full.size, bool)
         full[_ranked(np.asarray(need, dtype=float), proto.selectable)[:n_full]] = True
-        return cls(geometry, full.reshape(proto.full.shape), name=name, source=source or {}, **shape)
+        return cls(geometry, full.reshape(proto.full.shape), name=name,
+                   source={**(source or {}), **_sized_for(budget_bytes, dtype_bytes, shape)}, **shape)
 
     @classmethod
     def from_atlas(cls, atlas: Any, score: str, *, full_fraction: float | None = None,
                    budget_bytes: int | None = None, context: int | None = None, higher_is_full: bool | None = None,
-                   **shape: Any) -> HeadPolicy:
+                   dtype_bytes: int = 4, **shape: Any) -> HeadPolicy:
         """Full cache for the KV heads an atlas score marks as needing it.
 
         `score` is any atlas score name, or "razor" (RazorAttention: top echo heads, 1 in 15 of
@@ -271,7 +276,8 @@ class HeadPolicy(CachePolicy):
         """
         g = atlas.geometry
         if score == "razor":
-            return _razor(atlas, full_fraction=full_fraction, budget_bytes=budget_bytes, context=context, **shape)
+            return _razor(atlas, full_fraction=full_fraction, budget_bytes=budget_bytes, context=context,
+                          dtype_bytes=dtype_bytes, **shape)
         values = atlas.score(score)  # [layers, heads]
         if higher_is_full is None:
             higher_is_full = _needs_full(atlas, score) == "high"
@@ -280,7 +286,7 @@ class HeadPolicy(CachePolicy):
         amount = f"@{full_fraction:g}" if full_fraction is not None else f"@{budget_bytes}B"
         direction = "high" if higher_is_full else "low"
         return cls.from_ranking(g, need, full_fraction=full_fraction, budget_bytes=budget_bytes, context=context,
-                                name=f"headwise:{score}{amount}",
+                                dtype_bytes=dtype_bytes, name=f"headwise:{score}{amount}",
                                 source={"method": "atlas", "score": score, "full_when": direction,
                                         "aggregate": "max need over the KV group",
                                         "atlas_model": atlas.model.get("spec"),
@@ -288,7 +294,8 @@ class HeadPolicy(CachePolicy):
 
     @classmethod
     def from_duo_file(cls, path: str | Path, geometry: Geometry, full_fraction: float | None = None, *,
-                      budget_bytes: int | None = None, context: int | None = None, **shape: Any) -> HeadPolicy:
+                      budget_bytes: int | None = None, context: int | None = None, dtype_bytes: int = 4,
+                      **shape: Any) -> HeadPolicy:
         """A DuoAttention pattern: tab-separated gate values, one row per layer, one column per KV head;
         the top gates keep the full cache (a fraction, or as many as fit `budget_bytes` at `context`)."""
         if full_fraction is None and budget_bytes is None:
@@ -309,7 +316,7 @@ class HeadPolicy(CachePolicy):
             raise HeadwiseError(f"{path} holds a gate that is not a finite number; a DuoAttention gate is in [0, 1]")
         amount = f"@{full_fraction:g}" if full_fraction is not None else f"@{budget_bytes}B"
         return cls.from_ranking(geometry, gates, full_fraction=full_fraction, budget_bytes=budget_bytes,
-                                context=context, name=f"duo:{path.name}{amount}",
+                                context=context, dtype_bytes=dtype_bytes, name=f"duo:{path.name}{amount}",
                                 source={"method": "duoattention", "file": str(path)}, **shape)
 
     # ---- files ------------------------------------------------------------------------------
@@ -351,7 +358,8 @@ def _count(fraction: float, n: int) -> int:
     return int(min(n, max(0, math.floor(fraction * n + 0.5))))
 
 
-def _how_many(proto: HeadPolicy, full_fraction: float | None, budget_bytes: int | None, context: int | None) -> int:
+def _how_many(proto: HeadPolicy, full_fraction: float | None, budget_bytes: int | None, context: int | None,
+              dtype_bytes: int = 4) -> int:
     """Number of full heads: a fraction of the selectable heads, or the most that fit a byte budget."""
     if (full_fraction is None) == (budget_bytes is None):
         raise HeadwiseError("give exactly one of full_fraction or budget_bytes")
@@ -359,10 +367,16 @@ def _how_many(proto: HeadPolicy, full_fraction: float | None, budget_bytes: int 
         return _count(full_fraction, proto.n_selectable)
     if not context:
         raise HeadwiseError("budget_bytes needs the context length the budget is for")
-    return _fit_budget(proto, budget_bytes, context)
+    return _fit_budget(proto, budget_bytes, context, dtype_bytes)
 
 
-def _fit_budget(proto: HeadPolicy, budget_bytes: int, context: int) -> int:
+def _sized_for(budget_bytes: int | None, dtype_bytes: int, shape: dict[str, Any]) -> dict[str, int]:
+    """What a quantized policy's byte budget assumed of the model's dtype: its codes do not shrink with the dtype, so
+    the same budget fits other heads in another dtype (HeadwiseCache refuses a model of another dtype)."""
+    return {"budget_dtype_bytes": dtype_bytes} if budget_bytes is not None and shape.get("quant") else {}
+
+
+def _fit_budget(proto: HeadPolicy, budget_bytes: int, context: int, dtype_bytes: int) -> int:
     """The most full heads whose predicted cache at `context` tokens stays within budget."""
     best = -1
     for n_full in range(proto.n_selectable + 1):
@@ -370,23 +384,23 @@ def _fit_budget(proto: HeadPolicy, budget_bytes: int, context: int) -> int:
         idx = np.flatnonzero(proto.selectable.ravel())[:n_full]
         full.ravel()[idx] = True
         trial = replace(proto, full=full)
-        if trial.kv_bytes(context) <= budget_bytes:
+        if trial.kv_bytes(context, dtype_bytes=dtype_bytes) <= budget_bytes:
             best = n_full
         else:
             break
     if best < 0:
-        floor = proto.kv_bytes(context)
+        floor = proto.kv_bytes(context, dtype_bytes=dtype_bytes)
         raise HeadwiseError(f"a KV budget of {budget_bytes} bytes is below even the all-streaming cache at {context} "
                             f"tokens ({floor} bytes)")
     return best
 
 
 def _razor(atlas: Any, *, full_fraction: float | None, budget_bytes: int | None, context: int | None,
-           **shape: Any) -> HeadPolicy:
+           dtype_bytes: int, **shape: Any) -> HeadPolicy:
     """RazorAttention's selection: ~1 echo head per 14 induction heads (arXiv 2407.15891), max over KV groups."""
     g = atlas.geometry
     proto = HeadPolicy(g, np.zeros((g.n_layers, g.n_kv_heads), bool), **shape)
-    n_full = _how_many(proto, full_fraction, budget_bytes, context)
+    n_full = _how_many(proto, full_fraction, budget_bytes, context, dtype_bytes)
     echo = atlas.score("echo", "kv_max")
     induction = atlas.score("razor_induction", "kv_max")
     n_echo = min(n_full, round(n_full / 15)) if n_full >= 8 else 0
@@ -399,7 +413,8 @@ def _razor(atlas: Any, *, full_fraction: float | None, budget_bytes: int | None,
     amount = f"@{full_fraction:g}" if full_fraction is not None else f"@{budget_bytes}B"
     return HeadPolicy(g, full.reshape(proto.full.shape), name=f"headwise:razor{amount}",
                   source={"method": "razorattention", "scores": ["echo", "razor_induction"], "n_echo": int(n_echo),
-                          "aggregate": "kv_max", "atlas_model": atlas.model.get("spec")}, **shape)
+                          "aggregate": "kv_max", "atlas_model": atlas.model.get("spec"),
+                          **_sized_for(budget_bytes, dtype_bytes, shape)}, **shape)
 
 
 __all__ = ["DEFAULT_SINK", "DEFAULT_WINDOW", "STREAMINGLLM_SINK", "HeadPolicy"]

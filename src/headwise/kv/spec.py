@@ -65,6 +65,7 @@ class PolicyRequest:
     context: int | None
     sink: int | None  # None: the policy's own default
     window: int | None
+    dtype_bytes: int = 4  # the model's: a byte budget is a share of its full cache
 
     def fail(self, why: str) -> HeadwiseError:
         return HeadwiseError(f"policy '{self.spec}': {why}")
@@ -100,8 +101,8 @@ class PolicyRequest:
             if not 0.0 < share <= 1.0:
                 raise self.fail(f"a KV budget is a share of the full cache in (0, 1], not {share:g}")
             context = self.need_context("a KV budget is sized")
-            full = HeadPolicy.full_cache(self.geometry).kv_bytes(context)
-            return {"budget_bytes": int(share * full), "context": context}
+            full = HeadPolicy.full_cache(self.geometry).kv_bytes(context, dtype_bytes=self.dtype_bytes)
+            return {"budget_bytes": int(share * full), "context": context, "dtype_bytes": self.dtype_bytes}
         fraction = self.number(amount, "fraction")
         if not 0.0 <= fraction <= 1.0:
             raise self.fail(f"the fraction of KV heads must be in [0, 1], not {fraction:g}")
@@ -278,11 +279,12 @@ def check_spec(spec: str) -> None:
 
 
 def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: int | None = None,
-                 sink: int | None = None, window: int | None = None) -> CachePolicy:
+                 sink: int | None = None, window: int | None = None, dtype_bytes: int = 4) -> CachePolicy:
     """Turn a policy spec (see the module docstring) into a policy for a prompt of `context` tokens.
 
     sink / window: the streaming heads' shape when not the policy's own default (64 + 256 for the
-    head policies, 4 sinks for StreamingLLM).
+    head policies, 4 sinks for StreamingLLM). dtype_bytes: the model's (LoadedModel.dtype_bytes; 4 for
+    float32), in which a budget `@kvB` is a share of the full cache.
     """
     raw = spec.strip()
     kind, body, arg, amount, options = _parse(raw)
@@ -293,7 +295,8 @@ def parse_policy(spec: str, geometry: Geometry, *, atlas: Any = None, context: i
     if kind is None:
         policy = _from_file(raw, body, options, geometry, sink, window)
     else:
-        policy = kind.build(PolicyRequest(raw, kind.name, arg, amount, options, geometry, atlas, context, sink, window))
+        policy = kind.build(PolicyRequest(raw, kind.name, arg, amount, options, geometry, atlas, context, sink, window,
+                                          dtype_bytes))
     policy.check(geometry)
     policy.name = raw
     return policy

@@ -39,7 +39,7 @@ def _run_steer(args: argparse.Namespace) -> None:
         raise HeadwiseError(f"--random-heads must be a positive number of heads; got {args.random_heads}")
     task = load_task(args.task)
     with output_location(args.out, what="the steering"):
-        loaded = load(args.model)
+        loaded = load(args.model, dtype=args.dtype)
         loaded.require("text", "headwise steer")
         heads = None if args.random_heads is None else random_heads(loaded.geometry, args.random_heads, args.seed)
         steering = fit(loaded, task, args.method, heads=heads, seed=args.seed)
