@@ -49,14 +49,14 @@ def token_votes(query_obs: Tensor, keys: Tensor, scaling: float, kernel: int) ->
 
     query_obs: [b, hq, w, d] the last w prompt queries; keys: [b, kv, T, d].
     """
-    b, hq, w, _ = query_obs.shape
+    b, hq, w, d = query_obs.shape
     n_kv, t = keys.shape[1], keys.shape[2]
     g = hq // n_kv
-    k = keys[:, :, None].float()  # [b, kv, 1, T, d]
-    q = query_obs.float().reshape(b, n_kv, g, w, -1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [b, kv, g, w, T]
-    qpos = torch.arange(t - w, t, device=keys.device)
-    scores = scores.masked_fill(torch.arange(t, device=keys.device)[None, :] > qpos[:, None], float("-inf"))
+    # The group's queries as one [g * w, d] matrix: a broadcast over g would copy the keys g times.
+    scores = torch.matmul(query_obs.float().reshape(b, n_kv, g * w, d), keys.float().transpose(-1, -2))
+    scores = scores.mul_(scaling).view(b, n_kv, g, w, t)
+    # Causal: only the observation window's own keys can lie after a query.
+    scores[..., t - w:].masked_fill_(torch.ones(w, w, dtype=torch.bool, device=keys.device).triu_(1), float("-inf"))
     votes = torch.softmax(scores, -1)[..., :t - w].sum(-2).mean(2)  # [b, kv, T - w]
     return F.avg_pool1d(votes, kernel_size=kernel, padding=kernel // 2, stride=1, count_include_pad=False)
 
