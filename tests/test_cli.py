@@ -46,6 +46,18 @@ def test_version_and_threads(model_dir, tmp_path, capsys):
         torch.set_num_threads(before)
 
 
+def test_dtype_is_recorded_and_an_atlas_serves_every_dtype(model_dir, tmp_path):
+    import headwise
+
+    out = tmp_path / "bf16"
+    assert main(["--dtype", "bfloat16", "profile", "--model", str(model_dir), "--scores", "previous_token",
+                 "--out", str(out), "--block-len", "8", "--repeated-sequences", "1", "--no-report"]) == 0
+    atlas = Atlas.load(out)
+    assert atlas.model["dtype"] == "bfloat16"
+    float32 = headwise.load(str(model_dir))
+    atlas.check_model(float32.info, float32.geometry)  # the same weights: the dtype is a setting, not a model
+
+
 def test_image_model_end_to_end_profile_validate_report_plot(tmp_path, capsys):
     """An image classifier directory and a directory of images through every command that reads an atlas."""
     import numpy as np
