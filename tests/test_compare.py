@@ -173,6 +173,13 @@ def test_an_interrupted_run_keeps_the_models_it_finished(run, tmp_path, monkeypa
     assert not (tmp_path / "c.png").exists()  # the older plot went with the older result
 
 
+def test_every_model_is_compared_in_the_dtype_asked_for(run):
+    root, argv, _ = run
+    assert main(["--dtype", "bfloat16", *argv, "--out", str(root / "bf16.json")]) == 0
+    models = json.loads((root / "bf16.json").read_text())["models"]
+    assert len(models) == 3 and {m["model"]["dtype"] for m in models} == {"bfloat16"}
+
+
 def test_settings_are_checked_before_any_model_loads(tmp_path):
     for kwargs, message in ((dict(limit=0), "--limit must be a whole number >= 1"),
                             (dict(speed_new_tokens=1), "--speed-new-tokens must be"),
