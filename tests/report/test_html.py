@@ -78,6 +78,9 @@ def test_report_without_samples_still_builds(tmp_path):
     d = report_data(data, None)
     assert d["samples"] is None and len(d["layout"]["x"]) == 16
     assert "distance" in d["profiles"]
+    assert d["model"]["dtype"] is None  # an atlas from before headwise recorded the dtype
+    data["model"]["dtype"] = "bfloat16"
+    assert report_data(data, None)["model"]["dtype"] == "bfloat16"
 
 
 def test_samples_of_another_model_are_refused(hostile_atlas_dir, tmp_path):

@@ -202,7 +202,8 @@ def report_data(atlas_data: dict[str, Any], samples: tuple[dict, dict] | None) -
     model = atlas_data.get("model", {})
     return _clean({
         "model": {"spec": str(model.get("spec", "")), "kind": model.get("kind"),
-                  "weights": str(model.get("weights_sha256") or "")[:12]},
+                  "weights": str(model.get("weights_sha256") or "")[:12],
+                  "dtype": str(model["dtype"]) if model.get("dtype") else None},
         "geometry": g, "settings": settings, "versions": atlas_data.get("versions", {}),
         "scores": scores, "profiles": profiles,
         "roles": {"rules": atlas_data.get("roles", {}).get("rules", []), "labels": [h for row in labels for h in row]},

@@ -103,16 +103,18 @@
   window.addEventListener("error", function (e) { errBox.style.display = "block"; errBox.textContent = "report error: " + e.message; });
   var header = el("header");
   header.appendChild(el("h1", null, "headwise atlas: " + D.model.spec));
+  // Scores computed in a lower precision than float32 say so (atlases from before headwise recorded it: none).
+  var DTYPE = D.model.dtype && D.model.dtype !== "float32" ? " \u00b7 " + D.model.dtype : "";
   var sliding = G.layer_types.filter(function (t) { return t === "sliding"; }).length;
   var PREFIX = IMAGE ? G.prefix_tokens || 0 : 0;
   if (IMAGE) {
     header.appendChild(el("span", { "class": "sub" }, L + " layers \u00d7 " + H + " heads (" + G.model_type + ", " +
       G.patch_grid[0] + " \u00d7 " + G.patch_grid[1] + " patches, " + PREFIX + " prefix token" + (PREFIX === 1 ? "" : "s") +
-      ")" + (D.model.weights ? " \u00b7 weights " + D.model.weights : "")));
+      ")" + (D.model.weights ? " \u00b7 weights " + D.model.weights : "") + DTYPE));
   } else {
     header.appendChild(el("span", { "class": "sub" }, L + " layers \u00d7 " + H + " heads, " + KV + " KV head" +
       (KV > 1 ? "s" : "") + " per layer (" + G.model_type + (sliding ? ", " + sliding + " sliding-window layers" : "") +
-      ")" + (D.model.weights ? " \u00b7 weights " + D.model.weights : "")));
+      ")" + (D.model.weights ? " \u00b7 weights " + D.model.weights : "") + DTYPE));
   }
   var scoreSel = el("select", { id: "score-select" });
   SCORES.forEach(function (s) { var o = el("option", { value: s.name }, s.name); o.title = s.description; scoreSel.appendChild(o); });
