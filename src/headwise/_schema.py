@@ -162,7 +162,7 @@ def policy_schema(n_layers: int | None = None, n_kv_heads: int | None = None) ->
     heads = {"properties": {"full": full, "sink": _int(0), "window": _int(1), "compensate": {"type": "boolean"},
                             "prefill": {"enum": ["window", "whole", "bounded", "tail"]}, "middle": _int(0),
                             "tail": _int(0), "early": _int(0), "stride": _int(0), "blocks": _int(0),
-                            "quant": {"enum": [0, 4, 8]}},
+                            "quant": {"enum": [0, 2, 4, 8]}},
              # prefill, middle and source came later: Policy.from_dict has defaults for them
              "required": ["full", "sink", "window", "compensate"]}
     s = _obj({"schema": {"const": POLICY}, "kind": _str(), "name": _str(MAX_TEXT),

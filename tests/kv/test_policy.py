@@ -178,7 +178,8 @@ def test_parse_policy_specs():
     for bad, why in (("nope", "unknown policy"), ("headwise:streamable_mass@0.5", "needs an atlas"),
                      ("headwise:streamable_mass:sideways@0.5", "direction"), ("random@x", "not a number"),
                      ("full+whole", "takes no option"), ("snapkv@0.3+comp", "takes no option"),
-                     ("random@0.5+q3", "8 or 4 bits"), ("random@0.5+q", r"\+q takes"), ("full+q16", "8 or 4 bits"),
+                     ("random@0.5+q3", "8, 4 or 2 bits"), ("random@0.5+q", r"\+q takes"),
+                     ("full+q16", "8, 4 or 2 bits"),
                      ("random@0.5+tail", r"\+tail takes"), ("random@0.5+tail0", "1 <= N"),
                      ("random@0.5+whole+bounded", "two prefill modes"), ("random@0.5+tail8+whole", "two prefill"),
                      ("random@0.5+bounded+mid8", r"drop \+bounded"), ("random@0.5+whole+early2", "two prefill"),
@@ -226,7 +227,7 @@ def test_specs_mean_what_they_say_or_are_refused(tmp_path):
     grammar = (("random:7@0.5", "no ':' argument"), ("razor:zzz@0.5", "no ':' argument"),
                ("full:", "nothing after"), ("full@", "nothing after"), ("streaming:", "nothing after"),
                ("headwise@0.5", "needs its"), ("duo:x.tsv", "needs an amount"), ("streamingXYZ", "unknown policy"),
-               ("full+whole", "takes no option"), ("random@0.5+q2", "8 or 4 bits"))
+               ("full+whole", "takes no option"), ("random@0.5+q1", "8, 4 or 2 bits"))
     for bad, why in grammar + (("streaming@5_0", "not a number"), ("snapkv@1e400", "finite")):
         if (bad, why) in grammar:
             with pytest.raises(HeadwiseError, match=why):

@@ -1,4 +1,4 @@
-"""Full heads stored in 8 or 4 bits (KIVI): against a naive per-group quantizer written out here."""
+"""Full heads stored in 8, 4 or 2 bits (KIVI): against a naive per-group quantizer written out here."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def _naive_stored(k: torch.Tensor, v: torch.Tensor, bits: int, group: int, resid
 
 
 # ---- the quantizer --------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_keys_and_values_quantize_like_the_naive_reference(bits):
     k, v = _rand(2, 3, 64, 16, seed=1), _rand(2, 3, 5, 64, seed=2)
     codes, scale, zero = quantize_keys(k, bits, 32)
@@ -127,8 +127,17 @@ def test_int4_packing_round_trip():
     assert pack(torch.tensor([[3, 12, 15, 0]], dtype=torch.uint8), 4).tolist() == [[3 + 12 * 16, 15]]
 
 
+def test_int2_packing_round_trip():
+    codes = torch.randint(0, 4, (3, 2, 7, 12), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    packed = pack(codes, 2)
+    assert packed.shape == (3, 2, 7, 3) and packed.dtype == torch.uint8
+    assert torch.equal(unpack(packed, 2), codes)
+    # Four per byte, channel 4j + i in bits 2i and 2i + 1.
+    assert pack(torch.tensor([[1, 2, 3, 0, 3, 3, 3, 3]], dtype=torch.uint8), 2).tolist() == [[1 + 2 * 4 + 3 * 16, 255]]
+
+
 # ---- the store ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("chunks", [[21], [5, 1, 1, 3, 12, 1, 1], [8, 8, 1, 4], [1] * 19])
 def test_store_holds_what_kivi_holds_whatever_the_calls(bits, chunks):
     """Group 4, residual 8: after each call, the store dequantizes to the naive KIVI state of all tokens so far;
@@ -153,7 +162,7 @@ def test_store_holds_what_kivi_holds_whatever_the_calls(bits, chunks):
 def test_byte_formula_by_hand():
     """head dim 64, 300 tokens, float32, KIVI's 32 / 128: 256 keys and 172 values quantized, 128 + 128 residual."""
     d, t = 64, 300
-    for bits in (8, 4):
+    for bits in (8, 4, 2):
         code = d * bits // 8
         keys = 256 * code + 2 * (256 // 32) * d * 4
         values = 172 * code + 2 * 172 * (d // 32) * 4
@@ -203,7 +212,7 @@ def _kivi_reference(policy: HeadPolicy, calls: list[tuple[int, int]]):
         AttentionInterface.register("headwise", headwise_attention)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_quantized_policies_match_naive_reference(tiny, arch, bits):
     g = tiny.geometry
     mixed = np.random.default_rng(2).random((g.n_layers, g.n_kv_heads)) < 0.5
@@ -226,7 +235,7 @@ def test_bytes_allocated_are_predicted(tiny, arch, length):
     g = tiny.geometry
     mixed = np.random.default_rng(4).random((g.n_layers, g.n_kv_heads)) < 0.5
     policies = [HeadPolicy.full_cache(g, quant=8), HeadPolicy.full_cache(g, quant=4)]
-    for bits in (8, 4):
+    for bits in (8, 4, 2):
         policies += [HeadPolicy(g, mixed, sink=4, window=16, quant=bits),
                      HeadPolicy(g, mixed, sink=4, window=16, prefill="bounded", quant=bits),
                      HeadPolicy(g, mixed, sink=4, window=16, middle=8, quant=bits)]
@@ -238,27 +247,27 @@ def test_bytes_allocated_are_predicted(tiny, arch, length):
         _cached_logits(tiny.model, ids, cache, chunks)
         assert cache.nbytes() == policy.kv_bytes(length), policy.describe()
     # Below R tokens all is residual; from a little after R (the two residual buffers are allocated whole),
-    # fewer bytes than the unquantized cache, 4 bits fewest.
+    # fewer bytes than the unquantized cache, 2 bits fewest.
     plain = HeadPolicy.full_cache(g).kv_bytes(length)
-    q8, q4 = HeadPolicy.full_cache(g, quant=8).kv_bytes(length), HeadPolicy.full_cache(g, quant=4).kv_bytes(length)
+    q8, q4, q2 = (HeadPolicy.full_cache(g, quant=b).kv_bytes(length) for b in (8, 4, 2))
     if length < KIVI_RESIDUAL:
-        assert q4 == q8 == plain
+        assert q2 == q4 == q8 == plain
     elif length >= KIVI_RESIDUAL + KIVI_GROUP:
-        assert q4 < q8 < plain
+        assert q2 < q4 < q8 < plain
 
 
-def test_logits_near_full_and_four_bits_further(tiny, arch):
+def test_logits_near_full_and_fewer_bits_further(tiny, arch):
     """The prompt's one call attends unquantized (as KIVI's prefill); decoding reads the quantized prompt."""
     g = tiny.geometry
     ids = _ids(330, seed=7)
     chunks = [300] + [1] * 30
     logits = {bits: _cached_logits(tiny.model, ids, HeadwiseCache(HeadPolicy.full_cache(g, quant=bits)),
-                                   chunks)[:, 300:] for bits in (0, 8, 4)}
+                                   chunks)[:, 300:] for bits in (0, 8, 4, 2)}
     scale = logits[0].abs().max()
-    err8 = float((logits[8] - logits[0]).abs().max() / scale)
-    err4 = float((logits[4] - logits[0]).abs().max() / scale)
+    err8, err4, err2 = (float((logits[b] - logits[0]).abs().max() / scale) for b in (8, 4, 2))
     assert 1e-5 < err8 < 0.01
     assert err4 > 4 * err8 and err4 < 0.2
+    assert err2 > 2 * err4 and err2 < 0.6
 
 
 def test_four_bits_fit_more_full_heads_in_a_budget():
@@ -266,9 +275,10 @@ def test_four_bits_fit_more_full_heads_in_a_budget():
     plain = parse_policy("random@kv0.5", g, context=1000)
     q4 = parse_policy("random@kv0.5+q4", g, context=1000)
     q8 = parse_policy("random@kv0.5+q8", g, context=1000)
-    assert plain.n_full < q8.n_full <= q4.n_full
+    q2 = parse_policy("random@kv0.5+q2", g, context=1000)
+    assert plain.n_full < q8.n_full <= q4.n_full <= q2.n_full
     budget = int(0.5 * HeadPolicy.full_cache(g).kv_bytes(1000))
-    assert max(plain.kv_bytes(1000), q8.kv_bytes(1000), q4.kv_bytes(1000)) <= budget
+    assert max(plain.kv_bytes(1000), q8.kv_bytes(1000), q4.kv_bytes(1000), q2.kv_bytes(1000)) <= budget
 
 
 def test_a_budget_is_fitted_in_the_model_dtype_and_checked_against_it():
@@ -302,10 +312,13 @@ def test_saved_policy_round_trip(tmp_path):
 
 def test_refusals():
     g = headwise.from_model(tiny_model("llama-gqa"), tiny_tokenizer()).geometry
-    with pytest.raises(HeadwiseError, match=r"8 or 4 bits"):
+    with pytest.raises(HeadwiseError, match=r"8, 4 or 2 bits"):
         parse_policy("full+q3", g)
-    with pytest.raises(HeadwiseError, match="odd"):
+    with pytest.raises(HeadwiseError, match="packs 2 codes per byte .* not a multiple of 2 here"):
         HeadPolicy.full_cache(replace(g, head_dim=15), quant=4)
+    with pytest.raises(HeadwiseError, match="packs 4 codes per byte .* not a multiple of 4 here"):
+        HeadPolicy.full_cache(replace(g, head_dim=18), quant=2)
+    HeadPolicy.full_cache(replace(g, head_dim=18), quant=4)  # 18 is even
     store = QuantizedStore(16, 8)
     for dtype in (torch.float8_e4m3fn, torch.int32):
         with pytest.raises(HeadwiseError, match="8 bits"):

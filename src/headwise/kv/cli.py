@@ -47,7 +47,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
                                                     "whole-prompt one), "
                                                     "+midM (streaming heads also keep M prompt tokens chosen by the "
                                                     "token vote), +comp "
-                                                    "(compensation token), +q8/+q4 (full heads in 8/4 bits); "
+                                                    "(compensation token), +q8/+q4/+q2 (full heads in 8/4/2 bits); "
                                                     "docs/kv-cache.md")
     p.add_argument("--prompt-file", required=True, help="UTF-8 text file with the prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

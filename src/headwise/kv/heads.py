@@ -44,7 +44,15 @@ from ..scores import needs_full
 from .layers import FullLayer
 from .mixed import MixedLayer
 from .policy import PREFILL_MODES, CachePolicy
-from .quantized import KIVI_GROUP, KIVI_RESIDUAL, check_quantizable, quantized_head_bytes, value_group
+from .quantized import (
+    BITS,
+    BITS_TEXT,
+    KIVI_GROUP,
+    KIVI_RESIDUAL,
+    check_quantizable,
+    quantized_head_bytes,
+    value_group,
+)
 
 # DuoAttention's deployment shape (arXiv 2410.10819): 64 sink tokens + 256 recent tokens.
 DEFAULT_SINK = 64
@@ -73,7 +81,7 @@ class HeadPolicy(CachePolicy):
     early: int = 0  # prefill "tail": the streaming heads of the first `early` layers attend to the whole prompt
     stride: int = 0  # prefill "tail": the other prompt queries also see every `stride`-th earlier token
     blocks: int = 0  # prefill "tail": ... or the `blocks` 64-token key blocks their query block picks (block_sparse.py)
-    quant: int = 0  # full heads' keys and values stored in this many bits (8 or 4; 0: the model's dtype)
+    quant: int = 0  # full heads' keys and values stored in this many bits (8, 4 or 2; 0: the model's dtype)
 
     def __post_init__(self) -> None:
         g = self.geometry
@@ -108,8 +116,8 @@ class HeadPolicy(CachePolicy):
         if self.middle and (self.prefill == "bounded" or self.compensate):
             raise HeadwiseError("middle tokens are chosen from a prefill that reads the whole prompt in one call and "
                                 "do not combine with the compensation token: drop +bounded or +comp")
-        if self.quant not in (0, 4, 8):
-            raise HeadwiseError(f"full heads are stored in 8 or 4 bits (+q8, +q4), not {self.quant}")
+        if self.quant not in (0, *BITS):
+            raise HeadwiseError(f"full heads are stored in {BITS_TEXT}, not {self.quant}")
         if self.quant:
             check_quantizable(self.geometry.head_dim, self.quant)
         # The model's own sliding layers are not ours to change: mark them full (their cache is the model's window).

@@ -1,4 +1,4 @@
-"""Full heads' keys and values stored in 8 or 4 bits, KIVI's way (Liu et al., arXiv 2402.02750).
+"""Full heads' keys and values stored in 8, 4 or 2 bits, KIVI's way (Liu et al., arXiv 2402.02750).
 
 KIVI quantizes keys per channel and values per token, asymmetric min-max (scale and zero point
 per group, q = round((x - min) / scale), x' = q * scale + min), and keeps the most recent tokens in
@@ -10,11 +10,11 @@ full precision (github.com/jy-yuan/KIVI, models/llama_kivi.py and quant/new_pack
 G = 32 and R = 128: the group of the repository's examples (example.py: G = 32, R = 32) with the residual
 of its LongBench script's defaults (utils/process_args.py: G = R = 128).
 
-Storage: codes as uint8, two 4-bit codes per byte (packed along the head dim, which must then be
-even); scales and zero points (the group minimum, as KIVI stores it) in the model's dtype; the two
-residual buffers of min(T, R) tokens in the model's dtype, allocated once. A call's queries attend to
-earlier tokens as stored (dequantized) and to the call's own tokens in full precision, as KIVI's
-prefill and decode do (and transformers' QuantizedCache): the quantization happens after the call.
+Storage: codes as uint8, two 4-bit or four 2-bit codes per byte (packed along the head dim, which must
+then be a multiple of 2 or 4); scales and zero points (the group minimum, as KIVI stores it) in the
+model's dtype; the two residual buffers of min(T, R) tokens in the model's dtype, allocated once. A
+call's queries attend to earlier tokens as stored (dequantized) and to the call's own tokens in full
+precision, as KIVI's prefill and decode do (and transformers' QuantizedCache): the quantization happens after the call.
 Dequantizing happens at every call, into a transient tensor of one layer's full heads.
 """
 
@@ -27,7 +27,8 @@ from ..errors import HeadwiseError
 
 KIVI_GROUP = 32  # G: tokens per key group (per channel); channels per value group (per token)
 KIVI_RESIDUAL = 128  # R: the most recent tokens kept in the model's dtype
-BITS = (8, 4)
+BITS = (8, 4, 2)  # KIVI's paper reports 2 and 4 bits (KIVI-2, KIVI-4)
+BITS_TEXT = "8, 4 or 2 bits (+q8, +q4, +q2)"
 _GROWTH = 1.25  # capacity growth without a reserve, as layers.Store
 _ALIGN = 16
 
@@ -39,12 +40,13 @@ def value_group(head_dim: int, group: int = KIVI_GROUP) -> int:
 
 def check_quantizable(head_dim: int, bits: int, group: int = KIVI_GROUP, residual: int = KIVI_RESIDUAL) -> None:
     if bits not in BITS:
-        raise HeadwiseError(f"full heads are stored in 8 or 4 bits (+q8, +q4), not {bits}")
+        raise HeadwiseError(f"full heads are stored in {BITS_TEXT}, not {bits}")
     if group < 1 or residual < group or residual % group:
         raise HeadwiseError(f"the residual ({residual} tokens) must be a positive multiple of the group ({group})")
-    if bits == 4 and head_dim % 2:
-        raise HeadwiseError(f"+q4 packs two codes per byte along the head dim, which is odd here ({head_dim}); "
-                            f"use +q8")
+    per_byte = 8 // bits
+    if head_dim % per_byte:
+        raise HeadwiseError(f"+q{bits} packs {per_byte} codes per byte along the head dim, which is not a multiple of "
+                            f"{per_byte} here ({head_dim}); use +q8")
 
 
 def check_dtype(dtype: torch.dtype, bits: int) -> None:
@@ -82,16 +84,20 @@ def minmax_quantize(x: Tensor, dim: int, bits: int, dtype: torch.dtype) -> tuple
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
-    """uint8 codes [..., d] -> [..., d * bits / 8]: 4-bit codes two per byte (even index in the low nibble)."""
-    if bits == 8:
-        return codes
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    """uint8 codes [..., d] -> [..., d * bits / 8]: 8 / bits codes per byte, code i of each run of 8 / bits in bits
+    i * bits and up (4 bits: the even index in the low nibble)."""
+    per_byte = 8 // bits
+    out = codes[..., 0::per_byte].clone()
+    for i in range(1, per_byte):
+        out |= codes[..., i::per_byte] << (i * bits)
+    return out
 
 
 def unpack(packed: Tensor, bits: int) -> Tensor:
     if bits == 8:
         return packed
-    return torch.stack((packed & 15, packed >> 4), -1).flatten(-2)
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> (i * bits)) & mask for i in range(8 // bits)], -1).flatten(-2)
 
 
 def quantize_keys(k: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -259,6 +265,6 @@ class QuantizedStore:
         return held / self.kr.shape[1]
 
 
-__all__ = ["BITS", "KIVI_GROUP", "KIVI_RESIDUAL", "QuantizedStore", "check_dtype", "check_quantizable",
+__all__ = ["BITS", "BITS_TEXT", "KIVI_GROUP", "KIVI_RESIDUAL", "QuantizedStore", "check_dtype", "check_quantizable",
            "dequantize_keys", "dequantize_values", "minmax_quantize", "pack", "quantize_keys", "quantize_values",
            "quantized_head_bytes", "unpack", "value_group"]

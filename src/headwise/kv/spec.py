@@ -25,7 +25,7 @@ cache's KV bytes at the prompt's length. Options:
   64-token key blocks each query block picks, MInference's block-sparse pattern);
   +comp (RazorAttention's compensation token), +midM (streaming heads also keep M prompt tokens
   between sinks and window, chosen by the token vote; not with +bounded or +comp),
-  +q8 / +q4 (full heads' keys and values stored in 8 or 4 bits, KIVI's way; `full` takes it too).
+  +q8 / +q4 / +q2 (full heads' keys and values stored in 8, 4 or 2 bits, KIVI's way; `full` takes it too).
 
 Every number is checked here: finite, in range, seeds whole numbers, sizes the model can hold.
 """
@@ -43,6 +43,7 @@ from ..geometry import Geometry
 from .compresskv import build_compresskv
 from .heads import DEFAULT_SINK, DEFAULT_WINDOW, STREAMINGLLM_SINK, HeadPolicy
 from .policy import CachePolicy
+from .quantized import BITS, BITS_TEXT
 from .snapkv import SnapKVPolicy
 
 OPTIONS = ("comp", "whole", "bounded", "tail", "early", "stride", "blocks", "mid", "q")
@@ -140,7 +141,7 @@ def register_policy(name: str, build: Callable[[PolicyRequest], CachePolicy], *,
 
     `arg`: whether it takes `:ARG`; `amount`: whether `@AMOUNT` is required, optional or refused;
     `options`: which of comp, whole, bounded, tail, early, stride, blocks, mid, q (+comp, +whole, +bounded,
-    +tailN, +earlyL, +strideK, +blocksK, +midM, +q8/+q4) it accepts. Specs outside that are refused here.
+    +tailN, +earlyL, +strideK, +blocksK, +midM, +q8/+q4/+q2) it accepts. Specs outside that are refused here.
     """
     if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
         raise HeadwiseError(f"policy name {name!r} must be lower-case letters, digits, '_' or '-'")
@@ -158,12 +159,12 @@ def registered_policies() -> list[str]:
     return [k.syntax for k in _REGISTERED.values()] + ["FILE.json"]
 
 
-_OPTION_HELP = "+whole, +bounded, +tailN, +earlyL, +strideK, +blocksK, +comp, +midM, +q8, +q4"
+_OPTION_HELP = "+whole, +bounded, +tailN, +earlyL, +strideK, +blocksK, +comp, +midM, +q8, +q4, +q2"
 _TAIL = ("tail", "early", "stride", "blocks")  # the options of the tail prefill
 _NUMBERED = {"mid": ("a number of tokens", "+mid64"), "tail": ("a number of queries", "+tail64"),
              "early": ("a number of layers", "+early4"), "stride": ("a number of tokens", "+stride8"),
              "blocks": ("a number of 64-token key blocks", "+blocks16"),
-             "q": ("a number of bits, 8 or 4", "+q8")}
+             "q": ("a number of bits, 8, 4 or 2", "+q8")}
 
 
 def _split_options(body: str, spec: str) -> tuple[str, dict[str, Any]]:
@@ -199,8 +200,8 @@ def _split_options(body: str, spec: str) -> tuple[str, dict[str, Any]]:
             options[key] = True
         else:
             options[key] = value = int(match.group(3))
-            if key == "q" and value not in (8, 4):
-                raise HeadwiseError(f"policy '{spec}': full heads are stored in 8 or 4 bits (+q8, +q4), not +q{value}")
+            if key == "q" and value not in BITS:
+                raise HeadwiseError(f"policy '{spec}': full heads are stored in {BITS_TEXT}, not +q{value}")
             if key == "early" and not 1 <= value <= 4096:
                 raise HeadwiseError(f"policy '{spec}': +earlyL needs 1 <= L <= the model's layers")
             if key not in ("q", "early") and not 1 <= value <= MAX_TOKENS:
@@ -265,7 +266,7 @@ def _parse(raw: str) -> tuple[RegisteredPolicy | None, str, str | None, str | No
                             f"heads to store in fewer bits")
     if given - kind.options:
         spell = {"mid": "midM", "tail": "tailN", "early": "earlyL", "stride": "strideK", "blocks": "blocksK",
-                 "q": "q8/+q4"}
+                 "q": "q8/+q4/+q2"}
         allowed = ", ".join("+" + spell.get(o, o) for o in OPTIONS if o in kind.options) or "none"
         raise HeadwiseError(f"policy '{raw}': {name} takes no option "
                             f"{', '.join('+' + spell.get(o, o) for o in OPTIONS if o in given - kind.options)} "
@@ -385,7 +386,7 @@ def _snapkv(r: PolicyRequest) -> CachePolicy:
 
 
 _HEAD_OPTIONS = ("comp", "whole", "bounded", "tail", "early", "stride", "blocks", "mid", "q")
-register_policy("full", _full, syntax="full[+q8|+q4]", options=("q",), amount="none")
+register_policy("full", _full, syntax="full[+q8|+q4|+q2]", options=("q",), amount="none")
 register_policy("streaming", _streaming, syntax="streaming[@X]", options=_HEAD_OPTIONS, amount="optional")
 register_policy("headwise", _headwise, syntax="headwise:SCORE[:high|:low]@F", options=_HEAD_OPTIONS, arg=True)
 register_policy("razor", _razor, syntax="razor@F", options=_HEAD_OPTIONS)
