@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--burst", type=int, default=6)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -39,12 +40,13 @@ def main() -> None:
     from headwise.kv import HeadwiseCache, parse_policy
     from headwise.probes.needle import passkey_case
 
-    loaded, atlas = load_model_and_atlas(args.model, args.atlas)
+    loaded, atlas = load_model_and_atlas(args.model, args.atlas, args.dtype)
     case = passkey_case(loaded.tokenizer, context=args.context, depth=0.5, seed=0)
     n_new = args.rounds * args.burst + 1
     specs = [x.strip() for x in args.policy.split(",") if x.strip()]
     policies = {"full": parse_policy("full", loaded.geometry)}
-    policies.update({spec: parse_policy(spec, loaded.geometry, atlas=atlas, context=args.context) for spec in specs})
+    policies.update({spec: parse_policy(spec, loaded.geometry, atlas=atlas, context=args.context,
+                                        dtype_bytes=loaded.dtype_bytes) for spec in specs})
     state = {}
     with torch.no_grad():
         for name, policy in policies.items():

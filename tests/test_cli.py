@@ -56,6 +56,10 @@ def test_dtype_is_recorded_and_an_atlas_serves_every_dtype(model_dir, tmp_path):
     assert atlas.model["dtype"] == "bfloat16"
     float32 = headwise.load(str(model_dir))
     atlas.check_model(float32.info, float32.geometry)  # the same weights: the dtype is a setting, not a model
+    from headwise.cli import DTYPE_NAMES
+    from headwise.load import DTYPES
+
+    assert DTYPE_NAMES == tuple(DTYPES)  # the CLI's choices are what load() takes
 
 
 def test_image_model_end_to_end_profile_validate_report_plot(tmp_path, capsys):
