@@ -10,15 +10,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HEADWISE_QUIET", "1")
 
 
-def load_model_and_atlas(model: str, atlas_path: str, dtype: str = "float32") -> tuple[Any, Any]:
-    import torch
+def use_threads_from_env() -> None:
+    """torch's thread count from HEADWISE_THREADS, when set (two single-thread runs side by side on the 2 cores)."""
+    threads = os.environ.get("HEADWISE_THREADS")
+    if threads:
+        import torch
 
+        torch.set_num_threads(int(threads))
+
+
+def load_model_and_atlas(model: str, atlas_path: str, dtype: str = "float32") -> tuple[Any, Any]:
     import headwise
 
-    threads = os.environ.get("HEADWISE_THREADS")
-    if threads:  # two single-thread runs side by side on the 2 cores
-        torch.set_num_threads(int(threads))
-    loaded = headwise.load(model, dtype=getattr(torch, dtype))
+    use_threads_from_env()
+    loaded = headwise.load(model, dtype=dtype)
     atlas = headwise.Atlas.load(atlas_path)
     atlas.check_model(loaded.info, loaded.geometry)
     return loaded, atlas

@@ -18,7 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
-import _kv_setup  # noqa: F401  (offline and quiet, as every KV bench script)
+from _kv_setup import use_threads_from_env  # and offline and quiet, as every KV bench script
 
 
 def main() -> None:
@@ -30,7 +30,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    import os
 
     import torch
     from tqdm import tqdm
@@ -41,8 +40,7 @@ def main() -> None:
     from headwise.kv import HeadwiseCache, parse_policy
     from headwise.probes.needle import passkey_case
 
-    if os.environ.get("HEADWISE_THREADS"):
-        torch.set_num_threads(int(os.environ["HEADWISE_THREADS"]))
+    use_threads_from_env()
     dtypes = ["float32", args.against]
     models = {d: headwise.load(args.model, dtype=d) for d in dtypes}
     case = passkey_case(models["float32"].tokenizer, context=args.context, depth=0.5, seed=0)

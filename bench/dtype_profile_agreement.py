@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
+from _kv_setup import use_threads_from_env  # and offline and quiet, as every KV bench script
 from scipy.stats import spearmanr
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HEADWISE_QUIET", "1")
 
 
 def _top(values: np.ndarray, k: int) -> set[int]:
@@ -42,8 +39,7 @@ def main() -> None:
     from headwise.atlas import versions
     from headwise.profile import ProfileSettings
 
-    if os.environ.get("HEADWISE_THREADS"):
-        torch.set_num_threads(int(os.environ["HEADWISE_THREADS"]))
+    use_threads_from_env()
     atlases, cpu = {}, {}
     for dtype in ("float32", args.against):
         loaded = headwise.load(args.model, dtype=dtype)

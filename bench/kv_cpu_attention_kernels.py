@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _kv_setup import use_threads_from_env
 
 
 def best(f, repeats: int) -> float:
@@ -39,8 +39,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    if os.environ.get("HEADWISE_THREADS"):
-        torch.set_num_threads(int(os.environ["HEADWISE_THREADS"]))
+    use_threads_from_env()
     from headwise.atlas import versions
 
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
