@@ -440,7 +440,7 @@ def compare(base: Any, pruned: Sequence[str | Path], settings: CompareSettings |
     every speed round ("complete": false), so that an interrupted run can keep them. `command`: what ran it
     (recorded as given)."""
     from .atlas import versions
-    from .load import DTYPES, load
+    from .load import load
 
     settings = settings or CompareSettings()
     base.require("text", "headwise compare")
@@ -476,7 +476,7 @@ def compare(base: Any, pruned: Sequence[str | Path], settings: CompareSettings |
         _check_same_base(base, None, Path(path), record)
     for name, path, record in zip(names, pruned, records):
         # In the base's dtype: the comparison is of heads removed, not of precision.
-        loaded_models[name] = load(str(path), dtype=base.info.dtype if base.info.dtype in DTYPES else "float32")
+        loaded_models[name] = load(str(path), dtype=base.dtype_name)
         _check_same_base(base, loaded_models[name], Path(path), record)
     work = [(BASE, None, None)] + [(n, Path(p), r) for n, p, r in zip(names, pruned, records)]
     for name, path, record in progress(work, desc="models", unit="model"):

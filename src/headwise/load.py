@@ -127,9 +127,14 @@ class LoadedModel:
             raise HeadwiseError(f"{self.info.spec} is {kind}; {what} needs {need}")
 
     @property
+    def dtype_name(self) -> str:
+        """The DTYPES name to load this model again in (another process, a pruned copy): its own, else float32."""
+        return self.info.dtype if self.info.dtype in DTYPES else "float32"
+
+    @property
     def dtype_bytes(self) -> int:
         """Bytes per element of the model's keys and values: what a KV cache stores them in."""
-        return DTYPES[self.info.dtype].itemsize if self.info.dtype in DTYPES else 4
+        return DTYPES[self.dtype_name].itemsize
 
     @property
     def preprocessor(self) -> Any:

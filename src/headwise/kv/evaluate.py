@@ -412,8 +412,7 @@ def evaluate(loaded: Any, specs: list[str], settings: EvalSettings, atlas: Any =
         result["perplexity"] = run_perplexity(loaded, specs, settings, atlas)
         save()
     if "speed" in settings.tasks:
-        result["speed"] = run_speed(model_spec or loaded.info.spec, specs, settings, atlas_path,
-                                    loaded.info.dtype or "float32")
+        result["speed"] = run_speed(model_spec or loaded.info.spec, specs, settings, atlas_path, loaded.dtype_name)
         save()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["complete"] = True

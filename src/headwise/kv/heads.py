@@ -44,15 +44,7 @@ from ..scores import needs_full
 from .layers import FullLayer
 from .mixed import MixedLayer
 from .policy import PREFILL_MODES, CachePolicy
-from .quantized import (
-    BITS,
-    BITS_TEXT,
-    KIVI_GROUP,
-    KIVI_RESIDUAL,
-    check_quantizable,
-    quantized_head_bytes,
-    value_group,
-)
+from .quantized import KIVI_GROUP, KIVI_RESIDUAL, check_quantizable, quantized_head_bytes, value_group
 
 # DuoAttention's deployment shape (arXiv 2410.10819): 64 sink tokens + 256 recent tokens.
 DEFAULT_SINK = 64
@@ -116,9 +108,7 @@ class HeadPolicy(CachePolicy):
         if self.middle and (self.prefill == "bounded" or self.compensate):
             raise HeadwiseError("middle tokens are chosen from a prefill that reads the whole prompt in one call and "
                                 "do not combine with the compensation token: drop +bounded or +comp")
-        if self.quant not in (0, *BITS):
-            raise HeadwiseError(f"full heads are stored in {BITS_TEXT}, not {self.quant}")
-        if self.quant:
+        if self.quant:  # check_quantizable refuses a width that is not one of quantized.BITS
             check_quantizable(self.geometry.head_dim, self.quant)
         # The model's own sliding layers are not ours to change: mark them full (their cache is the model's window).
         self.full[list(self.model_windowed_layers)] = True
