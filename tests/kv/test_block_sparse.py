@@ -50,16 +50,16 @@ def _call(seed, m, n, g=2, n_kv=2, d=8, batch=1):
     return query, keys, values, StreamingKeys(keys, values, torch.arange(n), None, None, 0)
 
 
-@pytest.mark.parametrize("portable", [False, True])  # CPU's fused kernel, and the path other devices take
+@pytest.mark.parametrize("path", ["fused", "flash", "portable"])  # the CPU's two kernels, other devices' path
 @pytest.mark.parametrize(("m", "n", "sink", "window", "blocks"), [
     (450, 450, 5, 30, 2),  # ragged last block, several sparse blocks
     (400, 450, 0, 30, 2),  # a tail cut off (queries fewer than keys), no sinks
     (700, 700, 64, 100, 3),  # sinks a whole block; the window spans blocks
     (300, 300, 4, 256, 1),  # nothing sparse: every block reads its prefix
 ])
-def test_block_sparse_prefill_matches_the_pattern(portable, m, n, sink, window, blocks):
+def test_block_sparse_prefill_matches_the_pattern(path, m, n, sink, window, blocks):
     query, keys, values, st = _call(seed=m + n + window, m=m, n=n, batch=2 if m == 450 else 1)
-    out = block_sparse_prefill_attention(query, st, 0.3, sink, window, blocks, portable=portable)
+    out = block_sparse_prefill_attention(query, st, 0.3, sink, window, blocks, path=path)
     ref = _pattern_reference(query, keys, values, 0.3, sink, window, blocks)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
 
@@ -75,3 +75,22 @@ def test_block_sparse_prefill_differs_from_causal_and_from_the_band():
     torch.testing.assert_close(everything, causal, atol=1e-5, rtol=1e-5)
     assert (out[:, :, 320:] - causal[:, :, 320:]).abs().max() > 1e-2
     assert (out[:, :, 320:] - block_sparse_prefill_attention(query, st, 0.3, 5, 30, 1)[:, :, 320:]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("path", ["fused", "flash", "portable"])
+def test_some_heads_of_a_strided_query_are_written_in_place(path):
+    """As a mixed layer calls it: the model's [b, m, h, d] queries seen as [b, h, m, d], the streaming heads
+    only (KV heads 0 and 2 of 3), written into the layer's output; the other heads' rows stay as they were."""
+    gen = torch.Generator().manual_seed(5)
+    m, n, g, d = 450, 450, 2, 8
+    query = torch.randn(1, m, 3 * g, d, generator=gen).transpose(1, 2)  # not contiguous
+    keys, values = torch.randn(1, 2, n, d, generator=gen), torch.randn(1, 2, n, d, generator=gen)
+    heads = torch.tensor([0, 1, 4, 5])
+    out = torch.full((1, 3 * g, m, d), 7.0)
+    returned = block_sparse_prefill_attention(query, StreamingKeys(keys, values, torch.arange(n), None, None, 0), 0.3,
+                                              5, 30, 2, heads=heads, out=out, path=path)
+    assert returned is out
+    ref = _pattern_reference(query[:, heads].contiguous(), keys, values, 0.3, 5, 30, 2)
+    torch.testing.assert_close(out[:, heads].double(), ref, atol=2e-5, rtol=1e-5)
+    assert (out[:, [2, 3]] == 7.0).all()
+

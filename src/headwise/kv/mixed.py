@@ -125,8 +125,8 @@ class MixedLayer(HeadwiseLayer):
         that its KV group's last prompt queries attend to most, by SnapKV's vote (summed over the
         last 32 queries, averaged over the group, pooled with kernel 7).
 
-        query [b, hq, T, d]; keys/values: the call's [b, kv, T, d]. Candidates are the tokens between
-        the sinks and the ring; the observation queries lie inside the ring.
+        query [b, hq, T, d]; keys/values: the call's streaming KV heads' [b, kv_s, T, d]. Candidates are the
+        tokens between the sinks and the ring; the observation queries lie inside the ring.
         """
         st = self.streaming
         t = keys.shape[2]
@@ -134,13 +134,11 @@ class MixedLayer(HeadwiseLayer):
         if hi <= lo or not len(self.stream_heads):
             return
         w = min(OBSERVATION_WINDOW, st.window)
-        kv_idx = self.head_index(1, keys.device)[1]
         q_idx = self.head_index(query.shape[1] // self.n_kv_heads, query.device)[1]
-        ks, vs = keys.index_select(1, kv_idx), values.index_select(1, kv_idx)
-        votes = token_votes(query[:, q_idx, -w:], ks, scaling, KERNEL)[..., lo:hi]  # [b, n_stream, hi - lo]
+        votes = token_votes(query[:, q_idx, -w:], keys, scaling, KERNEL)[..., lo:hi]  # [b, n_stream, hi - lo]
         top = votes.topk(min(self.middle, hi - lo), dim=-1).indices.sort(-1).values + lo
-        gather = top[..., None].expand(-1, -1, -1, ks.shape[-1])
-        st.add_middle(ks.gather(2, gather), vs.gather(2, gather))
+        gather = top[..., None].expand(-1, -1, -1, keys.shape[-1])
+        st.add_middle(keys.gather(2, gather), values.gather(2, gather))
 
     @staticmethod
     def _stored(st: StreamingBuffer, like: Tensor, ordered: bool = True) -> StreamingKeys:
@@ -178,7 +176,7 @@ def mixed_attention(view: MixedView, query: Tensor, attention_mask: Tensor | Non
         else:  # the full cache's attention
             out = full_heads_attention(query, view.call_keys, view.call_values, None, scaling)
         if layer.middle:
-            layer.keep_middle(query, view.call_keys, view.call_values, scaling)
+            layer.keep_middle(query, view.stream.keys, view.stream.values, scaling)  # the call's, streaming heads
         return out.transpose(1, 2)
     g = hq // layer.n_kv_heads
     out = query.new_empty(b, hq, m, d)
@@ -212,20 +210,19 @@ def _tail_prefill(view: MixedView, query: Tensor, scaling: float) -> Tensor:
         full_kv = layer.head_index(1, query.device)[0]
         out[:, full_qi] = full_heads_attention(query[:, full_qi], view.call_keys.index_select(1, full_kv),
                                                view.call_values.index_select(1, full_kv), None, scaling)
-    q, keys = query[:, stream_qi], view.stream
-    cut = m - layer.tail
-    if layer.blocks:
-        out[:, stream_qi, :cut] = block_sparse_prefill_attention(q[:, :, :cut], keys, scaling, st.sink, st.window,
-                                                                 layer.blocks)
+    keys, cut = view.stream, m - layer.tail
+    if layer.blocks:  # written into `out` in place: no copy of the streaming heads' queries and outputs
+        block_sparse_prefill_attention(query[:, :, :cut], keys, scaling, st.sink, st.window, layer.blocks,
+                                       heads=stream_qi, out=out[:, :, :cut])
     elif layer.stride:
-        out[:, stream_qi, :cut] = strided_prefill_attention(q[:, :, :cut], keys, scaling, st.sink, st.window,
-                                                            layer.stride)
+        out[:, stream_qi, :cut] = strided_prefill_attention(query[:, stream_qi, :cut], keys, scaling, st.sink,
+                                                            st.window, layer.stride)
     else:
-        out[:, stream_qi, :cut] = streaming_heads_attention(q[:, :, :cut], keys, scaling, 0, st.sink, st.window,
-                                                            st.compensate)
+        out[:, stream_qi, :cut] = streaming_heads_attention(query[:, stream_qi, :cut], keys, scaling, 0, st.sink,
+                                                            st.window, st.compensate)
     if cut < m:
-        out[:, stream_qi, cut:] = full_heads_attention(q[:, :, cut:], keys.keys.to(q.dtype),
-                                                       keys.values.to(q.dtype), None, scaling)
+        out[:, stream_qi, cut:] = full_heads_attention(query[:, stream_qi, cut:], keys.keys.to(query.dtype),
+                                                       keys.values.to(query.dtype), None, scaling)
     return out
 
 
