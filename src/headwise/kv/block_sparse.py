@@ -64,8 +64,9 @@ def block_sparse_prefill_attention(query: Tensor, st: Any, scaling: float, sink:
     b, h_all, m, d = query.shape
     heads = torch.arange(h_all, device=query.device) if heads is None else heads.to(query.device)
     out = query.new_empty(b, h_all, m, d) if out is None else out
-    if path is None:
-        path = "fused" if fused_available(query) else "flash" if query.device.type == "cpu" else "portable"
+    if path is None:  # the kernel reads and writes rows in place: each row's last dimension must be contiguous
+        fused = fused_available(query) and query.stride(-1) == 1 and out.stride(-1) == 1
+        path = "fused" if fused else "flash" if query.device.type == "cpu" else "portable"
     portable = path == "portable"
     keys, values = st.keys.to(query.dtype), st.values.to(query.dtype)
     n, kv, hq = keys.shape[2], keys.shape[1], len(heads)
