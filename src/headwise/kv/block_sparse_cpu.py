@@ -60,9 +60,9 @@ def fused_available(query: Tensor) -> bool:
 def fused_block_sparse(query: Tensor, heads: Tensor, out: Tensor, keys: Tensor, values: Tensor, table: Tensor,
                        n_open: int, q0: int, sink: int, window: int, scaling: float) -> None:
     """Into `out` [b, h, m, d]: the attention of `query` [b, h, m, d] (both any strides, d contiguous) at the query
-    heads `heads` (KV head by KV head, `group` each) and positions q0 .. m - 1, over keys/values [b * kv, NB * 64, d]
-    (padded to whole blocks). table [b * len(heads), NQ, L]: each query block's key blocks, -1 for none, the first
-    `n_open` read whole and the others masked to the sinks and each query's window."""
+    heads `heads` (each KV head's group of query heads in turn) and positions q0 .. m - 1, over keys/values
+    [b * kv, NB * 64, d] (padded to whole blocks). table [b * len(heads), NQ, L]: each query block's key blocks, -1
+    for none, the first `n_open` read whole and the others masked to the sinks and each query's window."""
     kv, n, d = keys.shape
     nb = n // 64
     if query.dtype == torch.bfloat16:  # oneDNN's VNNI layout: pairs along the reduced dimension are adjacent
